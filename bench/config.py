@@ -1,0 +1,220 @@
+"""The benchmark configuration: one frozen dataclass, loaded from TOML/YAML plus key=value overrides.
+
+Every field is validated here, so a bad value fails before any work starts and names its field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bench.errors import ConfigError, UsageError
+
+DATASETS = ("digits", "mnist5k", "synthetic", "mnist", "fashionmnist", "cifar10", "cifar100")
+MODELS = ("logreg", "mlp", "cnn")
+SAMPLINGS = ("bernoulli", "fixed", "balanced")
+ENGINES = ("auto", "batched", "opacus")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    # data
+    dataset: str = "digits"
+    data_root: str = ""              # local root for torchvision datasets
+    download: bool = False           # torchvision datasets only; needs a network
+    n_train: int = 0                 # target training-set size after long-tail resampling (0: dataset default)
+    n_test: int = 0                  # synthetic only (0: default)
+    clusters_per_class: int = 10     # subgroups per class for image datasets
+    zipf_a: float = 1.0              # subgroup frequencies ~ 1 / rank**zipf_a
+    n_subgroups: int = 200           # synthetic only
+    dim: int = 64                    # synthetic only
+    noise_scale: float = 1.0         # synthetic only: within-subgroup spread
+    label_noise: float = 0.0         # probability a training label is replaced at random
+    canaries: int = 0                # mislabeled training examples added to raise audit power
+    # model and training
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+    epochs: int = 20
+    batch_size: int = 64             # expected Poisson batch size
+    lr: float = 0.5
+    momentum: float = 0.0
+    max_grad_norm: float = 1.0
+    engine: str = "auto"
+    # privacy
+    epsilons: tuple[float, ...] = (1.0, 4.0, 16.0)
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    # subsets and estimators
+    models: int = 1000               # K models per variant
+    sampling: str = "bernoulli"
+    q: float = 0.7
+    mem_threshold: float = 0.25
+    infl_threshold: float = 0.15
+    alpha: float = 0.05              # audit significance level (family-wise, Bonferroni)
+    # execution
+    seed: int = 0
+    chunk_size: int = 250            # models per stored, resumable unit
+    threads: int = 0                 # torch threads (0: torch's default)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- identity ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def variants(self) -> list[tuple[str, float | None]]:
+        """(name, target epsilon) of every variant, non-private first."""
+        return [("nonprivate", None)] + [(variant_name(e), e) for e in self.epsilons]
+
+
+def variant_name(epsilon: float) -> str:
+    return f"dp-eps{epsilon:g}"
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(name, msg)
+
+
+def validate(c: Config) -> None:
+    _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {', '.join(DATASETS)}")
+    _check(c.model in MODELS, "model", f"unknown model {c.model!r}; choose from {', '.join(MODELS)}")
+    _check(c.sampling in SAMPLINGS, "sampling", f"unknown sampling {c.sampling!r}; choose from {', '.join(SAMPLINGS)}")
+    _check(c.engine in ENGINES, "engine", f"unknown engine {c.engine!r}; choose from {', '.join(ENGINES)}")
+    _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+    _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")
+    for e in c.epsilons:
+        _check(math.isfinite(e) and e > 0, "epsilons", f"every target epsilon must be positive and finite, got {e}")
+    _check(len(set(c.epsilons)) == len(c.epsilons), "epsilons", "duplicate target epsilon")
+    _check(0.0 < c.delta < 1.0, "delta", f"must be in (0, 1), got {c.delta}")
+    _check(0.0 < c.alpha < 1.0, "alpha", f"must be in (0, 1), got {c.alpha}")
+    _check(c.models >= 2, "models", f"need at least 2 models per variant, got {c.models}")
+    _check(c.chunk_size >= 1, "chunk_size", f"must be >= 1, got {c.chunk_size}")
+    _check(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
+    _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
+    _check(c.lr > 0 and math.isfinite(c.lr), "lr", f"must be positive, got {c.lr}")
+    _check(0.0 <= c.momentum < 1.0, "momentum", f"must be in [0, 1), got {c.momentum}")
+    _check(c.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {c.max_grad_norm}")
+    _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
+    _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")
+    _check(c.n_train >= 0, "n_train", f"must be >= 0, got {c.n_train}")
+    _check(c.n_test >= 0, "n_test", f"must be >= 0, got {c.n_test}")
+    _check(c.clusters_per_class >= 1, "clusters_per_class", f"must be >= 1, got {c.clusters_per_class}")
+    _check(c.zipf_a >= 0, "zipf_a", f"must be >= 0, got {c.zipf_a}")
+    _check(c.n_subgroups >= 1, "n_subgroups", f"must be >= 1, got {c.n_subgroups}")
+    _check(c.dim >= 1, "dim", f"must be >= 1, got {c.dim}")
+    _check(all(h >= 1 for h in c.hidden), "hidden", f"widths must be >= 1, got {list(c.hidden)}")
+    _check(0.0 <= c.mem_threshold <= 1.0, "mem_threshold", f"must be in [0, 1], got {c.mem_threshold}")
+    _check(0.0 <= c.infl_threshold <= 1.0, "infl_threshold", f"must be in [0, 1], got {c.infl_threshold}")
+    _check(c.threads >= 0, "threads", f"must be >= 0, got {c.threads}")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value):
+    """Turn a file value or a command-line string into the field's type."""
+    hint = typing.get_type_hints(Config)[name]
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            (item_type, _) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(item_type(v) for v in value)
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if hint is int and isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+
+
+def _apply(values: dict, source: str) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise ConfigError(key, f"no such config key (in {source}); known keys: {', '.join(_FIELDS)}")
+        out[key] = _coerce(key, value)
+    return out
+
+
+def read_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UsageError(f"config file {path}: use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path}: expected a table of key = value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+         base: Config | None = None) -> Config:
+    """Defaults (or ``base``), then the file, then the overrides; validated."""
+    values = dict(base.to_dict()) if base is not None else {}
+    if path is not None:
+        values.update(_apply(read_file(path), str(path)))
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values.update(_apply(ov, "overrides"))
+    return Config(**_apply(values, "config") if base is not None else values)
+
+
+def from_dict(d: dict) -> Config:
+    return Config(**_apply(d, "config.json"))

@@ -1,0 +1,11 @@
+"""Errors the command line turns into a one-line message and exit code 2."""
+
+
+class UsageError(Exception):
+    """Unusable input: a bad config value, a missing or corrupt run directory."""
+
+
+class ConfigError(UsageError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config field '{field}': {message}")
