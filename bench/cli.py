@@ -1,0 +1,183 @@
+"""The `dpmem` command: run, report, check (and the studies built on them).
+
+Unusable input (bad config, missing or corrupt run directory) prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import config as config_mod
+from bench.errors import UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
+    paths = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    if len(paths) > 1:
+        raise UsageError(f"expected at most one config file, got {paths}")
+    return (paths[0] if paths else None), overrides
+
+
+def default_out(cfg: config_mod.Config) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.hash()[:8]}"
+
+
+def cmd_run(args) -> int:
+    from bench import analysis, pipeline, report
+    from bench.store import RunStore
+    path, overrides = _split_run_args(args.args)
+    cfg = config_mod.load(path, overrides)
+    out = Path(args.out) if args.out else default_out(cfg)
+    store = RunStore.create_or_resume(out, cfg)
+    print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        seconds = pipeline.run(store, cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    train_wall = time.perf_counter() - t0
+    result = analysis.analyse(store)
+    report.write_all(result, out)
+    _print_summary(result.summary)
+    print(f"dpmem: trained in {train_wall:.1f} s this session "
+          f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_summary(summary: dict) -> None:
+    from bench.report import markdown, summary_frame
+    print(markdown(summary_frame(summary)))
+
+
+def cmd_report(args) -> int:
+    from bench import analysis, report
+    from bench.store import RunStore
+    store = RunStore.open(args.run_dir)
+    result = analysis.analyse(store)
+    out = Path(args.out) if args.out else store.root
+    report.write_all(result, out)
+    _print_summary(result.summary)
+    print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _parse_claims(items: list[str]) -> dict[str, float]:
+    claims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            eps = float(value)
+        except ValueError:
+            eps = -1.0
+        if not sep or eps <= 0:
+            raise UsageError(f"--claim {item!r}: expected VARIANT=EPSILON with a positive epsilon")
+        claims[name.strip()] = eps
+    return claims
+
+
+def cmd_check(args) -> int:
+    from bench import analysis
+    from bench.store import RunStore
+    from privacy import baseline as baseline_mod
+    store = RunStore.open(args.run_dir)
+    cfg = store.config()
+    claims = _parse_claims(args.claim)
+    names = [n for n, _ in cfg.variants]
+    for name in claims:
+        if name not in names:
+            raise UsageError(f"--claim names variant {name!r}, not in this run ({', '.join(names)})")
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
+    base = baseline_mod.load_baseline(args.baseline) if args.baseline else None
+    result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False)
+    failures = [f"{a.variant}: {a.violations} example(s) violate the ({a.epsilon_tested:g}, {a.delta_tested:g}) "
+                f"bound; eps_lb = {a.eps_lb:.3f} > claimed {a.epsilon_claimed:g}"
+                for a in result.audits.values() if not a.consistent]
+    if base is not None:
+        failures += baseline_mod.compare_to_baseline(result.summary, base)
+    if args.write_baseline:
+        from bench.store import atomic_write_json
+        atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
+    verdict = {"consistent": not failures, "failures": failures, "alpha": result.summary["run"]["alpha"],
+               "variants": {n: a.to_dict() for n, a in result.audits.items()},
+               "test_accuracy": {n: v["test_accuracy"] for n, v in result.summary["variants"].items()}}
+    if args.json:
+        print(json.dumps(verdict, indent=2, default=float))
+    else:
+        _print_audit(result, failures)
+    return EXIT_OK if not failures else EXIT_FAIL
+
+
+def _print_audit(result, failures: list[str]) -> None:
+    import pandas as pd
+    from bench.report import markdown
+    rows = []
+    for name, a in result.audits.items():
+        rows.append({"variant": name, "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+                     "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
+                     "eps_lb": a.eps_lb, "confidence": 1 - a.alpha, "violations": a.violations,
+                     "refutable_up_to": a.power_eps,
+                     "verdict": "no claim" if a.epsilon_claimed is None else ("ok" if a.consistent else "VIOLATION"),
+                     "test_acc": result.summary["variants"][name]["test_accuracy"]})
+    print(markdown(pd.DataFrame(rows)))
+    print("eps_lb: empirical epsilon lower bound (family-wise confidence shown); refutable_up_to: the largest "
+          "claimed epsilon these model counts could have refuted.")
+    if failures:
+        print("FAIL")
+        for f in failures:
+            print(f"  - {f}")
+    else:
+        print("OK: every claimed budget is consistent with the measured behaviour")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpmem", description="Memorization and the cost of differential privacy, "
+                                "example by example and subgroup by subgroup.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the paired variants and write tables and figures")
+    r.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
+    r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+    rp = sub.add_parser("report", help="regenerate tables and figures from a run directory without training")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="write outputs here instead of the run directory")
+    rp.set_defaults(func=cmd_report)
+    c = sub.add_parser("check", help="audit a run against its privacy budgets; exit 1 on violation")
+    c.add_argument("run_dir")
+    c.add_argument("--baseline", help="baseline JSON with accuracy / eps_lb tolerances")
+    c.add_argument("--claim", action="append", metavar="VARIANT=EPS",
+                   help="audit VARIANT against epsilon EPS (repeatable)")
+    c.add_argument("--alpha", type=float, help="family-wise significance level (default: the run's alpha)")
+    c.add_argument("--json", action="store_true", help="print a machine-readable verdict")
+    c.add_argument("--write-baseline", metavar="FILE", help="also write this run's numbers as a baseline file")
+    c.set_defaults(func=cmd_check)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"dpmem: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Feldman & Zhang's subset-sampling estimators of memorization and influence.
+
+Model k was trained on T_k = {i : masks[k, i]}. For example i the "in" models are those with
+i in T_k and the "out" models the rest; every estimate is a difference of two means normalised by
+the in and out counts (never by K), with its binomial standard error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True, kw_only=True)
+class Memorization:
+    k_in: np.ndarray    # int [n]: in-models that classify i correctly
+    n_in: np.ndarray    # int [n]: models trained with i
+    k_out: np.ndarray
+    n_out: np.ndarray
+
+    @property
+    def p_in(self) -> np.ndarray:
+        return _ratio(self.k_in, self.n_in)
+
+    @property
+    def p_out(self) -> np.ndarray:
+        return _ratio(self.k_out, self.n_out)
+
+    @property
+    def mem(self) -> np.ndarray:
+        return self.p_in - self.p_out
+
+    @property
+    def se(self) -> np.ndarray:
+        p_in, p_out = self.p_in, self.p_out
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.sqrt(p_in * (1 - p_in) / self.n_in + p_out * (1 - p_out) / self.n_out)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"p_in": self.p_in, "p_out": self.p_out, "n_in": self.n_in,
+                             "n_out": self.n_out, "mem": self.mem, "mem_se": self.se})
+
+
+def _ratio(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 0, k / np.maximum(n, 1), np.nan)
+
+
+def memorization(masks: np.ndarray, correct: np.ndarray) -> Memorization:
+    """mem(i) = mean over in-models of correct[k, i] minus the mean over out-models."""
+    masks = np.asarray(masks, bool)
+    correct = np.asarray(correct, bool)
+    if masks.shape != correct.shape:
+        raise ValueError(f"masks {masks.shape} and correct {correct.shape} differ in shape")
+    n_in = masks.sum(0)
+    k_in = (masks & correct).sum(0)
+    return Memorization(k_in=k_in, n_in=n_in, k_out=correct.sum(0) - k_in, n_out=masks.shape[0] - n_in)
+
+
+def influence_blocks(masks: np.ndarray, correct_test: np.ndarray, *, block: int = 1024):
+    """Yield (train_indices, infl[b, m]) blocks of infl(i, j) = P(correct_j | i in) - P(correct_j | i out).
+
+    Two matrix products per block (masks^T @ correct / n_in minus the complement), so the n x m matrix
+    never has to be held at once.
+    """
+    m = np.asarray(masks, np.float32)
+    c = np.asarray(correct_test, np.float32)
+    total = c.sum(0)                                   # [m]
+    n_in = m.sum(0)
+    n_out = m.shape[0] - n_in
+    for start in range(0, m.shape[1], block):
+        stop = min(start + block, m.shape[1])
+        hits_in = m[:, start:stop].T @ c               # [b, m]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            infl = hits_in / n_in[start:stop, None] - (total[None, :] - hits_in) / n_out[start:stop, None]
+        yield np.arange(start, stop), infl
+
+
+def influence(masks: np.ndarray, correct_test: np.ndarray) -> np.ndarray:
+    """The full influence matrix [n, m]; use influence_blocks when it would not fit in memory."""
+    return np.concatenate([b for _, b in influence_blocks(masks, correct_test)], axis=0)
+
+
+def high_influence_pairs(masks: np.ndarray, correct_test: np.ndarray, mem: np.ndarray, *,
+                         mem_threshold: float, infl_threshold: float, max_pairs: int = 100_000,
+                         block: int = 1024) -> pd.DataFrame:
+    """Feldman & Zhang's high-influence pairs: mem(i) >= mem_threshold and infl(i, j) >= infl_threshold.
+
+    Streams the influence matrix in blocks and keeps at most ``max_pairs`` pairs, the most influential.
+    Also returns, per test example, nothing more: callers join labels and subgroups.
+    """
+    rows: list[pd.DataFrame] = []
+    kept = 0
+    for idx, infl in influence_blocks(masks, correct_test, block=block):
+        ok = (mem[idx] >= mem_threshold)[:, None] & (infl >= infl_threshold)
+        ti, tj = np.nonzero(ok)
+        if len(ti):
+            rows.append(pd.DataFrame({"train_index": idx[ti], "test_index": tj, "infl": infl[ti, tj]}))
+            kept += len(ti)
+            if kept > 2 * max_pairs:   # trim as we go so memory stays bounded
+                rows = [pd.concat(rows).nlargest(max_pairs, "infl")]
+                kept = len(rows[0])
+    if not rows:
+        return pd.DataFrame({"train_index": np.array([], int), "test_index": np.array([], int),
+                             "infl": np.array([], float)})
+    out = pd.concat(rows).nlargest(max_pairs, "infl").reset_index(drop=True)
+    out["mem"] = mem[out["train_index"].to_numpy()]
+    return out
+
+
+def max_influence_per_test(masks: np.ndarray, correct_test: np.ndarray, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For every test example: the largest influence any training example has on it, and which one."""
+    best = None
+    arg = None
+    for idx, infl in influence_blocks(masks, correct_test, block=block):
+        b_arg = np.nanargmax(np.nan_to_num(infl, nan=-np.inf), axis=0)
+        b_best = infl[b_arg, np.arange(infl.shape[1])]
+        if best is None:
+            best, arg = b_best, idx[b_arg]
+        else:
+            better = b_best > best
+            best = np.where(better, b_best, best)
+            arg = np.where(better, idx[b_arg], arg)
+    return best, arg

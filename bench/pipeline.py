@@ -1,0 +1,141 @@
+"""The benchmark from config to stored per-model arrays: data -> masks -> paired variants -> store.
+
+Each variant trains the same K models (same subsets, initialisations and batches) and differs only
+by DP-SGD's clipping and noise. Training proceeds in units of ``chunk_size`` models; each finished
+unit is stored atomically, so an interrupted run picks up at the first unfinished unit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bench.config import Config
+from bench.data import Dataset, load_dataset
+from bench.store import Chunk, RunStore, chunks_of
+from bench.subsets import make_masks
+from models import train_models
+from models.spec import DPParams, TrainRequest, TrainSpec
+from privacy import accounting
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """Poisson sampling as Opacus sets it up: rate = 1 / (batches per epoch)."""
+    expected_subset: float
+    steps_per_epoch: int
+    sample_rate: float
+    steps: int
+
+
+def schedule(cfg: Config, n_train: int) -> Schedule:
+    expected = round(cfg.q * n_train) if cfg.sampling == "fixed" else cfg.q * n_train
+    per_epoch = max(1, math.ceil(expected / cfg.batch_size))
+    return Schedule(expected_subset=expected, steps_per_epoch=per_epoch, sample_rate=1.0 / per_epoch,
+                    steps=cfg.epochs * per_epoch)
+
+
+def plan_variant(cfg: Config, epsilon: float | None, sched: Schedule) -> dict:
+    """What a variant trains with; for DP variants sigma is calibrated by the accountant."""
+    plan = {"epsilon": epsilon, "delta": None, "noise_multiplier": None, "max_grad_norm": None,
+            "sample_rate": sched.sample_rate, "steps": sched.steps, "accountant": None,
+            "epsilon_reported": None}
+    if epsilon is not None:
+        cal = accounting.calibrate(target_epsilon=epsilon, delta=cfg.delta, sample_rate=sched.sample_rate,
+                                   steps=sched.steps, accountant=cfg.accountant)
+        plan.update(delta=cfg.delta, noise_multiplier=cal.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                    accountant=accounting.accountant_name(cfg.accountant), epsilon_reported=cal.epsilon)
+    return plan
+
+
+def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
+    dp = None
+    if plan["noise_multiplier"] is not None:
+        dp = DPParams(noise_multiplier=plan["noise_multiplier"], max_grad_norm=plan["max_grad_norm"])
+    return TrainSpec(arch=cfg.model, input_shape=model_input_shape(cfg, ds), n_classes=ds.n_classes,
+                     hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
+                     momentum=cfg.momentum, dp=dp)
+
+
+def model_input_shape(cfg: Config, ds: Dataset) -> tuple[int, ...]:
+    return tuple(ds.input_shape) if cfg.model == "cnn" else (int(np.prod(ds.input_shape)),)
+
+
+def model_inputs(cfg: Config, ds: Dataset, x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.reshape(len(x), *model_input_shape(cfg, ds)), dtype=np.float32)
+
+
+def unit_seeds(cfg: Config, chunk: Chunk, variant_index: int) -> tuple[int, int]:
+    """(seed, noise_seed) of a unit: the first is shared by all variants, the second is not."""
+    seed = int(np.random.SeedSequence([cfg.seed, chunk.start]).generate_state(1)[0])
+    noise = int(np.random.SeedSequence([cfg.seed, chunk.start, 1 + variant_index]).generate_state(1)[0])
+    return seed, noise
+
+
+def prepare(store: RunStore, cfg: Config) -> tuple[Dataset, np.ndarray]:
+    """Load the data and the shared masks (made once, then read back so a resumed run reuses them)."""
+    ds = load_dataset(cfg)
+    if not store.has_data():
+        store.save_data({"y_train": ds.y_train, "g_train": ds.g_train, "y_test": ds.y_test,
+                         "g_test": ds.g_test, "subgroup_label": ds.subgroup_label,
+                         "is_canary": ds.is_canary, "label_noisy": ds.label_noisy})
+    masks = store.masks()
+    if masks is None:
+        masks = make_masks(sampling=cfg.sampling, models=cfg.models, n=ds.n_train, q=cfg.q, seed=cfg.seed)
+        store.save_masks(masks)
+    elif masks.shape != (cfg.models, ds.n_train):
+        raise ValueError(f"stored masks have shape {masks.shape}, expected {(cfg.models, ds.n_train)}")
+    return ds, masks
+
+
+def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, float]:
+    """Train every variant's unfinished units; returns training seconds per variant."""
+    if cfg.threads:
+        import torch
+        torch.set_num_threads(cfg.threads)
+    ds, masks = prepare(store, cfg)
+    sched = schedule(cfg, ds.n_train)
+    x_train = model_inputs(cfg, ds, ds.x_train)
+    evals = {"train": (x_train, ds.y_train), "test": (model_inputs(cfg, ds, ds.x_test), ds.y_test)}
+    chunks = chunks_of(cfg.models, cfg.chunk_size)
+    seconds = {}
+    for v_index, (name, epsilon) in enumerate(cfg.variants):
+        plan = store.plan(name)
+        if plan is None:
+            plan = plan_variant(cfg, epsilon, sched)
+            store.save_plan(name, plan)
+        if store.variant_complete(name):
+            seconds[name] = store.variant_record(name)["train_seconds"]
+            continue
+        spec = train_spec(cfg, ds, plan)
+        todo = [c for c in chunks if not store.chunk_done(name, c)]
+        bar = tqdm(total=cfg.models, initial=cfg.models - sum(c.size for c in todo), unit="model",
+                   desc=f"{name:>12}", disable=not progress, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} models [{elapsed}<{remaining}]")
+        for chunk in todo:
+            seed, noise_seed = unit_seeds(cfg, chunk, v_index)
+            req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks[chunk.start:chunk.stop],
+                               seed=seed, noise_seed=noise_seed, evals=evals)
+            done = [0]
+
+            def advance(steps_done: int, chunk=chunk, done=done) -> None:
+                target = chunk.size * steps_done / spec.steps
+                bar.update(target - done[0])
+                done[0] = target
+
+            t0 = time.perf_counter()
+            outs = train_models(spec, req, engine=cfg.engine, progress=advance)
+            elapsed = time.perf_counter() - t0
+            arrays = {}
+            for split, o in outs.items():
+                arrays[f"{split}_correct"] = o.correct
+                arrays[f"{split}_margin"] = o.margin
+            store.write_chunk(name, chunk, arrays, {"seconds": elapsed, "models": chunk.size})
+            bar.update(chunk.size - done[0])
+        bar.close()
+        store.finalize_variant(name, chunks)
+        seconds[name] = store.variant_record(name)["train_seconds"]
+    return seconds

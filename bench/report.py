@@ -1,0 +1,183 @@
+"""Tables (CSV, Parquet, Markdown, LaTeX) and figures (PNG, PDF) from an analysed run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench.analysis import Analysis  # noqa: E402
+from bench.store import atomic_write_bytes, atomic_write_json  # noqa: E402
+from bench.subgroups import bin_order  # noqa: E402
+
+MEMORIZATION_COLUMNS = ["variant", "epsilon", "index", "label", "subgroup", "subgroup_count", "p_in", "p_out",
+                        "n_in", "n_out", "mem", "mem_se", "bound", "violation", "eps_lb"]
+SUBGROUP_COLUMNS = ["variant", "epsilon", "subgroup", "label", "train_count", "test_count", "test_acc",
+                    "test_acc_lo", "test_acc_hi", "acc_loss", "mean_mem"]
+
+
+def _ordered(df: pd.DataFrame, first: list[str]) -> pd.DataFrame:
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def write_frame(df: pd.DataFrame, path_stem: Path) -> None:
+    """CSV and Parquet, each written atomically."""
+    atomic_write_bytes(path_stem.with_suffix(".csv"), df.to_csv(index=False).encode())
+    import io
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path_stem.with_suffix(".parquet"), buf.getvalue())
+
+
+def summary_frame(summary: dict) -> pd.DataFrame:
+    rows = []
+    for name, v in summary["variants"].items():
+        rows.append({"variant": name, "epsilon": v["epsilon"], "sigma": v["noise_multiplier"],
+                     "steps": v["steps"], "models": v["models"], "test_acc": v["test_accuracy"],
+                     "train_acc": v["train_accuracy"], "mean_mem": v["mean_mem"],
+                     "high_mem": v["high_mem_examples"], "violations": v["violations"], "eps_lb": v["eps_lb"],
+                     "power_eps": v["power_eps"]})
+    return pd.DataFrame(rows)
+
+
+def _fmt(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            out[c] = out[c].map(lambda x: "" if pd.isna(x) else f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}")
+    return out
+
+
+def markdown(df: pd.DataFrame) -> str:
+    return _fmt(df).to_markdown(index=False) + "\n"
+
+
+def latex(df: pd.DataFrame, caption: str) -> str:
+    return _fmt(df).to_latex(index=False, caption=caption, escape=True)
+
+
+def write_tables(analysis: Analysis, out: Path) -> None:
+    out = Path(out)
+    write_frame(_ordered(analysis.memorization, MEMORIZATION_COLUMNS), out / "memorization")
+    write_frame(_ordered(analysis.subgroups, SUBGROUP_COLUMNS), out / "subgroups")
+    write_frame(analysis.bins, out / "frequency_bins")
+    if len(analysis.pairs):
+        write_frame(analysis.pairs, out / "influence_pairs")
+    atomic_write_json(out / "summary.json", analysis.summary)
+    tables = out / "tables"
+    summ = summary_frame(analysis.summary)
+    bins = analysis.bins[["variant", "freq_bin", "subgroups", "train_examples", "test_examples", "test_acc",
+                          "acc_loss", "mean_mem"]]
+    for stem, df, caption in (("summary", summ, "Per-variant accuracy, memorization and DP audit."),
+                              ("frequency_bins", bins, "Accuracy loss and memorization by subgroup training frequency.")):
+        atomic_write_bytes(tables / f"{stem}.md", markdown(df).encode())
+        atomic_write_bytes(tables / f"{stem}.tex", latex(df, caption).encode())
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out / f"{stem}.{ext}"
+        tmp = out / f".{stem}.tmp.{ext}"
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        tmp.replace(p)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def figure_memorization_hist(analysis: Analysis):
+    mem = analysis.memorization.loc[~analysis.memorization["is_canary"]]
+    variants = list(dict.fromkeys(mem["variant"]))
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], variants):
+        vals = mem.loc[mem["variant"] == name, "mem"].dropna()
+        sns.histplot(vals, bins=np.linspace(-0.25, 1, 26), ax=ax, color="C0" if name == "nonprivate" else "C1")
+        ax.axvline(vals.mean(), color="k", lw=1, ls="--")
+        ax.set_title(f"{name}\nmean {vals.mean():.3f}")
+        ax.set_xlabel("memorization estimate")
+    fig.suptitle("Per-example memorization (subset-sampling estimate)", y=1.04)
+    return fig
+
+
+def figure_loss_vs_frequency(analysis: Analysis):
+    sub = analysis.subgroups
+    bins = analysis.bins
+    order = bin_order(bins["freq_bin"])
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    dp = [v for v in dict.fromkeys(sub["variant"]) if v != "nonprivate"]
+    palette = dict(zip(dict.fromkeys(sub["variant"]), sns.color_palette("viridis_r", len(set(sub["variant"])))))
+    for name in dict.fromkeys(sub["variant"]):
+        rows = sub.loc[(sub["variant"] == name) & (sub["test_count"] > 0)]
+        b = bins.loc[bins["variant"] == name].set_index("freq_bin").reindex(order)
+        ax1.plot(order, b["test_acc"], marker="o", label=name, color=palette[name])
+        ax3.plot(order, b["mean_mem"], marker="o", label=name, color=palette[name])
+        if name in dp:
+            ax2.scatter(rows["train_count"], rows["acc_loss"], s=10, alpha=0.35, color=palette[name])
+            means = rows.groupby("train_count")["acc_loss"].mean()
+            ax2.plot(means.index, means.to_numpy(), lw=1.5, color=palette[name], label=name)
+    ax1.set(title="Test accuracy by subgroup frequency", xlabel="training examples in subgroup", ylabel="accuracy")
+    ax2.set(title="DP accuracy loss per subgroup", xlabel="training examples in subgroup (log)",
+            ylabel="acc(nonprivate) - acc(DP)")
+    ax2.set_xscale("log", base=2)
+    ax2.axhline(0, color="k", lw=0.8)
+    ax3.set(title="Mean memorization by subgroup frequency", xlabel="training examples in subgroup",
+            ylabel="mean memorization")
+    for ax in (ax1, ax2, ax3):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_mem_vs_bound(analysis: Analysis):
+    mem = analysis.memorization
+    variants = [v for v in dict.fromkeys(mem["variant"])]
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.3 * len(variants), 3.2), sharey=True, squeeze=False)
+    p = np.linspace(0, 1, 200)
+    for ax, name in zip(axes[0], variants):
+        rows = mem.loc[mem["variant"] == name]
+        audit = analysis.audits[name]
+        ok = ~rows["violation"].astype(bool)
+        ax.scatter(rows.loc[ok, "p_out"], rows.loc[ok, "mem"], s=6, alpha=0.4, color="C0", label="examples")
+        if (~ok).any():
+            ax.scatter(rows.loc[~ok, "p_out"], rows.loc[~ok, "mem"], s=14, color="red", label="violation")
+        canary = rows["is_canary"].astype(bool)
+        if canary.any():
+            ax.scatter(rows.loc[canary, "p_out"], rows.loc[canary, "mem"], s=18, marker="x", color="k",
+                       label="canary")
+        if audit.epsilon_claimed is not None:
+            bound = np.minimum((np.exp(audit.epsilon_tested) - 1) * p + audit.delta_tested, 1 - p)
+            ax.plot(p, bound, color="C3", lw=1.2, label=f"DP bound (eps={audit.epsilon_tested:g})")
+        ax.set(xlim=(0, 1), ylim=(-0.3, 1.02), xlabel="p_out (accuracy when left out)",
+               title=f"{name}\nviolations {audit.violations}, eps_lb "
+                     f"{'n/a' if audit.eps_lb is None else f'{audit.eps_lb:.2f}'}")
+        ax.legend(fontsize=6, loc="upper right")
+    axes[0][0].set_ylabel("memorization = p_in - p_out")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"memorization_hist": figure_memorization_hist,
+           "acc_loss_vs_frequency": figure_loss_vs_frequency,
+           "mem_vs_bound": figure_mem_vs_bound}
+
+
+def write_figures(analysis: Analysis, out: Path) -> list[Path]:
+    sns.set_theme(style="whitegrid", context="paper")
+    paths = []
+    for stem, make in FIGURES.items():
+        paths += _save(make(analysis), Path(out) / "figures", stem)
+    return paths
+
+
+def write_all(analysis: Analysis, out: Path) -> None:
+    write_tables(analysis, out)
+    write_figures(analysis, out)
