@@ -84,6 +84,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "max_grad_norm": plan.get("max_grad_norm"), "sample_rate": plan.get("sample_rate"),
             "steps": plan.get("steps"), "accountant": plan.get("accountant"),
             "epsilon_reported": plan.get("epsilon_reported"), "trained_for_epsilon": target,
+            "fault": plan.get("fault"),
             "test_accuracy": float(arrays["test_correct"].mean()),
             "train_accuracy": float(arrays["train_correct"].mean()),
             "mean_mem": float(np.nanmean(mem.mem[real])),

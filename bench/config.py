@@ -22,6 +22,8 @@ MODELS = ("logreg", "mlp", "cnn")
 SAMPLINGS = ("bernoulli", "fixed", "balanced")
 ENGINES = ("auto", "batched", "opacus")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+# Deliberately broken DP-SGD, for proving that the audit catches real bugs (never for results).
+FAULTS = ("none", "no_noise", "no_clipping", "wrong_sample_rate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,7 @@ class Config:
     epsilons: tuple[float, ...] = (1.0, 4.0, 16.0)
     delta: float = 1e-5
     accountant: str = "rdp"
+    fault: str = "none"              # one of FAULTS: plant a DP-SGD bug to test the audit
     # subsets and estimators
     models: int = 1000               # K models per variant
     sampling: str = "bernoulli"
@@ -103,6 +106,7 @@ def validate(c: Config) -> None:
     _check(c.sampling in SAMPLINGS, "sampling", f"unknown sampling {c.sampling!r}; choose from {', '.join(SAMPLINGS)}")
     _check(c.engine in ENGINES, "engine", f"unknown engine {c.engine!r}; choose from {', '.join(ENGINES)}")
     _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+    _check(c.fault in FAULTS, "fault", f"unknown fault {c.fault!r}; choose from {', '.join(FAULTS)}")
     _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")
     for e in c.epsilons:
         _check(math.isfinite(e) and e > 0, "epsilons", f"every target epsilon must be positive and finite, got {e}")

@@ -44,17 +44,36 @@ def plan_variant(cfg: Config, epsilon: float | None, sched: Schedule) -> dict:
             "sample_rate": sched.sample_rate, "steps": sched.steps, "accountant": None,
             "epsilon_reported": None}
     if epsilon is not None:
-        cal = accounting.calibrate(target_epsilon=epsilon, delta=cfg.delta, sample_rate=sched.sample_rate,
+        # The planted "wrong_sample_rate" bug tells the accountant a rate 10x lower than the one used.
+        told_rate = sched.sample_rate / 10 if cfg.fault == "wrong_sample_rate" else sched.sample_rate
+        cal = accounting.calibrate(target_epsilon=epsilon, delta=cfg.delta, sample_rate=told_rate,
                                    steps=sched.steps, accountant=cfg.accountant)
         plan.update(delta=cfg.delta, noise_multiplier=cal.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                     accountant=accounting.accountant_name(cfg.accountant), epsilon_reported=cal.epsilon)
+        if cfg.fault != "none":
+            plan["fault"] = cfg.fault
     return plan
 
 
+# Clipping "off" keeps the noise std sigma*C of the claim but lets gradients through unclipped.
+_NO_CLIP = 1e12
+
+
+def _trained_dp_params(plan: dict) -> DPParams | None:
+    """The DP-SGD parameters actually used, which differ from the plan only under a planted fault."""
+    if plan["noise_multiplier"] is None:
+        return None
+    sigma, clip = plan["noise_multiplier"], plan["max_grad_norm"]
+    fault = plan.get("fault", "none")
+    if fault == "no_noise":
+        return DPParams(noise_multiplier=0.0, max_grad_norm=clip)
+    if fault == "no_clipping":
+        return DPParams(noise_multiplier=sigma * clip / _NO_CLIP, max_grad_norm=_NO_CLIP)
+    return DPParams(noise_multiplier=sigma, max_grad_norm=clip)
+
+
 def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
-    dp = None
-    if plan["noise_multiplier"] is not None:
-        dp = DPParams(noise_multiplier=plan["noise_multiplier"], max_grad_norm=plan["max_grad_norm"])
+    dp = _trained_dp_params(plan)
     return TrainSpec(arch=cfg.model, input_shape=model_input_shape(cfg, ds), n_classes=ds.n_classes,
                      hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
                      momentum=cfg.momentum, dp=dp)
