@@ -48,6 +48,7 @@ class Config:
     batch_size: int = 64             # expected Poisson batch size
     lr: float = 0.5
     momentum: float = 0.0
+    weight_decay: float = 0.0        # L2 penalty (makes logreg strongly convex)
     max_grad_norm: float = 1.0
     engine: str = "auto"
     # privacy
@@ -119,6 +120,7 @@ def validate(c: Config) -> None:
     _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
     _check(c.lr > 0 and math.isfinite(c.lr), "lr", f"must be positive, got {c.lr}")
     _check(0.0 <= c.momentum < 1.0, "momentum", f"must be in [0, 1), got {c.momentum}")
+    _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
     _check(c.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {c.max_grad_norm}")
     _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
     _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")

@@ -76,7 +76,7 @@ def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
     dp = _trained_dp_params(plan)
     return TrainSpec(arch=cfg.model, input_shape=model_input_shape(cfg, ds), n_classes=ds.n_classes,
                      hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
-                     momentum=cfg.momentum, dp=dp)
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp)
 
 
 def model_input_shape(cfg: Config, ds: Dataset) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ class TrainSpec:
     sample_rate: float                # Poisson inclusion probability per step
     lr: float
     momentum: float = 0.0
+    weight_decay: float = 0.0         # L2, torch.optim.SGD semantics (added to the noisy gradient)
     dp: DPParams | None = None        # None: non-private SGD
 
 
@@ -63,4 +64,7 @@ class TrainRequest:
     seed: int                            # init + batch sampling (shared across variants)
     noise_seed: int                      # DP noise (differs per variant)
     evals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    groups: np.ndarray | None = None     # int [K]: models with equal ids share their initialisation and
+    # their batch-sampling randomness (leave-one-out pairs: the model on S \ {i} sees the batches of its
+    # partner on S minus i); None: every model is its own group
     # name -> (x, y): splits to predict on after training, e.g. {"train": ..., "test": ...}
