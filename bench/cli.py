@@ -166,7 +166,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_loo(args) -> int:
+    import numpy as np
+    from bench import estimators, loo, report
+    from bench.store import RunStore
+    store = RunStore.open(args.run_dir)
+    cfg = store.config()
+    ks, qs = _int_list(args.ks), _float_list(args.qs)
+    if any(q <= 0 or q >= 1 for q in qs):
+        raise UsageError(f"--qs values must be in (0, 1), got {args.qs}")
+    if any(k < 2 for k in ks):
+        raise UsageError(f"--ks values must be >= 2, got {args.ks}")
+    table = loo.run_loo(store, variant=args.variant, count=args.examples, repeats=args.repeats,
+                        progress=not args.quiet)
+    errors = loo.estimator_error(store, table, ks=ks, qs=qs, progress=not args.quiet)
+    masks, correct = store.masks(), store.variant_arrays(args.variant)["train_correct"]
+    est = estimators.memorization(masks, correct).mem[table["index"].to_numpy()]
+    import pandas as pd
+    at_default = pd.DataFrame({"est": est, "loo": table["mem_loo"], "loo_lo": table["mem_loo_lo"],
+                               "loo_hi": table["mem_loo_hi"]})
+    at_default.attrs["title"] = f"K = {cfg.models}, q = {cfg.q:g} ({args.variant})"
+    out = Path(args.out) if args.out else store.root / "loo"
+    report.write_loo(table, errors, at_default, out)
+    print(report.markdown(errors[["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson",
+                                  "spearman"]]))
+    print(f"dpmem: LOO on {len(table)} examples x {args.repeats} repeats; mean LOO mem "
+          f"{np.mean(table['mem_loo']):.3f}; outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from bench import report, sweep
+    path, overrides = _split_run_args(args.args)
+    base = config_mod.load(path, overrides)
+    out = Path(args.out)
+    points = sweep.run_sweep(out, base, widths=_int_list(args.widths), n_trains=_int_list(args.n_trains),
+                             progress=not args.quiet)
+    corr = sweep.correlation(points)
+    report.write_sweep(points, corr, out)
+    print(report.markdown(points[["config", "variant", "n_train", "test_accuracy", "mean_mem"]]))
+    print(f"Pearson(mean_mem, test_accuracy) = {corr['pearson']:.3f} "
+          f"[{corr['pearson_lo']:.3f}, {corr['pearson_hi']:.3f}] over {corr['points']} points; "
+          f"Spearman {corr['spearman']:.3f} [{corr['spearman_lo']:.3f}, {corr['spearman_hi']:.3f}]")
+    return EXIT_OK
+
+
+def _add_studies(sub) -> None:
+    lo = sub.add_parser("loo", help="exact leave-one-out memorization and the estimator's error against it")
+    lo.add_argument("run_dir")
+    lo.add_argument("--variant", default="nonprivate")
+    lo.add_argument("--examples", type=int, default=30, help="examples to test (most/least memorized, random)")
+    lo.add_argument("--repeats", type=int, default=100, help="model pairs per example (R)")
+    lo.add_argument("--ks", default="25,50,100,250,500,1000", help="model counts K for the error table")
+    lo.add_argument("--qs", default="0.5,0.7,0.9", help="subset fractions q for the error table")
+    lo.add_argument("--out", help="output directory (default RUN_DIR/loo)")
+    lo.add_argument("--quiet", action="store_true")
+    lo.set_defaults(func=cmd_loo)
+    sw = sub.add_parser("sweep", help="memorization versus generalization across configurations")
+    sw.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    sw.add_argument("--out", required=True, help="sweep directory")
+    sw.add_argument("--widths", default="16,64,256", help="hidden widths")
+    sw.add_argument("--n-trains", default="150,300,600", help="target training-set sizes")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+
+_EXTRA_COMMANDS: list = [_add_studies]
 
 
 def main(argv: list[str] | None = None) -> int:

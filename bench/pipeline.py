@@ -31,8 +31,10 @@ class Schedule:
     steps: int
 
 
-def schedule(cfg: Config, n_train: int) -> Schedule:
-    expected = round(cfg.q * n_train) if cfg.sampling == "fixed" else cfg.q * n_train
+def schedule(cfg: Config, n_train: int, *, expected: float | None = None) -> Schedule:
+    """Steps and rate for subsets of the expected size (default: the config's q of n_train)."""
+    if expected is None:
+        expected = round(cfg.q * n_train) if cfg.sampling == "fixed" else cfg.q * n_train
     per_epoch = max(1, math.ceil(expected / cfg.batch_size))
     return Schedule(expected_subset=expected, steps_per_epoch=per_epoch, sample_rate=1.0 / per_epoch,
                     steps=cfg.epochs * per_epoch)

@@ -181,3 +181,52 @@ def write_figures(analysis: Analysis, out: Path) -> list[Path]:
 def write_all(analysis: Analysis, out: Path) -> None:
     write_tables(analysis, out)
     write_figures(analysis, out)
+
+
+# -- studies ---------------------------------------------------------------------------------
+
+def write_loo(loo_table: pd.DataFrame, errors: pd.DataFrame, est_at_default: pd.DataFrame, out: Path) -> None:
+    """LOO ground truth, the estimator-error table (MD/LaTeX/CSV) and its figure."""
+    out = Path(out)
+    write_frame(loo_table, out / "loo")
+    write_frame(errors, out / "estimator_error")
+    cols = ["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson", "pearson_lo",
+            "pearson_hi", "spearman", "spearman_lo", "spearman_hi"]
+    atomic_write_bytes(out / "tables" / "estimator_error.md", markdown(errors[cols]).encode())
+    atomic_write_bytes(out / "tables" / "estimator_error.tex",
+                       latex(errors[cols], "Subset-sampling memorization estimate versus exact leave-one-out.").encode())
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.errorbar(est_at_default["loo"], est_at_default["est"],
+                 xerr=[est_at_default["loo"] - est_at_default["loo_lo"], est_at_default["loo_hi"] - est_at_default["loo"]],
+                 fmt="o", ms=4, alpha=0.7, elinewidth=0.6)
+    lim = [-0.3, 1.05]
+    ax1.plot(lim, lim, "k--", lw=0.8)
+    ax1.set(xlim=lim, ylim=lim, xlabel="exact leave-one-out memorization (95% CI)",
+            ylabel="subset-sampling estimate", title=est_at_default.attrs.get("title", "estimate vs LOO"))
+    for q, rows in errors.groupby("q"):
+        ax2.errorbar(rows["K"], rows["mae"], yerr=[rows["mae"] - rows["mae_lo"], rows["mae_hi"] - rows["mae"]],
+                     marker="o", capsize=3, label=f"q = {q:g}")
+    ax2.set(xscale="log", xlabel="models K", ylabel="mean |estimate - LOO|", title="Estimator error vs K and q")
+    ax2.legend()
+    fig.tight_layout()
+    _save(fig, out / "figures", "estimator_error")
+
+
+def write_sweep(points: pd.DataFrame, corr: dict, out: Path) -> None:
+    out = Path(out)
+    write_frame(points, out / "mem_vs_gen")
+    atomic_write_json(out / "mem_vs_gen_correlation.json", corr)
+    cols = ["config", "variant", "n_train", "width", "test_accuracy", "train_accuracy", "gen_gap", "mean_mem"]
+    atomic_write_bytes(out / "tables" / "mem_vs_gen.md", markdown(points[cols]).encode())
+    atomic_write_bytes(out / "tables" / "mem_vs_gen.tex",
+                       latex(points[cols], "Memorization versus generalization across configurations.").encode())
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    sns.scatterplot(data=points, x="mean_mem", y="test_accuracy", hue="variant", style="config", ax=ax, s=50)
+    ax.set(xlabel="mean memorization of training examples", ylabel="test accuracy",
+           title=f"Pearson r = {corr['pearson']:.2f} [{corr['pearson_lo']:.2f}, {corr['pearson_hi']:.2f}], "
+                 f"{corr['points']} points")
+    ax.legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    _save(fig, out / "figures", "mem_vs_gen")

@@ -1,0 +1,183 @@
+"""Exact leave-one-out memorization (the gold standard) and the subset-sampling estimator's error against it.
+
+For each chosen training example i, R models are trained on the whole training set S and R on S \\ {i}.
+Pair r shares everything else: the same initialisation and the same per-example sampling coins, so the
+model on S \\ {i} sees its partner's batches minus i. One model on S per repeat serves every i.
+
+The subset-sampling estimator (Feldman & Zhang) estimates a different quantity — leaving i out of a random
+subset of size about qn, not out of S — so its error against LOO mixes variance (finite K) with that bias.
+``estimator_error`` reports both as a function of K and q.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from tqdm.auto import tqdm
+
+from bench import estimators, pipeline
+from bench.config import Config
+from bench.data import load_dataset
+from bench.errors import UsageError
+from bench.store import RunStore, atomic_write_json, chunks_of, read_json
+from models import train_models
+from models.spec import TrainRequest
+
+
+def choose_examples(mem: np.ndarray, *, count: int, seed: int) -> np.ndarray:
+    """A third the most memorized, a third the least, the rest at random (distinct, sorted)."""
+    mem = np.nan_to_num(np.asarray(mem, float), nan=0.0)
+    n = len(mem)
+    count = min(count, n)
+    order = np.argsort(-mem, kind="stable")
+    top = order[: count // 3]
+    bottom = order[::-1][: count // 3]
+    chosen = list(dict.fromkeys(np.concatenate([top, bottom]).tolist()))
+    rest = np.setdiff1d(np.arange(n), chosen)
+    rng = np.random.default_rng(seed)
+    chosen += rng.choice(rest, size=count - len(chosen), replace=False).tolist()
+    return np.sort(np.array(chosen, dtype=np.int64))
+
+
+def loo_masks(n: int, examples: np.ndarray, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks and groups for `repeats` blocks of [S, S minus e_1, ..., S minus e_E]."""
+    block = np.ones((1 + len(examples), n), bool)
+    block[1 + np.arange(len(examples)), examples] = False
+    masks = np.tile(block, (repeats, 1))
+    groups = np.repeat(np.arange(repeats), 1 + len(examples))
+    return masks, groups
+
+
+def paired_mem(in_correct: np.ndarray, out_correct: np.ndarray, level: float = 0.95) -> pd.DataFrame:
+    """LOO memorization per example with a t-interval over the paired differences."""
+    d = in_correct.astype(float) - out_correct.astype(float)     # [R, E]
+    r = d.shape[0]
+    mean = d.mean(0)
+    sd = d.std(0, ddof=1) if r > 1 else np.zeros(d.shape[1])
+    half = stats.t.ppf(0.5 + level / 2, df=max(r - 1, 1)) * sd / np.sqrt(r)
+    return pd.DataFrame({"p_S": in_correct.mean(0), "p_S_minus_i": out_correct.mean(0), "mem_loo": mean,
+                         "mem_loo_lo": mean - half, "mem_loo_hi": mean + half, "repeats": r})
+
+
+def _plan_full_set(cfg: Config, n: int, variant: str, epsilon: float | None) -> dict:
+    sched = pipeline.schedule(cfg, n, expected=float(n))
+    return pipeline.plan_variant(cfg, epsilon, sched)
+
+
+def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, repeats: int = 100,
+            examples: np.ndarray | None = None, chunk_repeats: int | None = None,
+            progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) the LOO models for ``variant`` of a finished run; returns one row per example."""
+    cfg = store.config()
+    names = dict(cfg.variants)
+    if variant not in names:
+        raise UsageError(f"variant {variant!r} is not in this run ({', '.join(names)})")
+    if repeats < 2:
+        raise UsageError(f"--repeats must be >= 2, got {repeats}")
+    ds = load_dataset(cfg)
+    loo_store = RunStore(store.root / "loo" / variant)
+    meta_path = loo_store.root / "loo.json"
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        if meta["repeats"] != repeats or (examples is not None and list(examples) != meta["examples"]):
+            raise UsageError(f"{loo_store.root} holds a LOO study with other settings; remove it to start again")
+        examples = np.array(meta["examples"], dtype=np.int64)
+    else:
+        if examples is None:
+            mem = estimators.memorization(store.masks(), store.variant_arrays(variant)["train_correct"]).mem
+            examples = choose_examples(mem, count=count, seed=cfg.seed)
+        examples = np.asarray(examples, dtype=np.int64)
+        if examples.min() < 0 or examples.max() >= ds.n_train:
+            raise UsageError(f"example indices must be in [0, {ds.n_train})")
+        plan = _plan_full_set(cfg, ds.n_train, variant, names[variant])
+        loo_store.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {"variant": variant, "repeats": repeats, "examples": examples.tolist(),
+                                      "plan": plan, "config_hash": cfg.hash()})
+    meta = read_json(meta_path)
+    plan = meta["plan"]
+    spec = pipeline.train_spec(cfg, ds, plan)
+    x_train = pipeline.model_inputs(cfg, ds, ds.x_train)
+    evals = {"chosen": (x_train[examples], ds.y_train[examples])}
+    per_block = 1 + len(examples)
+    chunk_repeats = chunk_repeats or max(1, cfg.chunk_size // per_block)
+    chunks = chunks_of(repeats, chunk_repeats)
+    v_index = [n for n, _ in cfg.variants].index(variant)
+    if not loo_store.variant_complete("loo"):
+        todo = [c for c in chunks if not loo_store.chunk_done("loo", c)]
+        bar = tqdm(total=repeats, initial=repeats - sum(c.size for c in todo), unit="repeat",
+                   desc=f"LOO {variant}", disable=not progress, dynamic_ncols=True)
+        for chunk in todo:
+            masks, groups = loo_masks(ds.n_train, examples, chunk.size)
+            seed, noise_seed = pipeline.unit_seeds(cfg.replace(seed=cfg.seed + 7919), chunk, v_index)
+            req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks, seed=seed,
+                               noise_seed=noise_seed, evals=evals, groups=groups)
+            out = train_models(spec, req, engine=cfg.engine)["chosen"]
+            correct = out.correct.reshape(chunk.size, per_block, len(examples))
+            margin = out.margin.reshape(chunk.size, per_block, len(examples))
+            cols = np.arange(len(examples))
+            loo_store.write_chunk("loo", chunk, {
+                "in_correct": correct[:, 0, :], "out_correct": correct[:, 1 + cols, cols],
+                "in_margin": margin[:, 0, :], "out_margin": margin[:, 1 + cols, cols]}, {"models": chunk.size * per_block})
+            bar.update(chunk.size)
+        bar.close()
+        loo_store.finalize_variant("loo", chunks)
+    arrays = loo_store.variant_arrays("loo")
+    table = paired_mem(arrays["in_correct"], arrays["out_correct"])
+    table.insert(0, "index", examples)
+    table.insert(0, "variant", variant)
+    return table
+
+
+# -- estimator error -------------------------------------------------------------------------
+
+def _boot_ci(stat, *samples, seed: int = 0, n: int = 2000) -> tuple[float, float]:
+    if len(samples[0]) < 3:
+        return (np.nan, np.nan)
+    res = stats.bootstrap(samples, stat, paired=True, vectorized=False, n_resamples=n, confidence_level=0.95,
+                          method="percentile", random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def error_row(est: np.ndarray, loo: np.ndarray) -> dict:
+    err = np.abs(est - loo)
+    pear = stats.pearsonr(est, loo).statistic if np.std(est) > 0 and np.std(loo) > 0 else np.nan
+    spear = stats.spearmanr(est, loo).statistic if np.std(est) > 0 and np.std(loo) > 0 else np.nan
+    row = {"examples": len(est), "mae": float(err.mean()), "p90_abs_err": float(np.quantile(err, 0.9)),
+           "pearson": float(pear), "spearman": float(spear), "mean_est": float(est.mean()),
+           "mean_loo": float(loo.mean())}
+    row["mae_lo"], row["mae_hi"] = _boot_ci(lambda e, l: np.mean(np.abs(e - l)), est, loo)
+    row["p90_lo"], row["p90_hi"] = _boot_ci(lambda e, l: np.quantile(np.abs(e - l), 0.9), est, loo)
+    safe = lambda f: (lambda e, l: f(e, l).statistic if np.std(e) > 0 and np.std(l) > 0 else 0.0)  # noqa: E731
+    row["pearson_lo"], row["pearson_hi"] = _boot_ci(safe(stats.pearsonr), est, loo)
+    row["spearman_lo"], row["spearman_hi"] = _boot_ci(safe(stats.spearmanr), est, loo)
+    return row
+
+
+def subset_run(store: RunStore, q: float, variant: str, models: int, *, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Masks and train correctness of a subset-sampling run at rate q (the main run when q matches)."""
+    cfg = store.config()
+    if q == cfg.q and models <= cfg.models:
+        return store.masks(), store.variant_arrays(variant)["train_correct"]
+    eps = dict(cfg.variants)[variant]
+    sub_cfg = cfg.replace(q=q, models=models, epsilons=() if eps is None else (eps,))
+    sub = RunStore.create_or_resume(store.root / "loo" / f"q{q:g}-{variant}-K{models}", sub_cfg)
+    pipeline.run(sub, sub_cfg, progress=progress)
+    return sub.masks(), sub.variant_arrays(variant)["train_correct"]
+
+
+def estimator_error(store: RunStore, loo_table: pd.DataFrame, *, ks: list[int], qs: list[float],
+                    progress: bool = True) -> pd.DataFrame:
+    """Subset-sampling estimate vs LOO on the same examples, for K models (prefixes) and subset rates q."""
+    variant = loo_table["variant"].iloc[0]
+    idx = loo_table["index"].to_numpy()
+    loo = loo_table["mem_loo"].to_numpy()
+    rows = []
+    for q in qs:
+        masks, correct = subset_run(store, q, variant, max(ks), progress=progress)
+        for k in ks:
+            if k > masks.shape[0]:
+                continue
+            est = estimators.memorization(masks[:k], correct[:k]).mem[idx]
+            ok = np.isfinite(est)
+            rows.append({"variant": variant, "q": q, "K": k, **error_row(est[ok], loo[ok])})
+    return pd.DataFrame(rows)

@@ -1,0 +1,56 @@
+"""Memorization versus generalization across training configurations (the critique's analysis, measured).
+
+Each configuration (model width x training-set size, every variant of it: non-private and each epsilon) is a
+complete dpmem run of its own under SWEEP/runs/, so a sweep resumes like a run. Each (configuration, variant)
+is one point: mean memorization of the training examples against mean test accuracy over the K models.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from bench import analysis, pipeline
+from bench.config import Config
+from bench.store import RunStore
+
+
+def sweep_configs(base: Config, *, widths: list[int], n_trains: list[int]) -> list[tuple[str, Config]]:
+    out = []
+    for width, n in itertools.product(widths, n_trains):
+        out.append((f"w{width}-n{n}", base.replace(hidden=(width,) * max(1, len(base.hidden)), n_train=n)))
+    return out
+
+
+def run_sweep(root, base: Config, *, widths: list[int], n_trains: list[int], progress: bool = True) -> pd.DataFrame:
+    rows = []
+    for name, cfg in sweep_configs(base, widths=widths, n_trains=n_trains):
+        store = RunStore.create_or_resume(f"{root}/runs/{name}", cfg)
+        pipeline.run(store, cfg, progress=progress)
+        result = analysis.analyse(store, with_pairs=False)
+        n_train = result.summary["run"]["n_train"]
+        for variant, v in result.summary["variants"].items():
+            rows.append({"config": name, "width": cfg.hidden[0], "n_train_target": cfg.n_train,
+                         "n_train": n_train, "variant": variant, "epsilon": v["epsilon"],
+                         "test_accuracy": v["test_accuracy"], "train_accuracy": v["train_accuracy"],
+                         "gen_gap": v["train_accuracy"] - v["test_accuracy"], "mean_mem": v["mean_mem"],
+                         "models": v["models"]})
+    return pd.DataFrame(rows)
+
+
+def correlation(points: pd.DataFrame, x: str = "mean_mem", y: str = "test_accuracy", seed: int = 0) -> dict:
+    """Pearson and Spearman correlation over the sweep's points, with bootstrap 95% intervals."""
+    a, b = points[x].to_numpy(float), points[y].to_numpy(float)
+    out = {"points": len(a), "x": x, "y": y}
+    for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+        out[name] = float(fn(a, b).statistic) if len(a) > 2 else float("nan")
+        if len(a) > 3:
+            res = stats.bootstrap((a, b), lambda u, v: fn(u, v).statistic if np.std(u) > 0 and np.std(v) > 0 else 0.0,
+                                  paired=True, vectorized=False, n_resamples=2000, method="percentile",
+                                  random_state=np.random.default_rng(seed))
+            out[f"{name}_lo"], out[f"{name}_hi"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        else:
+            out[f"{name}_lo"] = out[f"{name}_hi"] = float("nan")
+    return out
