@@ -142,8 +142,8 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, flo
                                seed=seed, noise_seed=noise_seed, evals=evals)
             done = [0]
 
-            def advance(steps_done: int, chunk=chunk, done=done) -> None:
-                target = chunk.size * steps_done / spec.steps
+            def advance(model_steps: int, done=done) -> None:
+                target = model_steps / spec.steps      # models' worth of steps done in this unit
                 bar.update(target - done[0])
                 done[0] = target
 
