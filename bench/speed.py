@@ -1,0 +1,218 @@
+"""Training-speed benchmark (a script, not a test): ``python -m bench.speed [--threads 2] [--out results]``.
+
+Measures, in one process with a fixed number of torch threads, the median wall time of one
+optimisation step per model for
+  - plain single-model SGD (``nn.Sequential`` + ``torch.optim.SGD``),
+  - Opacus DP-SGD with per-sample-gradient hooks (``GradSampleModule`` + ``DPOptimizer``),
+  - Opacus DP-SGD with ghost clipping (``PrivacyEngine.make_private(grad_sample_mode="ghost")``),
+  - the batched engine, non-private and DP, K models per step (time per model = step time / K),
+on MLPs 784-256-10 and 64-128-10 with batches of a fixed size (every batch is the same random
+batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's DP step
+(forward, backward, per-example norms, clipped product) next to a large float32 matmul.
+Writes ``speed.csv`` and ``speed.md`` into the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from models.batched import BatchedTrainer, PoissonBatch
+from models.nets import build_model
+from models.spec import DPParams, TrainSpec
+
+ARCHS = {"784-256-10": (784, (256,), 10), "64-128-10": (64, (128,), 10)}
+NOISE, CLIP, LR = 1.0, 1.0, 0.05
+TARGETS = {  # ratio name -> (description, target as text)
+    "dp_vs_opacus_hooks": ("Opacus hooks time / engine DP time", ">= 25"),
+    "dp_vs_opacus_ghost": ("Opacus ghost time / engine DP time", ">= 10"),
+    "dp_over_nonprivate": ("engine DP time / engine non-private time", "<= 1.3"),
+    "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
+}
+
+
+def median_seconds(fn, *, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _spec(d, hidden, classes, dp):
+    return TrainSpec(arch="mlp", input_shape=(d,), n_classes=classes, hidden=hidden, steps=1,
+                     sample_rate=0.1, lr=LR, dp=dp)
+
+
+def plain_sgd_step(d, hidden, classes, x, y):
+    model = build_model(_spec(d, hidden, classes, None))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def opacus_hooks_step(d, hidden, classes, x, y):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    model = GradSampleModule(build_model(_spec(d, hidden, classes, None)))
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=NOISE,
+                            max_grad_norm=CLIP, expected_batch_size=len(x))
+
+    def step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def opacus_ghost_step(d, hidden, classes, x, y):
+    from opacus import PrivacyEngine
+    model = build_model(_spec(d, hidden, classes, None))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    model, optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), criterion=nn.CrossEntropyLoss(),
+        data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP, grad_sample_mode="ghost")
+
+    def step():
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def engine_trainer(d, hidden, classes, K, batch, private):
+    dp = DPParams(noise_multiplier=NOISE, max_grad_norm=CLIP) if private else None
+    g = torch.Generator().manual_seed(0)
+    n = 4 * batch
+    x_train = torch.randn(n, d, generator=g)
+    y_train = torch.randint(0, classes, (n,), generator=g)
+    trainer = BatchedTrainer(_spec(d, hidden, classes, dp), x_train, y_train,
+                             torch.ones(K, n, dtype=torch.bool), seed=0, noise_seed=1)
+    index = torch.randint(0, n, (K, batch), generator=g)
+    fixed = PoissonBatch(x=x_train[index], y=y_train[index], valid=torch.ones(K, batch, dtype=torch.bool),
+                         x_sq=x_train[index].square().sum(dim=2))
+    return trainer, (lambda: trainer.step_on(fixed))
+
+
+def dp_step_flops(d, hidden, classes, K, batch) -> float:
+    """Floating-point operations of one engine DP step for K models (multiply-add = 2)."""
+    widths = [d, *hidden, classes]
+    pairs = list(zip(widths[:-1], widths[1:]))
+    forward = sum(2 * batch * i * o for i, o in pairs)
+    backward = sum(2 * batch * i * o for i, o in pairs[1:])          # errors of hidden layers
+    norms = sum(2 * batch * (i + o) for i, o in pairs)                # ||a||^2 and ||delta||^2
+    clipped = sum(2 * batch * i * o + batch * o for i, o in pairs)    # a^T (c * delta), bias sums
+    return float(K * (forward + backward + norms + clipped))
+
+
+def matmul_gflops(size: int = 2048) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    seconds = median_seconds(lambda: torch.mm(a, b, out=out), warmup=2, reps=10)
+    return 2 * size**3 / seconds / 1e9
+
+
+def run(threads: int, K: int, batch: int, reps: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    torch.set_num_threads(threads)
+    rows, ratios, flops = [], [], {}
+    for name, (d, hidden, classes) in ARCHS.items():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, d, generator=g)
+        y = torch.randint(0, classes, (batch,), generator=g)
+        per_model = {}
+        for method, make in [("plain SGD (1 model)", plain_sgd_step), ("Opacus hooks (1 model)", opacus_hooks_step),
+                             ("Opacus ghost (1 model)", opacus_ghost_step)]:
+            seconds = median_seconds(make(d, hidden, classes, x, y), warmup=3, reps=reps)
+            per_model[method] = seconds
+            rows.append(dict(arch=name, method=method, models_per_step=1, batch=batch, threads=threads,
+                             step_ms=seconds * 1e3, per_model_step_ms=seconds * 1e3, reps=reps))
+        for method, private in [(f"engine non-private (K={K})", False), (f"engine DP (K={K})", True)]:
+            trainer, step = engine_trainer(d, hidden, classes, K, batch, private)
+            seconds = median_seconds(step, warmup=3, reps=reps)
+            trainer.close()
+            per_model[method] = seconds / K
+            rows.append(dict(arch=name, method=method, models_per_step=K, batch=batch, threads=threads,
+                             step_ms=seconds * 1e3, per_model_step_ms=seconds / K * 1e3, reps=reps))
+            if private:
+                flops[name] = dp_step_flops(d, hidden, classes, K, batch) / seconds / 1e9
+        dp_time = per_model[f"engine DP (K={K})"]
+        values = {
+            "dp_vs_opacus_hooks": per_model["Opacus hooks (1 model)"] / dp_time,
+            "dp_vs_opacus_ghost": per_model["Opacus ghost (1 model)"] / dp_time,
+            "dp_over_nonprivate": dp_time / per_model[f"engine non-private (K={K})"],
+            "dp_over_plain_sgd": dp_time / per_model["plain SGD (1 model)"],
+        }
+        for key, value in values.items():
+            description, target = TARGETS[key]
+            ratios.append(dict(arch=name, ratio=description, value=value, target=target))
+        print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in values.items()), file=sys.stderr)
+    flops["matmul 2048x2048"] = matmul_gflops()
+    return pd.DataFrame(rows), pd.DataFrame(ratios), flops
+
+
+def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = [header, rule]
+    for row in frame.itertuples(index=False):
+        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", default="results", help="output folder (default results)")
+    parser.add_argument("--models", type=int, default=64, help="K models per engine step (default 64)")
+    parser.add_argument("--batch", type=int, default=256, help="examples per batch (default 256)")
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)  # Opacus's secure-RNG and hook notices
+    times, ratios, flops = run(args.threads, args.models, args.batch, args.reps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times.to_csv(out / "speed.csv", index=False)
+    gflops = pd.DataFrame([dict(what=k if k.startswith("matmul") else f"engine DP step, MLP {k}", gflops=v)
+                           for k, v in flops.items()])
+    text = [
+        "# Training speed",
+        "",
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (a fixed batch reused "
+        f"every step; no sampling in the timing), engine with K={args.models} models per step, "
+        f"median of {args.reps} steps after 3 warm-up steps.",
+        "",
+        "## Time per model-step (ms)",
+        "",
+        _markdown_table(times[["arch", "method", "step_ms", "per_model_step_ms"]], ".3f"),
+        "",
+        "## Ratios against the targets",
+        "",
+        _markdown_table(ratios, ".2f"),
+        "",
+        "## Arithmetic throughput",
+        "",
+        _markdown_table(gflops, ".1f"),
+        "",
+    ]
+    (out / "speed.md").write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
