@@ -333,7 +333,7 @@ class BatchedTrainer:
     one DP-SGD (or SGD) step; ``step_on(batch)`` takes the step on a given batch."""
 
     def __init__(self, spec: TrainSpec, x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor,
-                 masks: np.ndarray | Tensor, *, seed: int, noise_seed: int):
+                 masks: np.ndarray | Tensor, *, seed: int, noise_seed: int, groups: np.ndarray | None = None):
         if spec.arch not in ("logreg", "mlp"):
             raise ValueError(f"the batched engine trains logreg and mlp only, not {spec.arch!r}")
         self.spec = spec
@@ -346,7 +346,20 @@ class BatchedTrainer:
             raise ValueError(f"masks cover {self.n} examples, x_train has {self.x_train.shape[0]}, "
                              f"y_train {self.y_train.shape[0]}")
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.params = init_params(spec, self.K, self.generator)
+        # Models of one group share their initialisation and their sampling coins: draw for the
+        # groups, then hand each model its group's draw (no groups: one group per model).
+        self.groups = None
+        n_draws = self.K
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (self.K,):
+                raise ValueError(f"groups must have shape ({self.K},), got {groups.shape}")
+            self.groups = torch.as_tensor(np.unique(groups, return_inverse=True)[1].reshape(-1), dtype=torch.long)
+            n_draws = int(self.groups.max()) + 1
+        self.params = init_params(spec, n_draws, self.generator)
+        if self.groups is not None:
+            self.params = [(w.index_select(0, self.groups), b.index_select(0, self.groups)) for w, b in self.params]
+        self._group_uniform = torch.empty(n_draws, self.n) if self.groups is not None else None
         ebs = torch.tensor(expected_batch_sizes(self.masks.numpy(), spec.sample_rate), dtype=torch.float32)
         self.inv_ebs = ebs.reciprocal()
         self.momentum_bufs = ([(torch.zeros_like(w), torch.zeros_like(b)) for w, b in self.params]
@@ -378,7 +391,11 @@ class BatchedTrainer:
         """Each model's Poisson batch: i in T_k included with probability q, padded to the largest.
 
         ``reuse``: gather the inputs into the trainer's workspace (valid until the next call)."""
-        torch.rand(self.K, self.n, generator=self.generator, out=self._uniform)
+        if self.groups is None:
+            torch.rand(self.K, self.n, generator=self.generator, out=self._uniform)
+        else:
+            torch.rand(self._group_uniform.shape, generator=self.generator, out=self._group_uniform)
+            torch.index_select(self._group_uniform, 0, self.groups, out=self._uniform)
         draw = torch.lt(self._uniform, self.spec.sample_rate, out=self._draw).logical_and_(self.masks)
         counts = draw.sum(dim=1)
         width = max(1, int(counts.max()))
@@ -415,8 +432,12 @@ class BatchedTrainer:
                 d.mul_(scale)
         if dp is not None:
             noise_views = self._noise_views[self.noise.take()]
+        wd = spec.weight_decay
         for j, ((weight, bias), a, d) in enumerate(zip(self.params, acts[:-1], deltas)):
             if self.momentum_bufs is None:
+                if wd:  # torch.optim.SGD: the step uses grad + wd * (pre-step weights)
+                    weight.mul_(1 - spec.lr * wd)
+                    bias.mul_(1 - spec.lr * wd)
                 weight.baddbmm_(d.transpose(1, 2), a, alpha=-spec.lr)
                 bias.add_(d.sum(dim=1), alpha=-spec.lr)
                 if dp is not None:
@@ -427,6 +448,9 @@ class BatchedTrainer:
                 buf_w, buf_b = self.momentum_bufs[j]
                 buf_w.mul_(spec.momentum).baddbmm_(d.transpose(1, 2), a)
                 buf_b.mul_(spec.momentum).add_(d.sum(dim=1))
+                if wd:
+                    buf_w.add_(weight, alpha=wd)
+                    buf_b.add_(bias, alpha=wd)
                 if dp is not None:
                     noise_w, noise_b = noise_views[j]
                     buf_w.addcmul_(noise_w, self._noise_std.view(-1, 1, 1))
@@ -458,7 +482,8 @@ class BatchedTrainer:
 def train_batched(spec: TrainSpec, req: TrainRequest,
                   progress: Callable[[int], None] | None = None) -> dict[str, Outputs]:
     """Train the K models of ``req.masks`` for ``spec.steps`` steps; predict on ``req.evals``."""
-    trainer = BatchedTrainer(spec, req.x_train, req.y_train, req.masks, seed=req.seed, noise_seed=req.noise_seed)
+    trainer = BatchedTrainer(spec, req.x_train, req.y_train, req.masks, seed=req.seed, noise_seed=req.noise_seed,
+                             groups=req.groups)
     try:
         trainer.train(spec.steps, progress)
         return trainer.evaluate(req.evals)

@@ -14,6 +14,8 @@ the CNN uses torch's default initialisation under a seed derived from ``(seed, k
 """
 from __future__ import annotations
 
+import copy
+
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -83,7 +85,7 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
         # (torch.optim.SGD skips parameters without a gradient, momentum included)
         p.grad = torch.zeros_like(p)
     if spec.dp is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
         for s, (xb, yb) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
             optimizer.zero_grad(set_to_none=False)
             if len(xb):
@@ -95,7 +97,7 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=spec.lr, momentum=spec.momentum),
+        torch.optim.SGD(gsm.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay),
         noise_multiplier=spec.dp.noise_multiplier,
         max_grad_norm=spec.dp.max_grad_norm,
         expected_batch_size=expected_batch_size,
@@ -169,14 +171,22 @@ def train_opacus(spec: TrainSpec, req: TrainRequest,
     y_all = torch.as_tensor(np.asarray(req.y_train, dtype=np.int64))
     if len(x_all) != masks.shape[1] or len(y_all) != masks.shape[1]:
         raise ValueError(f"masks cover {masks.shape[1]} examples, x_train has {len(x_all)}, y_train {len(y_all)}")
-    models = initial_models(spec, K, req.seed)
+    # Models of one group (leave-one-out pairs) start from the same weights and seed their Poisson
+    # coins alike; DPDataLoader draws over each model's own subset, so the pairing of batches is
+    # close but not coin-for-coin as in the batched engine.
+    groups = (np.arange(K) if req.groups is None
+              else np.unique(np.asarray(req.groups), return_inverse=True)[1].reshape(-1))
+    if groups.shape != (K,):
+        raise ValueError(f"groups must have shape ({K},), got {groups.shape}")
+    group_models = initial_models(spec, int(groups.max()) + 1, req.seed)
+    models = [group_models[g] if req.groups is None else copy.deepcopy(group_models[g]) for g in groups]
     results = {name: (np.empty((K, len(y)), dtype=bool), np.empty((K, len(y)), dtype=np.float16))
                for name, (_, y) in req.evals.items()}
     for k in range(K):
         subset = torch.from_numpy(np.flatnonzero(masks[k]))
         report = None if progress is None else (lambda s, base=k * spec.steps: progress(base + s))
         model = train_one(spec, models[k], x_all[subset], y_all[subset],
-                          batch_seed=_child_seed(req.seed, k), noise_seed=_child_seed(req.noise_seed, k),
+                          batch_seed=_child_seed(req.seed, int(groups[k])), noise_seed=_child_seed(req.noise_seed, k),
                           progress=report)
         for name, (x, y) in req.evals.items():
             results[name][0][k], results[name][1][k] = predict(model, x, y, rows=eval_rows(spec))
