@@ -107,6 +107,7 @@ def cmd_check(args) -> int:
         from bench.store import atomic_write_json
         atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
     verdict = {"consistent": not failures, "failures": failures, "alpha": result.summary["run"]["alpha"],
+               "canaries": result.summary["run"]["canaries"],
                "variants": {n: a.to_dict() for n, a in result.audits.items()},
                "test_accuracy": {n: v["test_accuracy"] for n, v in result.summary["variants"].items()}}
     if args.json:
@@ -128,8 +129,11 @@ def _print_audit(result, failures: list[str]) -> None:
                      "verdict": "no claim" if a.epsilon_claimed is None else ("ok" if a.consistent else "VIOLATION"),
                      "test_acc": result.summary["variants"][name]["test_accuracy"]})
     print(markdown(pd.DataFrame(rows)))
+    canaries = result.summary["run"]["canaries"]
     print("eps_lb: empirical epsilon lower bound (family-wise confidence shown); refutable_up_to: the largest "
           "claimed epsilon these model counts could have refuted.")
+    print(f"audited {result.summary['run']['n_train']} training examples, {canaries} of them canaries "
+          f"(mislabeled examples inserted to raise the audit's power).")
     if failures:
         print("FAIL")
         for f in failures:
@@ -216,12 +220,11 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     points = sweep.run_sweep(out, base, widths=_int_list(args.widths), n_trains=_int_list(args.n_trains),
                              progress=not args.quiet)
-    corr = sweep.correlation(points)
-    report.write_sweep(points, corr, out)
+    corr = sweep.correlations(points)
+    report.write_sweep(points, corr, Path(args.report_out) if args.report_out else out)
     print(report.markdown(points[["config", "variant", "n_train", "test_accuracy", "mean_mem"]]))
-    print(f"Pearson(mean_mem, test_accuracy) = {corr['pearson']:.3f} "
-          f"[{corr['pearson_lo']:.3f}, {corr['pearson_hi']:.3f}] over {corr['points']} points; "
-          f"Spearman {corr['spearman']:.3f} [{corr['spearman_lo']:.3f}, {corr['spearman_hi']:.3f}]")
+    print("Correlation of mean memorization with test accuracy:")
+    print(report.markdown(corr[report.CORRELATION_COLUMNS]))
     return EXIT_OK
 
 
@@ -238,7 +241,8 @@ def _add_studies(sub) -> None:
     lo.set_defaults(func=cmd_loo)
     sw = sub.add_parser("sweep", help="memorization versus generalization across configurations")
     sw.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
-    sw.add_argument("--out", required=True, help="sweep directory")
+    sw.add_argument("--out", required=True, help="sweep directory (one run per configuration under OUT/runs)")
+    sw.add_argument("--report-out", help="write tables and figures here instead of OUT")
     sw.add_argument("--widths", default="16,64,256", help="hidden widths")
     sw.add_argument("--n-trains", default="150,300,600", help="target training-set sizes")
     sw.add_argument("--quiet", action="store_true")

@@ -213,20 +213,33 @@ def write_loo(loo_table: pd.DataFrame, errors: pd.DataFrame, est_at_default: pd.
     _save(fig, out / "figures", "estimator_error")
 
 
-def write_sweep(points: pd.DataFrame, corr: dict, out: Path) -> None:
+CORRELATION_COLUMNS = ["scope", "points", "pearson", "pearson_lo", "pearson_hi", "spearman", "spearman_lo",
+                       "spearman_hi"]
+
+
+def write_sweep(points: pd.DataFrame, corr: pd.DataFrame, out: Path) -> None:
     out = Path(out)
     write_frame(points, out / "mem_vs_gen")
-    atomic_write_json(out / "mem_vs_gen_correlation.json", corr)
+    write_frame(corr, out / "mem_vs_gen_correlation")
     cols = ["config", "variant", "n_train", "width", "test_accuracy", "train_accuracy", "gen_gap", "mean_mem"]
-    atomic_write_bytes(out / "tables" / "mem_vs_gen.md", markdown(points[cols]).encode())
-    atomic_write_bytes(out / "tables" / "mem_vs_gen.tex",
-                       latex(points[cols], "Memorization versus generalization across configurations.").encode())
+    for stem, df, caption in (("mem_vs_gen", points[cols], "Memorization versus generalization across configurations."),
+                              ("mem_vs_gen_correlation", corr[CORRELATION_COLUMNS],
+                               "Correlation of mean memorization with test accuracy (95% bootstrap intervals).")):
+        atomic_write_bytes(out / "tables" / f"{stem}.md", markdown(df).encode())
+        atomic_write_bytes(out / "tables" / f"{stem}.tex", latex(df, caption).encode())
     sns.set_theme(style="whitegrid", context="paper")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    sns.scatterplot(data=points, x="mean_mem", y="test_accuracy", hue="variant", style="config", ax=ax, s=50)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    variants = list(dict.fromkeys(points["variant"]))
+    palette = dict(zip(variants, sns.color_palette("viridis_r", len(variants))))
+    for variant in variants:
+        rows = points.loc[points["variant"] == variant]
+        r = corr.loc[corr["scope"] == variant].iloc[0]
+        ax.scatter(rows["mean_mem"], rows["test_accuracy"], s=18 + rows["n_train"] / 10, color=palette[variant],
+                   label=f"{variant}: r = {r['pearson']:.2f} [{r['pearson_lo']:.2f}, {r['pearson_hi']:.2f}]")
+    pooled = corr.iloc[0]
     ax.set(xlabel="mean memorization of training examples", ylabel="test accuracy",
-           title=f"Pearson r = {corr['pearson']:.2f} [{corr['pearson_lo']:.2f}, {corr['pearson_hi']:.2f}], "
-                 f"{corr['points']} points")
-    ax.legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
+           title=f"All {int(pooled['points'])} points: r = {pooled['pearson']:.2f} "
+                 f"[{pooled['pearson_lo']:.2f}, {pooled['pearson_hi']:.2f}] (marker size: training-set size)")
+    ax.legend(fontsize=7, title="Pearson r within variant", title_fontsize=7)
     fig.tight_layout()
     _save(fig, out / "figures", "mem_vs_gen")

@@ -54,3 +54,15 @@ def correlation(points: pd.DataFrame, x: str = "mean_mem", y: str = "test_accura
         else:
             out[f"{name}_lo"] = out[f"{name}_hi"] = float("nan")
     return out
+
+
+def correlations(points: pd.DataFrame) -> pd.DataFrame:
+    """Pooled over every point, then within each variant (fixed epsilon: only width and n_train vary).
+
+    Pooling mixes two effects of opposite sign — more data lowers memorization and raises accuracy, while
+    stronger DP lowers both — so the within-variant rows are the ones that isolate the critique's question.
+    """
+    rows = [{"scope": "all points", **correlation(points)}]
+    for variant, group in points.groupby("variant", sort=False):
+        rows.append({"scope": variant, **correlation(group)})
+    return pd.DataFrame(rows)
