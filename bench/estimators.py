@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from privacy.audit import per_example_counts
+
 
 @dataclass(frozen=True, kw_only=True)
 class Memorization:
@@ -49,13 +51,7 @@ def _ratio(k: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def memorization(masks: np.ndarray, correct: np.ndarray) -> Memorization:
     """mem(i) = mean over in-models of correct[k, i] minus the mean over out-models."""
-    masks = np.asarray(masks, bool)
-    correct = np.asarray(correct, bool)
-    if masks.shape != correct.shape:
-        raise ValueError(f"masks {masks.shape} and correct {correct.shape} differ in shape")
-    n_in = masks.sum(0)
-    k_in = (masks & correct).sum(0)
-    return Memorization(k_in=k_in, n_in=n_in, k_out=correct.sum(0) - k_in, n_out=masks.shape[0] - n_in)
+    return Memorization(**per_example_counts(np.asarray(masks, bool), np.asarray(correct, bool)))
 
 
 def influence_blocks(masks: np.ndarray, correct_test: np.ndarray, *, block: int = 1024):

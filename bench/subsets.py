@@ -17,9 +17,6 @@ import numpy as np
 from bench.config import SAMPLINGS
 from bench.errors import ConfigError
 
-# the neighbouring relation between an "in" and an "out" training set under each scheme
-ADJACENCY = {"bernoulli": "add_remove", "balanced": "add_remove", "fixed": "replace_one"}
-
 _MASK_STREAM = 101   # distinct from the data's streams (bench/data.py) under the same seed
 
 
@@ -61,9 +58,3 @@ def _exact_row_sums(rng: np.random.Generator, rows: int, cols: int, ones: int) -
 def subset_sizes(masks: np.ndarray) -> np.ndarray:
     """int64 [K]: |T_k| for every model."""
     return masks.sum(axis=1, dtype=np.int64)
-
-
-def in_out_counts(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [n] each: how many models trained with (n_in) and without (n_out) each example."""
-    n_in = masks.sum(axis=0, dtype=np.int64)
-    return n_in, masks.shape[0] - n_in
