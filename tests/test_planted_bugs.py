@@ -1,25 +1,19 @@
 """The audit must catch broken DP-SGD and must not cry wolf on correct DP-SGD.
 
-Small synthetic problem with mislabeled canaries (strong memorization signals), 512 models per variant,
-claimed (1, 1e-4)-DP. Each planted bug is a real implementation mistake: no noise, no clipping, and a sample
-rate reported to the accountant 10x lower than the one used.
+The configuration is bench.planted.PLANTED_BASE: a small synthetic problem with mislabeled canaries,
+512 models per variant, claimed (1, 1e-4)-DP. Each planted bug is a real implementation mistake: no noise,
+no clipping, and a sample rate reported to the accountant 10x lower than the one used.
 """
 import numpy as np
 import pytest
 
-from bench import analysis, cli, config, pipeline
-from bench.store import RunStore
-
-BASE = ["dataset=synthetic", "n_train=100", "n_test=200", "n_subgroups=20", "dim=32", "canaries=10",
-        "models=512", "chunk_size=512", "q=0.5", "epochs=30", "batch_size=25", "lr=0.5", "hidden=32",
-        "epsilons=1", "delta=1e-4"]
+from bench import cli
+from bench.planted import audit_once
 
 
 def _audit(tmp_path, fault: str, seed: int):
-    cfg = config.load(None, BASE + [f"fault={fault}", f"seed={seed}"])
-    store = RunStore.create_or_resume(tmp_path / f"{fault}-{seed}", cfg)
-    pipeline.run(store, cfg, progress=False)
-    return store, analysis.analyse(store, with_pairs=False).audits["dp-eps1"]
+    store, audit, _ = audit_once(tmp_path, fault, seed)
+    return store, audit
 
 
 @pytest.mark.slow
