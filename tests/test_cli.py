@@ -153,3 +153,40 @@ def test_console_script_exit_code(small_run):
     r = subprocess.run([sys.executable, "-m", "bench.cli", "check", str(small_run) + "-missing"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_loo_command_end_to_end(small_run, tmp_path):
+    out = tmp_path / "loo"
+    assert run("loo", str(small_run), "--examples", "4", "--repeats", "3", "--ks", "8,24", "--qs", "0.5,0.7",
+               "--out", str(out), "--quiet") == 0
+    loo_table = pd.read_csv(out / "loo.csv")
+    assert len(loo_table) == 4 and (loo_table.repeats == 3).all()
+    assert loo_table.mem_loo.between(-1, 1).all()
+    err = pd.read_csv(out / "estimator_error.csv")
+    assert sorted(set(zip(err.q, err.K))) == [(0.5, 8), (0.5, 24), (0.7, 8), (0.7, 24)]
+    assert (out / "figures" / "estimator_error.png").is_file() and (out / "tables" / "estimator_error.tex").is_file()
+    # the study is stored in the run and resumes: a second call trains nothing new and agrees
+    assert run("loo", str(small_run), "--examples", "4", "--repeats", "3", "--ks", "8,24", "--qs", "0.5,0.7",
+               "--out", str(out), "--quiet") == 0
+    pd.testing.assert_frame_equal(loo_table, pd.read_csv(out / "loo.csv"))
+
+
+@pytest.mark.parametrize("extra, needle", [(["--variant", "nosuch"], "nosuch"), (["--qs", "1.5"], "--qs"),
+                                           (["--ks", "a,b"], "integers"), (["--repeats", "1"], "--repeats")])
+def test_loo_bad_arguments(small_run, tmp_path, capsys, extra, needle):
+    assert run("loo", str(small_run), "--out", str(tmp_path / "x"), "--quiet", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_sweep_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert run("sweep", "--out", str(out), "--widths", "8,32", "--n-trains", "60,120", "--quiet",
+               *[a for a in SMALL if not a.startswith(("n_train", "hidden"))]) == 0
+    points = pd.read_csv(out / "mem_vs_gen.csv")
+    assert len(points) == 2 * 2 * 3                        # widths x sizes x variants
+    assert set(points.width) == {8, 32} and set(points.n_train_target) == {60, 120}
+    corr = pd.read_csv(out / "mem_vs_gen_correlation.csv")
+    assert corr.scope.tolist() == ["all points", "nonprivate", "dp-eps2", "dp-eps8"]
+    assert corr.pearson.between(-1, 1).all()
+    assert (out / "figures" / "mem_vs_gen.pdf").is_file()
