@@ -87,7 +87,8 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     for ext in ("png", "pdf"):
         p = out / f"{stem}.{ext}"
         tmp = out / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        # no creation date in the PDF: the same arrays give byte-identical figures
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else None)
         tmp.replace(p)
         paths.append(p)
     plt.close(fig)
@@ -102,9 +103,10 @@ def figure_memorization_hist(analysis: Analysis):
         vals = mem.loc[mem["variant"] == name, "mem"].dropna()
         sns.histplot(vals, bins=np.linspace(-0.25, 1, 26), ax=ax, color="C0" if name == "nonprivate" else "C1")
         ax.axvline(vals.mean(), color="k", lw=1, ls="--")
-        ax.set_title(f"{name}\nmean {vals.mean():.3f}")
-        ax.set_xlabel("memorization estimate")
-    fig.suptitle("Per-example memorization (subset-sampling estimate)", y=1.04)
+        ax.set_title(f"{name}: mean {vals.mean():.3f}")
+        ax.set_xlabel("memorization (subset-sampling estimate)")
+    axes[0][0].set_ylabel("training examples")
+    fig.tight_layout()
     return fig
 
 
