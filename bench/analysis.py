@@ -21,15 +21,6 @@ class Analysis:
     summary: dict = field(default_factory=dict)
 
 
-def variant_audit(store: RunStore, name: str, *, epsilon: float | None, alpha: float | None = None):
-    cfg = store.config()
-    plan = store.plan(name) or {}
-    arrays = store.variant_arrays(name)
-    delta = plan.get("delta") if plan.get("delta") is not None else cfg.delta
-    return audit_variant(variant=name, masks=store.masks(), correct=arrays["train_correct"], epsilon=epsilon,
-                         delta=delta, alpha=cfg.alpha if alpha is None else alpha, sampling=cfg.sampling)
-
-
 def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: float | None = None,
             with_pairs: bool = True) -> Analysis:
     """Estimators, DP-bound audit and subgroup tables for every finished variant of a run.
@@ -50,7 +41,10 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         arrays = store.variant_arrays(name)
         plan = store.plan(name) or {}
         claimed = claims.get(name, target)
-        audit, per_example = variant_audit(store, name, epsilon=claimed, alpha=alpha)
+        delta = plan.get("delta") if plan.get("delta") is not None else cfg.delta
+        audit, per_example = audit_variant(variant=name, masks=masks, correct=arrays["train_correct"],
+                                           epsilon=claimed, delta=delta,
+                                           alpha=cfg.alpha if alpha is None else alpha, sampling=cfg.sampling)
         audits[name] = audit
         mem = estimators.memorization(masks, arrays["train_correct"])
         frame = mem.frame()

@@ -54,15 +54,19 @@ def _spec(d, hidden, classes, dp):
                      sample_rate=0.1, lr=LR, dp=dp)
 
 
-def plain_sgd_step(d, hidden, classes, x, y):
-    model = build_model(_spec(d, hidden, classes, None))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-
+def _step(model, optimizer, x, y):
+    """One optimizer step on the fixed batch (x, y), as a closure for timing."""
     def step():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     return step
+
+
+def plain_sgd_step(d, hidden, classes, x, y):
+    model = build_model(_spec(d, hidden, classes, None))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    return _step(model, optimizer, x, y)
 
 
 def opacus_hooks_step(d, hidden, classes, x, y):
@@ -71,12 +75,7 @@ def opacus_hooks_step(d, hidden, classes, x, y):
     model = GradSampleModule(build_model(_spec(d, hidden, classes, None)))
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=NOISE,
                             max_grad_norm=CLIP, expected_batch_size=len(x))
-
-    def step():
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return step
+    return _step(model, optimizer, x, y)
 
 
 def opacus_ghost_step(d, hidden, classes, x, y):
