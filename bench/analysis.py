@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bench import estimators, subgroups
-from bench.store import RunStore
-from privacy.audit import AuditResult, audit_variant
+from dpmem.bench import estimators, subgroups
+from dpmem.bench.store import RunStore
+from dpmem.privacy.audit import AuditResult, audit_variant
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config as config_mod
-from bench.errors import UsageError
+from dpmem.bench import config as config_mod
+from dpmem.bench.errors import UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -29,8 +29,8 @@ def default_out(cfg: config_mod.Config) -> Path:
 
 
 def cmd_run(args) -> int:
-    from bench import analysis, pipeline, report
-    from bench.store import RunStore
+    from dpmem.bench import analysis, pipeline, report
+    from dpmem.bench.store import RunStore
     path, overrides = _split_run_args(args.args)
     cfg = config_mod.load(path, overrides)
     out = Path(args.out) if args.out else default_out(cfg)
@@ -53,13 +53,13 @@ def cmd_run(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from bench.report import markdown, summary_frame
+    from dpmem.bench.report import markdown, summary_frame
     print(markdown(summary_frame(summary)))
 
 
 def cmd_report(args) -> int:
-    from bench import analysis, report
-    from bench.store import RunStore
+    from dpmem.bench import analysis, report
+    from dpmem.bench.store import RunStore
     store = RunStore.open(args.run_dir)
     result = analysis.analyse(store)
     out = Path(args.out) if args.out else store.root
@@ -84,9 +84,9 @@ def _parse_claims(items: list[str]) -> dict[str, float]:
 
 
 def cmd_check(args) -> int:
-    from bench import analysis
-    from bench.store import RunStore
-    from privacy import baseline as baseline_mod
+    from dpmem.bench import analysis
+    from dpmem.bench.store import RunStore
+    from dpmem.privacy import baseline as baseline_mod
     store = RunStore.open(args.run_dir)
     cfg = store.config()
     claims = _parse_claims(args.claim)
@@ -104,7 +104,7 @@ def cmd_check(args) -> int:
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
     if args.write_baseline:
-        from bench.store import atomic_write_json
+        from dpmem.bench.store import atomic_write_json
         atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
     verdict = {"consistent": not failures, "failures": failures, "alpha": result.summary["run"]["alpha"],
                "canaries": result.summary["run"]["canaries"],
@@ -119,7 +119,7 @@ def cmd_check(args) -> int:
 
 def _print_audit(result, failures: list[str]) -> None:
     import pandas as pd
-    from bench.report import markdown
+    from dpmem.bench.report import markdown
     rows = []
     for name, a in result.audits.items():
         rows.append({"variant": name, "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
@@ -186,8 +186,8 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_loo(args) -> int:
     import numpy as np
-    from bench import estimators, loo, report
-    from bench.store import RunStore
+    from dpmem.bench import estimators, loo, report
+    from dpmem.bench.store import RunStore
     store = RunStore.open(args.run_dir)
     cfg = store.config()
     ks, qs = _int_list(args.ks), _float_list(args.qs)
@@ -214,7 +214,7 @@ def cmd_loo(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from bench import report, sweep
+    from dpmem.bench import report, sweep
     path, overrides = _split_run_args(args.args)
     base = config_mod.load(path, overrides)
     out = Path(args.out)

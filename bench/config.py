@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.errors import ConfigError, UsageError
+from dpmem.bench.errors import ConfigError, UsageError
 
 DATASETS = ("digits", "mnist5k", "synthetic", "mnist", "fashionmnist", "cifar10", "cifar100")
 MODELS = ("logreg", "mlp", "cnn")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from privacy.audit import per_example_counts
+from dpmem.privacy.audit import per_example_counts
 
 
 @dataclass(frozen=True, kw_only=True)

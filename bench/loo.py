@@ -15,13 +15,13 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from bench import estimators, pipeline
-from bench.config import Config
-from bench.data import load_dataset
-from bench.errors import UsageError
-from bench.store import RunStore, atomic_write_json, chunks_of, read_json
-from models import train_models
-from models.spec import TrainRequest
+from dpmem.bench import estimators, pipeline
+from dpmem.bench.config import Config
+from dpmem.bench.data import load_dataset
+from dpmem.bench.errors import UsageError
+from dpmem.bench.store import RunStore, atomic_write_json, chunks_of, read_json
+from dpmem.models import train_models
+from dpmem.models.spec import TrainRequest
 
 
 def choose_examples(mem: np.ndarray, *, count: int, seed: int) -> np.ndarray:

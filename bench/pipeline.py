@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from bench.config import Config
-from bench.data import Dataset, load_dataset
-from bench.store import Chunk, RunStore, chunks_of
-from bench.subsets import make_masks
-from models import train_models
-from models.spec import DPParams, TrainRequest, TrainSpec
-from privacy import accounting
+from dpmem.bench.config import Config
+from dpmem.bench.data import Dataset, load_dataset
+from dpmem.bench.store import Chunk, RunStore, chunks_of
+from dpmem.bench.subsets import make_masks
+from dpmem.models import train_models
+from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
+from dpmem.privacy import accounting
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """How often the audit catches planted DP-SGD bugs, and how often it alarms on correct DP-SGD.
 
-`python -m bench.planted --seeds 10` trains the small audit configuration below once per seed and fault
+`python -m dpmem.bench.planted --seeds 10` trains the small audit configuration below once per seed and fault
 (512 models per variant, claimed (1, 1e-4)-DP) and writes results/planted_bugs.{csv,md}.
 The same configuration backs tests/test_planted_bugs.py.
 """
@@ -14,9 +14,9 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from bench import analysis, config, pipeline
-from bench.report import markdown
-from bench.store import RunStore, atomic_write_bytes
+from dpmem.bench import analysis, config, pipeline
+from dpmem.bench.report import markdown
+from dpmem.bench.store import RunStore, atomic_write_bytes
 
 # Synthetic mixture with 10 mislabeled canaries (strong memorization signals), so that 512 models can
 # refute epsilon = 1 (power_eps is about 3.5) when the implementation is broken.

@@ -1,4 +1,4 @@
-"""Training-speed benchmark (a script, not a test): ``python -m bench.speed [--threads 2] [--out results]``.
+"""Training-speed benchmark (a script, not a test): ``python -m dpmem.bench.speed [--threads 2] [--out results]``.
 
 Measures, in one process with a fixed number of torch threads, the median wall time of one
 optimisation step per model for
@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from models.batched import BatchedTrainer, PoissonBatch
-from models.nets import build_model
-from models.spec import DPParams, TrainSpec
+from dpmem.models.batched import BatchedTrainer, PoissonBatch
+from dpmem.models.nets import build_model
+from dpmem.models.spec import DPParams, TrainSpec
 
 ARCHS = {"784-256-10": (784, (256,), 10), "64-128-10": (64, (128,), 10)}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
@@ -174,7 +174,7 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpmem.bench.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
     parser.add_argument("--models", type=int, default=64, help="K models per engine step (default 64)")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import config as config_mod
-from bench.config import Config
-from bench.errors import UsageError
+from dpmem.bench import config as config_mod
+from dpmem.bench.config import Config
+from dpmem.bench.errors import UsageError
 
 ARRAYS = ("correct", "margin")
 SPLITS = ("train", "test")

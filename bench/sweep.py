@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench import analysis, pipeline
-from bench.config import Config
-from bench.store import RunStore
+from dpmem.bench import analysis, pipeline
+from dpmem.bench.config import Config
+from dpmem.bench.store import RunStore
 
 
 def sweep_configs(base: Config, *, widths: list[int], n_trains: list[int]) -> list[tuple[str, Config]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from models.spec import ARCHITECTURES, DPParams, Outputs, TrainRequest, TrainSpec
+from dpmem.models.spec import ARCHITECTURES, DPParams, Outputs, TrainRequest, TrainSpec
 
 # Architectures the batched many-model engine trains; the others go through Opacus one by one.
 BATCHED_ARCHS = ("logreg", "mlp")
@@ -35,7 +35,7 @@ def train_models(spec: TrainSpec, req: TrainRequest, *, engine: str = "auto",
     (between 0 and K * spec.steps; K models advancing one step each count K)."""
     chosen = resolve_engine(spec.arch, engine)
     if chosen == "batched":
-        from models.batched import train_batched
+        from dpmem.models.batched import train_batched
         return train_batched(spec, req, progress=progress)
-    from models.opacus_trainer import train_opacus
+    from dpmem.models.opacus_trainer import train_opacus
     return train_opacus(spec, req, progress=progress)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.nets import build_model, flat_dim, layer_widths
-from models.spec import Outputs, TrainRequest, TrainSpec
+from dpmem.models.nets import build_model, flat_dim, layer_widths
+from dpmem.models.spec import Outputs, TrainRequest, TrainSpec
 
 # One layer's parameters for K models, in nn.Linear's layout: weight [K, out, in], bias [K, out].
 # (Keeping [out, in] lets every batched product put its narrow dimension first, which is what

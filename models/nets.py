@@ -11,7 +11,7 @@ import math
 
 from torch import nn
 
-from models.spec import ARCHITECTURES, TrainSpec
+from dpmem.models.spec import ARCHITECTURES, TrainSpec
 
 # The CNN halves the spatial size after a block only while it stays at least this large, so
 # 8x8 digits keep a 2x2 map after two blocks and 28x28 / 32x32 images shrink to 7x7 / 8x8.

@@ -28,9 +28,9 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from models.batched import PROGRESS_EVERY, expected_batch_sizes, export_params, init_params
-from models.nets import build_model
-from models.spec import Outputs, TrainRequest, TrainSpec
+from dpmem.models.batched import PROGRESS_EVERY, expected_batch_sizes, export_params, init_params
+from dpmem.models.nets import build_model
+from dpmem.models.spec import Outputs, TrainRequest, TrainSpec
 
 # Evaluation forward passes keep the largest activation at about this many floats (64 MiB).
 EVAL_BLOCK_FLOATS = 1 << 24

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from privacy import bounds
+from dpmem.privacy import bounds
 
 SAMPLINGS = ("bernoulli", "fixed", "balanced")
 

@@ -16,7 +16,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from privacy.accounting import (Calibration, accountant_name, calibrate, calibrate_noise,
+from dpmem.privacy.accounting import (Calibration, accountant_name, calibrate, calibrate_noise,
                                 epsilon_of)
 
 # dp_accounting logs a warning for every RDP order its fractional-order series fails on

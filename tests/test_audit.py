@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from bench.errors import UsageError
-from privacy import bounds
-from privacy.audit import AuditResult, audit_variant, per_example_counts
-from privacy.baseline import compare_to_baseline, load_baseline, make_baseline, validate_baseline
+from dpmem.bench.errors import UsageError
+from dpmem.privacy import bounds
+from dpmem.privacy.audit import AuditResult, audit_variant, per_example_counts
+from dpmem.privacy.baseline import compare_to_baseline, load_baseline, make_baseline, validate_baseline
 
 
 def simulate(rng, K, p_in, p_out, q=0.7):

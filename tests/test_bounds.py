@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.bounds import (audit_power, cp_lower, cp_upper, dp_bound, eps_lb_from_bounds,
+from dpmem.privacy.bounds import (audit_power, cp_lower, cp_upper, dp_bound, eps_lb_from_bounds,
                             eps_lower_bounds, per_test_level, replace_one, replace_one_eps_lb,
                             violations)
 

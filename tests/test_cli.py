@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import models
-from bench import cli
-from bench.store import RunStore
+from dpmem import models
+from dpmem.bench import cli
+from dpmem.bench.store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=120", "n_test=300", "n_subgroups=30", "dim=16", "models=24",
          "chunk_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
@@ -64,11 +64,11 @@ def test_interrupted_run_resumes_to_identical_arrays(small_run, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("bench.pipeline.train_models", flaky)
+    monkeypatch.setattr("dpmem.bench.pipeline.train_models", flaky)
     assert run("run", "--out", str(out), "--quiet", *SMALL) == 130
     store = RunStore.open(out)
     assert store.variant_complete("nonprivate") and not store.variant_complete("dp-eps2")
-    monkeypatch.setattr("bench.pipeline.train_models", real)
+    monkeypatch.setattr("dpmem.bench.pipeline.train_models", real)
     assert run("run", "--out", str(out), "--quiet", *SMALL) == 0
     ref = RunStore.open(small_run)
     for name in ("nonprivate", "dp-eps2", "dp-eps8"):
@@ -150,7 +150,7 @@ def test_resuming_with_another_config_is_refused(small_run, capsys):
 
 
 def test_console_script_exit_code(small_run):
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "check", str(small_run) + "-missing"],
+    r = subprocess.run([sys.executable, "-m", "dpmem.bench.cli", "check", str(small_run) + "-missing"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 

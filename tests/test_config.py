@@ -1,8 +1,8 @@
 import pytest
 
-from bench import config as config_mod
-from bench.config import Config
-from bench.errors import ConfigError, UsageError
+from dpmem.bench import config as config_mod
+from dpmem.bench.config import Config
+from dpmem.bench.errors import ConfigError, UsageError
 
 
 def test_defaults_are_the_documented_benchmark():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.config import Config
-from bench.data import (CIFAR100_COARSE, check_compatible, load_dataset, nearest_own_class_centroid,
+from dpmem.bench.config import Config
+from dpmem.bench.data import (CIFAR100_COARSE, check_compatible, load_dataset, nearest_own_class_centroid,
                         zipf_counts, zipf_counts_at)
-from bench.errors import ConfigError, UsageError
+from dpmem.bench.errors import ConfigError, UsageError
 
 
 @lru_cache(maxsize=None)

@@ -12,12 +12,12 @@ from scipy import stats
 from sklearn.datasets import load_digits
 from torch import nn
 
-import models
-import models.batched as batched
-import models.opacus_trainer as opacus_trainer
-from models import BATCHED_ARCHS, train_models
-from models.nets import build_model
-from models.spec import DPParams, Outputs, TrainRequest, TrainSpec
+from dpmem import models
+import dpmem.models.batched as batched
+import dpmem.models.opacus_trainer as opacus_trainer
+from dpmem.models import BATCHED_ARCHS, train_models
+from dpmem.models.nets import build_model
+from dpmem.models.spec import DPParams, Outputs, TrainRequest, TrainSpec
 
 FC_CASES = [("logreg", ()), ("mlp", (24,)), ("mlp", (24, 16))]
 FC_IDS = ["logreg", "mlp1", "mlp2"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench import estimators
+from dpmem.bench import estimators
 
 
 def test_memorization_on_a_hand_computed_example():

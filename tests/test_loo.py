@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench import loo
+from dpmem.bench import loo
 
 
 def test_choose_examples_takes_extremes_and_random():

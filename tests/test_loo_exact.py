@@ -10,10 +10,10 @@ import torch
 from scipy import optimize
 from scipy.special import logsumexp
 
-from bench import loo
-from models import train_models
-from models.batched import BatchedTrainer
-from models.spec import TrainRequest, TrainSpec
+from dpmem.bench import loo
+from dpmem.models import train_models
+from dpmem.models.batched import BatchedTrainer
+from dpmem.models.spec import TrainRequest, TrainSpec
 
 WD = 0.05
 
@@ -94,8 +94,8 @@ def test_groups_share_init_and_batches_minus_the_left_out_example():
 
 
 def test_weight_decay_matches_torch_sgd():
-    from models.batched import export_params
-    from models.nets import build_model
+    from dpmem.models.batched import export_params
+    from dpmem.models.nets import build_model
     rng = np.random.default_rng(1)
     x = rng.normal(size=(20, 5)).astype(np.float32)
     y = rng.integers(0, 3, 20)

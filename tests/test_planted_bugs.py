@@ -7,8 +7,8 @@ no clipping, and a sample rate reported to the accountant 10x lower than the one
 import numpy as np
 import pytest
 
-from bench import cli
-from bench.planted import audit_once
+from dpmem.bench import cli
+from dpmem.bench.planted import audit_once
 
 
 def _audit(tmp_path, fault: str, seed: int):

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.config import Config
-from bench.errors import UsageError
-from bench.store import Chunk, RunStore, chunks_of
+from dpmem.bench.config import Config
+from dpmem.bench.errors import UsageError
+from dpmem.bench.store import Chunk, RunStore, chunks_of
 
 
 def _arrays(k, seed):

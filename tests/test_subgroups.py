@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import subgroups
+from dpmem.bench import subgroups
 
 
 def test_frequency_bins_are_powers_of_two():

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from bench.errors import ConfigError
-from bench.subsets import make_masks, subset_sizes
-from privacy.audit import adjacency_of, per_example_counts
+from dpmem.bench.errors import ConfigError
+from dpmem.bench.subsets import make_masks, subset_sizes
+from dpmem.privacy.audit import adjacency_of, per_example_counts
 
 
 def in_out_counts(masks):
