@@ -1,10 +1,150 @@
 """dpmem: what neural networks memorize, and what differential privacy costs.
 
+The public Python API (everything else is private by convention)::
+
+    import dpmem
+
+    run = dpmem.run("bench/configs/ci.toml", out="runs/ci", models=64)   # or a dict, or a Config
+    run.summary["variants"]["dp-eps1"]["eps_lb"]
+    run.memorization          # DataFrame: one row per (variant, training example)
+    run.subgroups             # DataFrame: one row per (variant, subgroup)
+    run.frequency_bins        # DataFrame: one row per (variant, frequency bin)
+    run.audit                 # DataFrame: one row per variant, the DP-bound audit
+
+    again = dpmem.open_run("runs/ci")                       # a finished run, no training
+    mem = dpmem.memorization(masks, correct)                # from your own [K, n] arrays
+    infl = dpmem.influence(masks, correct_test)             # [n, m]
+    verdict, per_example = dpmem.audit(masks, correct, epsilon=1.0, delta=1e-5, alpha=0.05)
+
 The repository's folders install as ``dpmem.bench`` (data, pipeline, store, estimators, reports,
-the command line), ``dpmem.models`` (architectures and training engines) and ``dpmem.privacy``
-(accounting, bounds, audits). This module is the public Python API; everything else is private
-by convention.
+the command line), ``dpmem.models`` (architectures, engines, the trainer protocol) and
+``dpmem.privacy`` (accounting, bounds, audits, planted faults).
 """
 from __future__ import annotations
 
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dpmem.bench.config import Config
+from dpmem.bench.config import load as _load
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 __version__ = "0.2.0"
+__all__ = ["Config", "Run", "audit", "influence", "load_config", "memorization", "open_run", "run"]
+
+
+def load_config(config: str | Path | dict | Config | None = None, **overrides) -> Config:
+    """A validated ``Config`` from a TOML/YAML/JSON file, a dict or a Config, with ``overrides``
+    (the config keys of ``dpmem run``, e.g. ``models=64, epsilons=(1, 4)``) applied on top."""
+    if isinstance(config, Config):
+        return _load(None, overrides, base=config) if overrides else config
+    if isinstance(config, dict):
+        return _load(None, {**config, **overrides})
+    return _load(config, overrides)
+
+
+class Run:
+    """A run directory: its config, summary and tables, read lazily from what is stored."""
+
+    def __init__(self, path: str | Path):
+        from dpmem.bench.store import RunStore
+        self._store = RunStore.open(path)
+        self.path = self._store.root
+
+    def __repr__(self) -> str:
+        return f"dpmem.Run({str(self.path)!r})"
+
+    @cached_property
+    def config(self) -> Config:
+        return self._store.config()
+
+    @cached_property
+    def _analysis(self):
+        from dpmem.bench import analysis
+        return analysis.analyse(self._store, with_pairs=False)
+
+    def _table(self, name: str, fallback: str) -> pd.DataFrame:
+        import pandas as pd
+        stored = self.path / f"{name}.parquet"
+        return pd.read_parquet(stored) if stored.is_file() else getattr(self._analysis, fallback)
+
+    @cached_property
+    def summary(self) -> dict:
+        """summary.json: per variant epsilon, noise, engine, accuracy, memorization, audit; the run's provenance."""
+        from dpmem.bench.store import read_json
+        stored = self.path / "summary.json"
+        return read_json(stored) if stored.is_file() else self._analysis.summary
+
+    @cached_property
+    def memorization(self) -> pd.DataFrame:
+        """One row per (variant, training example): p_in, p_out, n_in, n_out, mem, mem_se, bound, eps_lb, ..."""
+        return self._table("memorization", "memorization")
+
+    @cached_property
+    def subgroups(self) -> pd.DataFrame:
+        """One row per (variant, subgroup): train/test counts, test accuracy with its interval, acc_loss, mean_mem."""
+        return self._table("subgroups", "subgroups")
+
+    @cached_property
+    def frequency_bins(self) -> pd.DataFrame:
+        """One row per (variant, training-frequency bin 1, 2-3, 4-7, ...)."""
+        return self._table("frequency_bins", "bins")
+
+    @cached_property
+    def audit(self) -> pd.DataFrame:
+        """One row per variant: the claim tested, violations, eps_lb, power_eps, consistent."""
+        import pandas as pd
+        return pd.DataFrame([a.to_dict() for a in self._analysis.audits.values()])
+
+
+def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **overrides) -> Run:
+    """Train (or resume) a benchmark into ``out``, write its tables and figures, and open it.
+
+    ``config``: a config file, a dict of config keys or a ``Config`` (None: the defaults);
+    ``overrides``: config keys on top. A bad value raises ``dpmem.bench.errors.ConfigError``
+    naming the field before anything is written, as ``dpmem run`` does."""
+    from dpmem.bench import analysis, pipeline, report
+    from dpmem.bench.store import RunStore
+    cfg = load_config(config, **overrides)
+    ds = pipeline.check_inputs(cfg)
+    store = RunStore.create_or_resume(out, cfg)
+    pipeline.run(store, cfg, progress=False, ds=ds)
+    report.write_all(analysis.analyse(store), store.root)
+    return Run(store.root)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run directory written by ``dpmem run`` or ``dpmem.run`` (finished variants only)."""
+    return Run(path)
+
+
+def memorization(masks: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
+    """Feldman & Zhang's subset-sampling memorization from bool ``masks`` [K, n] (model k trained on
+    example i) and ``correct`` [K, n]: one row per example with p_in, p_out, n_in, n_out, mem and
+    its standard error mem_se."""
+    from dpmem.bench import estimators
+    return estimators.memorization(masks, correct).frame()
+
+
+def influence(masks: np.ndarray, correct_test: np.ndarray) -> np.ndarray:
+    """infl[i, j] = P(test example j correct | i trained on) - P(... | i not), float [n, m], from
+    ``masks`` [K, n] and ``correct_test`` [K, m]."""
+    from dpmem.bench import estimators
+    return estimators.influence(masks, correct_test)
+
+
+def audit(masks: np.ndarray, correct: np.ndarray, *, epsilon: float | None, delta: float | None,
+          alpha: float = 0.05, sampling: str = "bernoulli"):
+    """Test per-example in/out correctness against an (epsilon, delta)-DP claim.
+
+    Returns ``(verdict, per_example)``: the ``AuditResult`` (violations, eps_lb, power_eps,
+    consistent, ...) and a DataFrame with L_in, U_out, bound, violation and eps_lb per example.
+    ``sampling`` is how the masks were drawn ("bernoulli", "balanced": add/remove adjacency;
+    "fixed": replace-one). ``alpha`` is family-wise over the examples."""
+    from dpmem.privacy.audit import audit_variant
+    return audit_variant(variant="audit", masks=masks, correct=correct, epsilon=epsilon, delta=delta,
+                         alpha=alpha, sampling=sampling)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from dpmem.bench import estimators, subgroups
-from dpmem.bench.store import RunStore
+from dpmem.bench.store import RunStore, read_json
 from dpmem.privacy.audit import AuditResult, audit_variant
 
 
@@ -36,6 +36,8 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     g_train, y_train, is_canary = data["g_train"], data["y_train"], data["is_canary"].astype(bool)
     n_sub = len(data["subgroup_label"])
     train_count = np.bincount(g_train[~is_canary], minlength=n_sub)
+    record_path = store.root / "data" / "dataset.json"
+    data_record = read_json(record_path) if record_path.exists() else {}
     mem_rows, sub_rows, pair_rows, audits, variants = [], [], [], {}, {}
     for name, target in cfg.variants:
         arrays = store.variant_arrays(name)
@@ -79,6 +81,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "steps": plan.get("steps"), "accountant": plan.get("accountant"),
             "epsilon_reported": plan.get("epsilon_reported"), "trained_for_epsilon": target,
             "fault": plan.get("fault"),
+            "engine": plan.get("engine"), "model": plan.get("model"), "trainer": plan.get("trainer"),
             "test_accuracy": float(arrays["test_correct"].mean()),
             "train_accuracy": float(arrays["train_correct"].mean()),
             "mean_mem": float(np.nanmean(mem.mem[real])),
@@ -94,7 +97,9 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     bins = subgroups.bin_table(sub, memorization)
     pairs = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame()
     summary = {"variants": variants, "run": {
-        "config_hash": cfg.hash(), "dataset": cfg.dataset, "model": cfg.model, "sampling": cfg.sampling,
+        "config_hash": cfg.hash(), "dataset": cfg.dataset, "model": cfg.model, "trainer": cfg.trainer or None,
+        "sampling": cfg.sampling, "subgroups": data_record.get("subgroups"),
+        "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
         "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": cfg.alpha if alpha is None else alpha,
         "versions": store.meta().get("versions", {})}}

@@ -25,7 +25,8 @@ def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def default_out(cfg: config_mod.Config) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.hash()[:8]}"
+    model = (cfg.trainer or cfg.model).rsplit(":", 1)[-1]
+    return Path("runs") / f"{cfg.dataset}-{model}-{cfg.hash()[:8]}"
 
 
 def cmd_run(args) -> int:
@@ -34,11 +35,12 @@ def cmd_run(args) -> int:
     path, overrides = _split_run_args(args.args)
     cfg = config_mod.load(path, overrides)
     out = Path(args.out) if args.out else default_out(cfg)
+    ds = pipeline.check_inputs(cfg)      # data, model, engine and trainer, before anything is written
     store = RunStore.create_or_resume(out, cfg)
     print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        seconds = pipeline.run(store, cfg, progress=not args.quiet)
+        seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds)
     except KeyboardInterrupt:
         print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
               file=sys.stderr)
@@ -253,6 +255,10 @@ _EXTRA_COMMANDS: list = [_add_studies]
 
 
 def main(argv: list[str] | None = None) -> int:
+    # User code named as package.module:function (model=, trainer=) imports from the working
+    # directory, as under `python -m`.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

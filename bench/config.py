@@ -16,33 +16,34 @@ from pathlib import Path
 import yaml
 
 from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.models import ENGINES
+from dpmem.models.plugins import is_import_path
+from dpmem.privacy.faults import FAULTS
 
-DATASETS = ("digits", "mnist5k", "synthetic", "mnist", "fashionmnist", "cifar10", "cifar100")
-MODELS = ("logreg", "mlp", "cnn")
-SAMPLINGS = ("bernoulli", "fixed", "balanced")
-ENGINES = ("auto", "batched", "opacus")
+# The names of datasets, architectures and samplings live in their registries (bench/data.py
+# DATASETS, models/nets.py ARCHITECTURES, privacy/audit.py SAMPLINGS); validate() looks them up
+# on first use, since those modules import this one or pull in heavy libraries.
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-# Deliberately broken DP-SGD, for proving that the audit catches real bugs (never for results).
-FAULTS = ("none", "no_noise", "no_clipping", "wrong_sample_rate")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     # data
-    dataset: str = "digits"
+    dataset: str = "digits"          # a name in bench/data.py DATASETS; "file" reads data_path
+    data_path: str = ""              # dataset = "file": an .npz with x_train, y_train, x_test, y_test
     data_root: str = ""              # local root for torchvision datasets
     download: bool = False           # torchvision datasets only; needs a network
     n_train: int = 0                 # target training-set size after long-tail resampling (0: dataset default)
     n_test: int = 0                  # synthetic only (0: default)
     clusters_per_class: int = 10     # subgroups per class for image datasets
-    zipf_a: float = 1.0              # subgroup frequencies ~ 1 / rank**zipf_a
+    zipf_a: float = 1.0              # subgroup frequencies ~ 1 / rank**zipf_a (dataset=file: 0 keeps it as given)
     n_subgroups: int = 200           # synthetic only
     dim: int = 64                    # synthetic only
     noise_scale: float = 1.0         # synthetic only: within-subgroup spread
     label_noise: float = 0.0         # probability a training label is replaced at random
     canaries: int = 0                # mislabeled training examples added to raise audit power
     # model and training
-    model: str = "mlp"
+    model: str = "mlp"               # logreg | mlp | cnn, or a factory "package.module:function"
     hidden: tuple[int, ...] = (128,)
     epochs: int = 20
     batch_size: int = 64             # expected Poisson batch size
@@ -50,12 +51,13 @@ class Config:
     momentum: float = 0.0
     weight_decay: float = 0.0        # L2 penalty (makes logreg strongly convex)
     max_grad_norm: float = 1.0
-    engine: str = "auto"
+    engine: str = "auto"             # auto | batched | opacus | trainer (models/__init__.py ENGINES)
+    trainer: str = ""                # "package.module:fit": user code trains every model (models/trainer.py)
     # privacy
     epsilons: tuple[float, ...] = (1.0, 4.0, 16.0)
     delta: float = 1e-5
     accountant: str = "rdp"
-    fault: str = "none"              # one of FAULTS: plant a DP-SGD bug to test the audit
+    fault: str = "none"              # privacy/faults.py FAULTS: plant a DP-SGD bug to test the audit
     # subsets and estimators
     models: int = 1000               # K models per variant
     sampling: str = "bernoulli"
@@ -102,10 +104,23 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def validate(c: Config) -> None:
+    from dpmem.bench.data import DATASETS
+    from dpmem.privacy.audit import SAMPLINGS
     _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {', '.join(DATASETS)}")
-    _check(c.model in MODELS, "model", f"unknown model {c.model!r}; choose from {', '.join(MODELS)}")
+    _check(c.dataset != "file" or bool(c.data_path), "data_path", "dataset = 'file' needs data_path = PATH.npz")
+    _check(c.dataset == "file" or not c.data_path, "data_path", f"only read with dataset = 'file', not {c.dataset!r}")
+    if not is_import_path(c.model):
+        from dpmem.models.nets import ARCHITECTURES
+        _check(c.model in ARCHITECTURES, "model", f"unknown model {c.model!r}; choose from "
+               f"{', '.join(ARCHITECTURES)} or give a factory as package.module:function")
     _check(c.sampling in SAMPLINGS, "sampling", f"unknown sampling {c.sampling!r}; choose from {', '.join(SAMPLINGS)}")
-    _check(c.engine in ENGINES, "engine", f"unknown engine {c.engine!r}; choose from {', '.join(ENGINES)}")
+    _check(c.engine == "auto" or c.engine in ENGINES, "engine",
+           f"unknown engine {c.engine!r}; choose from auto, {', '.join(ENGINES)}")
+    _check(not c.trainer or is_import_path(c.trainer), "trainer",
+           f"{c.trainer!r} is not of the form package.module:function")
+    _check(not c.trainer or c.engine in ("auto", "trainer"), "engine",
+           f"a trainer trains the models itself; engine must be auto or trainer, not {c.engine!r}")
+    _check(c.engine != "trainer" or bool(c.trainer), "trainer", "engine = 'trainer' needs trainer = package.module:fit")
     _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
     _check(c.fault in FAULTS, "fault", f"unknown fault {c.fault!r}; choose from {', '.join(FAULTS)}")
     _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")

@@ -19,6 +19,10 @@ every subgroup belongs to one class. Three families (see DESIGN.md, "Data"):
   examples drawn without replacement), with the largest scale s whose total fits ``n_train``.
   Test examples (never resampled) take the subgroup of the nearest centroid of their own class.
 - ``cifar100``: label = coarse class (20), subgroup = fine class (100); same Zipf resampling.
+- ``file``: the user's arrays from ``data_path`` (an .npz; see ``_file``). Subgroups are given
+  (``subgroup_train``, ``subgroup_test``) or derived like the image sets' (k-means inside each
+  class); ``zipf_a = 0`` keeps the training set as given, ``zipf_a > 0`` resamples it to a long
+  tail of ``n_train`` examples like the image sets.
 
 Options common to all: ``label_noise`` (a training label replaced by a different random class with
 this probability; flagged in ``label_noisy``) and ``canaries`` (held-out examples appended to the
@@ -31,7 +35,9 @@ dataset unchanged. Nothing is cached to disk.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,24 +133,22 @@ class Dataset:
         return np.bincount(self.g_test, minlength=self.n_subgroups)
 
 
+# Dataset name -> loader (cfg) -> Dataset. Adding a dataset: one loader in this module, registered
+# with @dataset("name"), plus its test; Config validates `dataset` against these names.
+DATASETS: dict[str, Callable[[Config], Dataset]] = {}
+
+
+def dataset(*names: str):
+    """Register the decorated ``loader(cfg) -> Dataset`` under ``names``."""
+    def register(loader: Callable[[Config], Dataset]) -> Callable[[Config], Dataset]:
+        for name in names:
+            DATASETS[name] = loader
+        return loader
+    return register
+
+
 def load_dataset(cfg: Config) -> Dataset:
-    if cfg.dataset == "synthetic":
-        check_compatible(cfg, None)
-        ds = _synthetic(cfg)
-    elif cfg.dataset in ("digits", "mnist5k"):
-        ds = _long_tail(cfg, _embedded(cfg))
-    else:
-        ds = _long_tail(cfg, _torchvision(cfg))
-    check_compatible(cfg, ds)
-    return ds
-
-
-def check_compatible(cfg: Config, ds: Dataset | None) -> None:
-    """The CNN needs images; raise ConfigError("model") for a vector dataset."""
-    is_vector = ds is None and cfg.dataset == "synthetic" or ds is not None and len(ds.input_shape) != 3
-    if cfg.model == "cnn" and is_vector:
-        raise ConfigError("model", f"cnn needs image inputs, but dataset {cfg.dataset!r} is vectors; "
-                                   "use model=mlp or model=logreg")
+    return DATASETS[cfg.dataset](cfg)
 
 
 # -- long-tail machinery ---------------------------------------------------------------------------
@@ -282,11 +286,11 @@ def _long_tail(cfg: Config, src: _Source) -> Dataset:
                       random_state=_int_seed(cluster_rng)).fit(flat_pool)
             feat_pool = pca.transform(flat_pool).astype(np.float64)
             feat_test = pca.transform(flat_test).astype(np.float64)
-            cluster_space = f"pca{pca.n_components_} of pixels in [0, 1]"
+            cluster_space = f"pca{pca.n_components_} of {src.info.get('inputs', 'pixels in [0, 1]')}"
         else:
             # float64: sklearn's k-means upcasts float32 distances chunk by chunk, several times slower
             feat_pool, feat_test = flat_pool.astype(np.float64), flat_test.astype(np.float64)
-            cluster_space = "pixels in [0, 1], flattened"
+            cluster_space = f"{src.info.get('inputs', 'pixels in [0, 1]')}, flattened"
         g_pool, centroids, subgroup_label = _kmeans_subgroups(
             feat_pool, src.y_pool, src.n_classes, cfg.clusters_per_class, cluster_rng)
         g_test = nearest_own_class_centroid(feat_test, src.y_test, centroids, subgroup_label)
@@ -295,7 +299,7 @@ def _long_tail(cfg: Config, src: _Source) -> Dataset:
     # Zipf resampling of the pool
     sizes = np.bincount(g_pool, minlength=n_subgroups)
     ranks = zipf_ranks(n_subgroups, _rng(cfg.seed, "ranks"))
-    n_target = cfg.n_train or DEFAULT_N_TRAIN[src.name]
+    n_target = cfg.n_train or DEFAULT_N_TRAIN.get(src.name, n_pool)
     counts, scale = zipf_counts(sizes, ranks, cfg.zipf_a, n_target)
     resample_rng = _rng(cfg.seed, "resample")
     chosen = np.concatenate([resample_rng.choice(np.flatnonzero(g_pool == g), size=counts[g], replace=False)
@@ -316,11 +320,12 @@ def _long_tail(cfg: Config, src: _Source) -> Dataset:
 
     y_base, noisy = _label_noise(src.y_pool[chosen], cfg, src.n_classes)
     x_raw = np.concatenate([src.x_pool[chosen], src.x_pool[canary_src]])
-    mean, std = _standardise(src.x_pool[chosen], image=True)
+    mean, std = _standardise(src.x_pool[chosen], image=src.x_pool.ndim == 4)
     n_base, n_can = chosen.size, canary_src.size
     info = dict(src.info, n_train=int(n_base), n_train_target=int(n_target), pool_size=int(n_pool),
                 n_test=int(len(src.y_test)), n_subgroups=int(n_subgroups),
                 clusters_per_class=int(cfg.clusters_per_class) if src.g_pool is None else None,
+                subgroups="given" if src.g_pool is not None else "derived",
                 cluster_space=cluster_space, zipf_a=float(cfg.zipf_a), zipf_scale=float(scale),
                 subgroup_rank=ranks.tolist(), subgroup_pool_size=sizes.tolist(),
                 label_noise=float(cfg.label_noise), label_noisy=int(noisy.sum()), canaries=int(n_can),
@@ -351,6 +356,16 @@ def _label_noise(y: np.ndarray, cfg: Config, n_classes: int) -> tuple[np.ndarray
 
 
 # -- sources ---------------------------------------------------------------------------------------
+
+@dataset("digits", "mnist5k")
+def _embedded_long_tail(cfg: Config) -> Dataset:
+    return _long_tail(cfg, _embedded(cfg))
+
+
+@dataset("mnist", "fashionmnist", "cifar10", "cifar100")
+def _torchvision_long_tail(cfg: Config) -> Dataset:
+    return _long_tail(cfg, _torchvision(cfg))
+
 
 def _embedded(cfg: Config) -> _Source:
     from sklearn.model_selection import train_test_split
@@ -429,6 +444,7 @@ def _torchvision(cfg: Config) -> _Source:
                    info=info, pca=True)
 
 
+@dataset("synthetic")
 def _synthetic(cfg: Config) -> Dataset:
     n_groups, dim = cfg.n_subgroups, cfg.dim
     mix = _rng(cfg.seed, "synthetic_mixture")
@@ -453,7 +469,7 @@ def _synthetic(cfg: Config) -> Dataset:
 
     mean, std = _standardise(x_tr, image=False)
     x_all = np.concatenate([x_tr, x_can])
-    info = dict(source="synthetic Feldman mixture", n_train=int(n_train), n_test=int(n_test),
+    info = dict(source="synthetic Feldman mixture", subgroups="given", n_train=int(n_train), n_test=int(n_test),
                 n_subgroups=int(n_groups), dim=int(dim), noise_std=float(noise_std),
                 zipf_a=float(cfg.zipf_a), subgroup_rank=ranks.tolist(), subgroup_probability=prob.tolist(),
                 cluster_space="input (before standardisation)", label_noise=float(cfg.label_noise),
@@ -474,3 +490,110 @@ def _synthetic(cfg: Config) -> Dataset:
         input_shape=(dim,),
         info=info, x_mean=mean, x_std=std, centroids=centres.astype(np.float32),
     )
+
+
+# -- the user's own arrays -------------------------------------------------------------------------
+
+FILE_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+FILE_SUBGROUPS = ("subgroup_train", "subgroup_test")
+FILE_PCA_ABOVE = 256     # derived subgroups: cluster a PCA-reduced copy of inputs wider than this
+
+
+def array_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a user data file, checked; a ConfigError on data_path names the first problem."""
+    def bad(msg: str) -> ConfigError:
+        return ConfigError("data_path", f"{path}: {msg}")
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise bad("no such file")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as e:  # noqa: BLE001 - a zip, header or pickle problem: all mean "unreadable"
+        raise bad(f"not a readable .npz without pickled objects ({type(e).__name__}: {e})") from None
+    for name in FILE_ARRAYS:
+        if name not in arrays:
+            raise bad(f"missing array {name!r} (needs {', '.join(FILE_ARRAYS)})")
+    given = [name for name in FILE_SUBGROUPS if name in arrays]
+    if len(given) == 1:
+        raise bad(f"{given[0]!r} without {(set(FILE_SUBGROUPS) - set(given)).pop()!r}: give both or neither")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    for name in ("x_train", "x_test"):
+        x = arrays[name]
+        if x.ndim < 2 or len(x) == 0:
+            raise bad(f"{name} must be [n, features...] with n >= 1, got shape {x.shape}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise bad(f"{name} must be numeric, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise bad(f"{name} holds NaN or inf")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise bad(f"x_train rows have shape {x_train.shape[1:]}, x_test rows {x_test.shape[1:]}")
+    for split in ("train", "test"):
+        n = len(arrays[f"x_{split}"])
+        for name in [f"y_{split}"] + ([f"subgroup_{split}"] if given else []):
+            if arrays[name].shape != (n,):
+                raise bad(f"{name} has shape {arrays[name].shape}, expected ({n},) to match x_{split}")
+    for name in ("y_train", "y_test", *(FILE_SUBGROUPS if given else ())):
+        arrays[name] = _integer_ids(arrays[name], name, bad)
+    n_classes = int(arrays["y_train"].max()) + 1
+    if n_classes < 2:
+        raise bad("y_train holds a single class")
+    if arrays["y_test"].max() >= n_classes:
+        raise bad(f"y_test has label {int(arrays['y_test'].max())}, out of range for the classes "
+                  f"0..{n_classes - 1} of y_train")
+    return arrays
+
+
+def _integer_ids(a: np.ndarray, name: str, bad) -> np.ndarray:
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or not (a == np.round(a)).all():
+            raise bad(f"{name} must hold integers")
+    elif not np.issubdtype(a.dtype, np.integer):
+        raise bad(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.min() < 0:
+        raise bad(f"{name} has negative value {int(a.min())}; labels and subgroups count from 0")
+    return a.astype(np.int64)
+
+
+@dataset("file")
+def _file(cfg: Config) -> Dataset:
+    """The user's .npz: x_train, y_train, x_test, y_test (optional subgroup_train, subgroup_test)."""
+    arrays = read_npz(cfg.data_path)
+    fingerprint = array_fingerprint(arrays)
+    if cfg.zipf_a > 0 and not cfg.n_train:
+        raise ConfigError("n_train", "dataset 'file' with zipf_a > 0 resamples the training set to a long tail of "
+                                     "n_train examples: set n_train, or zipf_a = 0 to keep the training set as given")
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
+    n_classes = int(y_train.max()) + 1
+    given = FILE_SUBGROUPS[0] in arrays
+    info = dict(source=f"file {cfg.data_path}", fingerprint=fingerprint, subgroups="given" if given else "derived",
+                inputs="the file's inputs as given")
+    if given:
+        g_train, g_test = arrays["subgroup_train"], arrays["subgroup_test"]
+        n_sub = int(max(g_train.max(), g_test.max())) + 1
+        # A subgroup's label: the most frequent label among its examples (a subgroup id no example
+        # carries keeps label 0 and counts nothing).
+        votes = np.zeros((n_sub, n_classes), dtype=np.int64)
+        np.add.at(votes, (np.concatenate([g_train, g_test]), np.concatenate([y_train, y_test])), 1)
+        extra = dict(g_pool=g_train, g_test=g_test, subgroup_label=votes.argmax(axis=1).astype(np.int64))
+    else:
+        missing = np.setdiff1d(np.unique(y_test), np.unique(y_train))
+        if missing.size:
+            raise ConfigError("data_path", f"{cfg.data_path}: y_test has class {int(missing[0])} that no training "
+                                           "example has, so no subgroup can be derived for it")
+        extra = dict(pca=int(np.prod(arrays["x_train"].shape[1:])) > FILE_PCA_ABOVE)
+    src = _Source(name="file", x_pool=arrays["x_train"].astype(np.float32), y_pool=y_train,
+                  x_test=arrays["x_test"].astype(np.float32), y_test=y_test, n_classes=n_classes, info=info,
+                  **extra)
+    return _long_tail(cfg, src)

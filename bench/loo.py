@@ -111,9 +111,9 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
             seed, noise_seed = pipeline.unit_seeds(cfg.replace(seed=cfg.seed + 7919), chunk, v_index)
             req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks, seed=seed,
                                noise_seed=noise_seed, evals=evals, groups=groups)
-            out = train_models(spec, req, engine=cfg.engine)["chosen"]
-            correct = out.correct.reshape(chunk.size, per_block, len(examples))
-            margin = out.margin.reshape(chunk.size, per_block, len(examples))
+            out = train_models(spec, req, engine=cfg.engine)
+            correct = out["chosen_correct"].reshape(chunk.size, per_block, len(examples))
+            margin = out["chosen_margin"].reshape(chunk.size, per_block, len(examples))
             cols = np.arange(len(examples))
             loo_store.write_chunk("loo", chunk, {
                 "in_correct": correct[:, 0, :], "out_correct": correct[:, 1 + cols, cols],

@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
-from dpmem.bench.store import Chunk, RunStore, chunks_of
+from dpmem.bench.errors import ConfigError
+from dpmem.bench.store import Chunk, RunStore, atomic_write_json, chunks_of, read_json
 from dpmem.bench.subsets import make_masks
-from dpmem.models import train_models
+from dpmem.models import resolve_engine, train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
-from dpmem.privacy import accounting
+from dpmem.privacy import accounting, faults
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +47,7 @@ def plan_variant(cfg: Config, epsilon: float | None, sched: Schedule) -> dict:
             "sample_rate": sched.sample_rate, "steps": sched.steps, "accountant": None,
             "epsilon_reported": None}
     if epsilon is not None:
-        # The planted "wrong_sample_rate" bug tells the accountant a rate 10x lower than the one used.
-        told_rate = sched.sample_rate / 10 if cfg.fault == "wrong_sample_rate" else sched.sample_rate
+        told_rate = faults.get(cfg.fault).told_sample_rate(sched.sample_rate)
         cal = accounting.calibrate(target_epsilon=epsilon, delta=cfg.delta, sample_rate=told_rate,
                                    steps=sched.steps, accountant=cfg.accountant)
         plan.update(delta=cfg.delta, noise_multiplier=cal.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
@@ -57,36 +57,64 @@ def plan_variant(cfg: Config, epsilon: float | None, sched: Schedule) -> dict:
     return plan
 
 
-# Clipping "off" keeps the noise std sigma*C of the claim but lets gradients through unclipped.
-_NO_CLIP = 1e12
-
-
 def _trained_dp_params(plan: dict) -> DPParams | None:
     """The DP-SGD parameters actually used, which differ from the plan only under a planted fault."""
     if plan["noise_multiplier"] is None:
         return None
-    sigma, clip = plan["noise_multiplier"], plan["max_grad_norm"]
-    fault = plan.get("fault", "none")
-    if fault == "no_noise":
-        return DPParams(noise_multiplier=0.0, max_grad_norm=clip)
-    if fault == "no_clipping":
-        return DPParams(noise_multiplier=sigma * clip / _NO_CLIP, max_grad_norm=_NO_CLIP)
+    sigma, clip = faults.get(plan.get("fault", "none")).trained(plan["noise_multiplier"], plan["max_grad_norm"])
     return DPParams(noise_multiplier=sigma, max_grad_norm=clip)
 
 
 def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
     dp = _trained_dp_params(plan)
-    return TrainSpec(arch=cfg.model, input_shape=model_input_shape(cfg, ds), n_classes=ds.n_classes,
+    return TrainSpec(arch=cfg.model, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,
                      hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp)
-
-
-def model_input_shape(cfg: Config, ds: Dataset) -> tuple[int, ...]:
-    return tuple(ds.input_shape) if cfg.model == "cnn" else (int(np.prod(ds.input_shape)),)
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp, trainer=cfg.trainer or None)
 
 
 def model_inputs(cfg: Config, ds: Dataset, x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape(len(x), *model_input_shape(cfg, ds)), dtype=np.float32)
+    """Inputs as every engine takes them: float32, C-contiguous, the dataset's shape (modules flatten)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_inputs(cfg: Config) -> Dataset:
+    """Load the data and try the model, engine and trainer once, before anything is written.
+
+    Every problem is a ConfigError naming its field: a bad data file, a factory that does not
+    import, raises or returns no Module, a module Opacus refuses (BatchNorm), a module that does not
+    map the data's inputs to one logit per class, an engine that cannot train it, a trainer that
+    does not import. Returns the dataset, so the run does not load it twice."""
+    import torch
+
+    from dpmem.models.nets import build_model
+    from dpmem.models.plugins import load_callable, one_line
+    ds = load_dataset(cfg)
+    spec = train_spec(cfg, ds, plan_variant(cfg, None, schedule(cfg, ds.n_train)))
+    if cfg.trainer:
+        load_callable(cfg.trainer, "trainer")
+        return ds
+    module = build_model(spec).eval()
+    probe = torch.as_tensor(model_inputs(cfg, ds, ds.x_train[:2]))
+    try:
+        with torch.no_grad():
+            logits = module(probe)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+        raise ConfigError("model", f"{cfg.model} fails on inputs of shape {tuple(ds.input_shape)}: {one_line(e)}") from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(probe), ds.n_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError("model", f"{cfg.model} maps a batch of {len(probe)} inputs of shape "
+                                   f"{tuple(ds.input_shape)} to {shape}, expected ({len(probe)}, {ds.n_classes}) logits")
+    try:
+        resolve_engine(spec, cfg.engine)
+    except ValueError as e:
+        raise ConfigError("engine", str(e)) from None
+    return ds
+
+
+def provenance(cfg: Config, spec: TrainSpec) -> dict:
+    """Which engine trains a variant, and which architecture or trainer (recorded in its plan)."""
+    return {"engine": resolve_engine(spec, cfg.engine), "model": None if cfg.trainer else cfg.model,
+            "trainer": cfg.trainer or None}
 
 
 def unit_seeds(cfg: Config, chunk: Chunk, variant_index: int) -> tuple[int, int]:
@@ -96,9 +124,17 @@ def unit_seeds(cfg: Config, chunk: Chunk, variant_index: int) -> tuple[int, int]
     return seed, noise
 
 
-def prepare(store: RunStore, cfg: Config) -> tuple[Dataset, np.ndarray]:
+def prepare(store: RunStore, cfg: Config, ds: Dataset | None = None) -> tuple[Dataset, np.ndarray]:
     """Load the data and the shared masks (made once, then read back so a resumed run reuses them)."""
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg) if ds is None else ds
+    info_path = store.root / "data" / "dataset.json"
+    if info_path.exists():
+        stored = read_json(info_path).get("fingerprint")
+        if stored != ds.info.get("fingerprint"):
+            raise ConfigError("data_path", f"the data changed since this run started (fingerprint {stored} "
+                                           f"stored, {ds.info.get('fingerprint')} now); use another --out")
+    else:
+        atomic_write_json(info_path, dataset_record(ds))
     if not store.has_data():
         store.save_data({"y_train": ds.y_train, "g_train": ds.g_train, "y_test": ds.y_test,
                          "g_test": ds.g_test, "subgroup_label": ds.subgroup_label,
@@ -112,12 +148,21 @@ def prepare(store: RunStore, cfg: Config) -> tuple[Dataset, np.ndarray]:
     return ds, masks
 
 
-def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, float]:
-    """Train every variant's unfinished units; returns training seconds per variant."""
+def dataset_record(ds: Dataset) -> dict:
+    """What the run records about its data (data/dataset.json, summary.json's run section)."""
+    keys = ("source", "fingerprint", "subgroups")
+    return {"name": ds.name, "input_shape": list(ds.input_shape), "n_classes": int(ds.n_classes),
+            **{k: ds.info[k] for k in keys if k in ds.info}}
+
+
+def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None) -> dict[str, float]:
+    """Train every variant's unfinished units; returns training seconds per variant.
+
+    ``ds``: the dataset if already loaded (``check_inputs``)."""
     if cfg.threads:
         import torch
         torch.set_num_threads(cfg.threads)
-    ds, masks = prepare(store, cfg)
+    ds, masks = prepare(store, cfg, ds)
     sched = schedule(cfg, ds.n_train)
     x_train = model_inputs(cfg, ds, ds.x_train)
     evals = {"train": (x_train, ds.y_train), "test": (model_inputs(cfg, ds, ds.x_test), ds.y_test)}
@@ -127,6 +172,7 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, flo
         plan = store.plan(name)
         if plan is None:
             plan = plan_variant(cfg, epsilon, sched)
+            plan.update(provenance(cfg, train_spec(cfg, ds, plan)))
             store.save_plan(name, plan)
         if store.variant_complete(name):
             seconds[name] = store.variant_record(name)["train_seconds"]
@@ -139,7 +185,8 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, flo
         for chunk in todo:
             seed, noise_seed = unit_seeds(cfg, chunk, v_index)
             req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks[chunk.start:chunk.stop],
-                               seed=seed, noise_seed=noise_seed, evals=evals)
+                               seed=seed, noise_seed=noise_seed, evals=evals,
+                               stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
             done = [0]
 
             def advance(model_steps: int, done=done) -> None:
@@ -148,12 +195,8 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True) -> dict[str, flo
                 done[0] = target
 
             t0 = time.perf_counter()
-            outs = train_models(spec, req, engine=cfg.engine, progress=advance)
+            arrays = train_models(spec, req, engine=plan.get("engine", cfg.engine), progress=advance)
             elapsed = time.perf_counter() - t0
-            arrays = {}
-            for split, o in outs.items():
-                arrays[f"{split}_correct"] = o.correct
-                arrays[f"{split}_margin"] = o.margin
             store.write_chunk(name, chunk, arrays, {"seconds": elapsed, "models": chunk.size})
             bar.update(chunk.size - done[0])
         bar.close()

@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 from dpmem.bench import analysis, config, pipeline
 from dpmem.bench.report import markdown
 from dpmem.bench.store import RunStore, atomic_write_bytes
+from dpmem.privacy.faults import FAULTS
 
 # Synthetic mixture with 10 mislabeled canaries (strong memorization signals), so that 512 models can
 # refute epsilon = 1 (power_eps is about 3.5) when the implementation is broken.
 PLANTED_BASE = ["dataset=synthetic", "n_train=100", "n_test=200", "n_subgroups=20", "dim=32", "canaries=10",
                 "models=512", "chunk_size=512", "q=0.5", "epochs=30", "batch_size=25", "lr=0.5", "hidden=32",
                 "epsilons=1", "delta=1e-4"]
-FAULTS = ("none", "no_noise", "no_clipping", "wrong_sample_rate")
 
 
 def audit_once(root: Path, fault: str, seed: int):

@@ -1,41 +1,73 @@
-"""Architectures and training engines behind one call, ``train_models``."""
+"""Training engines behind one call, ``train_models``, and the engine registry.
+
+An engine is a module exposing ``supports(module) -> str | None`` (None: it can train this
+``nn.Module``, else the reason it cannot) and ``train(spec, req, *, device, progress) ->
+dict[str, np.ndarray]`` (flat ``"{split}_correct"`` bool [K, m] / ``"{split}_margin"`` float16
+[K, m] arrays for every split in ``req.evals``). Engines get their modules from
+``models.nets.build_model(spec)`` only, so user factories work with every engine.
+
+- ``batched``: K models at once as stacked tensors (models/batched.py);
+- ``opacus``: model by model through Opacus (models/opacus_trainer.py), the reference;
+- ``trainer``: the user's own training code (models/trainer.py), chosen by ``spec.trainer``.
+
+``auto`` picks ``trainer`` when the spec names one, else ``batched`` when it supports every
+layer of the module, else ``opacus``. Engines are imported on first use, so this registry (and
+the config's validation against it) stays free of torch.
+"""
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from types import ModuleType
 
-from dpmem.models.spec import ARCHITECTURES, DPParams, Outputs, TrainRequest, TrainSpec
+import numpy as np
 
-# Architectures the batched many-model engine trains; the others go through Opacus one by one.
-BATCHED_ARCHS = ("logreg", "mlp")
-ENGINES = ("auto", "batched", "opacus")
+from dpmem.models.spec import DPParams, Outputs, TrainRequest, TrainSpec
 
-__all__ = ["ARCHITECTURES", "BATCHED_ARCHS", "DPParams", "ENGINES", "Outputs", "TrainRequest", "TrainSpec",
-           "resolve_engine", "train_models"]
+# engine name -> the module implementing it
+ENGINES: dict[str, str] = {
+    "batched": "dpmem.models.batched",
+    "opacus": "dpmem.models.opacus_trainer",
+    "trainer": "dpmem.models.trainer",
+}
+
+__all__ = ["DPParams", "ENGINES", "Outputs", "TrainRequest", "TrainSpec", "engine_module", "resolve_engine",
+           "train_models"]
 
 
-def resolve_engine(arch: str, engine: str = "auto") -> str:
-    """The engine that will train ``arch``: "batched" or "opacus"."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+def engine_module(name: str) -> ModuleType:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose from auto, {', '.join(ENGINES)}")
+    return importlib.import_module(ENGINES[name])
+
+
+def resolve_engine(spec: TrainSpec, engine: str = "auto") -> str:
+    """The engine that will train ``spec``; a ValueError naming the reason when ``engine`` cannot."""
+    if engine != "auto" and engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from auto, {', '.join(ENGINES)}")
+    if spec.trainer:
+        if engine not in ("auto", "trainer"):
+            raise ValueError(f"a trainer ({spec.trainer}) trains the models itself; engine must be auto or "
+                             f"trainer, not {engine!r}")
+        return "trainer"
+    if engine == "trainer":
+        raise ValueError("engine 'trainer' needs a trainer = 'package.module:fit'")
+    from dpmem.models.nets import build_model
+    module = build_model(spec)
     if engine == "auto":
-        return "batched" if arch in BATCHED_ARCHS else "opacus"
-    if engine == "batched" and arch not in BATCHED_ARCHS:
-        raise ValueError(f"the batched engine trains {', '.join(BATCHED_ARCHS)} only; "
-                         f"use engine='opacus' (or 'auto') for {arch!r}")
+        return "batched" if engine_module("batched").supports(module) is None else "opacus"
+    reason = engine_module(engine).supports(module)
+    if reason is not None:
+        raise ValueError(f"the {engine} engine cannot train {spec.arch!r}: {reason}")
     return engine
 
 
-def train_models(spec: TrainSpec, req: TrainRequest, *, engine: str = "auto",
-                 progress: Callable[[int], None] | None = None) -> dict[str, Outputs]:
+def train_models(spec: TrainSpec, req: TrainRequest, *, engine: str = "auto", device: str = "cpu",
+                 progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Train the K models of ``req.masks`` and predict on every split of ``req.evals``.
 
+    Returns flat arrays, ``"{split}_correct"`` bool [K, m] and ``"{split}_margin"`` float16 [K, m].
     ``progress``, if given, is called now and then with the running number of model-steps done
     (between 0 and K * spec.steps; K models advancing one step each count K)."""
-    chosen = resolve_engine(spec.arch, engine)
-    if chosen == "batched":
-        from dpmem.models.batched import train_batched
-        return train_batched(spec, req, progress=progress)
-    from dpmem.models.opacus_trainer import train_opacus
-    return train_opacus(spec, req, progress=progress)
+    chosen = resolve_engine(spec, engine)
+    return engine_module(chosen).train(spec, req, device=device, progress=progress)

@@ -59,6 +59,32 @@ PROB_FLOOR = 1e-10
 PROGRESS_EVERY = 10
 
 
+# -- what the engine trains ------------------------------------------------------------------------
+
+def supports(module: nn.Module) -> str | None:
+    """None when ``module`` is a stack this engine trains, else the reason it is not.
+
+    The hand-written forward and backward passes cover ``nn.Sequential(Flatten?, Linear, (ReLU,
+    Linear)*)`` with biases: logistic regression, MLPs, and user factories of that shape."""
+    if type(module) is not nn.Sequential:
+        return f"it trains nn.Sequential stacks of Linear and ReLU layers, not {type(module).__name__}"
+    layers = list(module.children())
+    if layers and type(layers[0]) is nn.Flatten:
+        if (layers[0].start_dim, layers[0].end_dim) != (1, -1):
+            return "its Flatten layer must flatten every dimension but the batch"
+        layers = layers[1:]
+    for j, layer in enumerate(layers):
+        expected = nn.Linear if j % 2 == 0 else nn.ReLU
+        if type(layer) is not expected:
+            return (f"it trains Flatten, Linear, ReLU, Linear, ... stacks; layer {j} is "
+                    f"{type(layer).__name__}, not {expected.__name__}")
+        if expected is nn.Linear and layer.bias is None:
+            return f"its Linear layers need a bias (layer {j} has none)"
+    if not layers or len(layers) % 2 == 0:
+        return "the stack must end with a Linear layer"
+    return None
+
+
 # -- parameters --------------------------------------------------------------------------------
 
 def init_params(spec: TrainSpec, K: int, generator: torch.Generator) -> Params:
@@ -334,8 +360,9 @@ class BatchedTrainer:
 
     def __init__(self, spec: TrainSpec, x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor,
                  masks: np.ndarray | Tensor, *, seed: int, noise_seed: int, groups: np.ndarray | None = None):
-        if spec.arch not in ("logreg", "mlp"):
-            raise ValueError(f"the batched engine trains logreg and mlp only, not {spec.arch!r}")
+        reason = supports(build_model(spec))
+        if reason is not None:
+            raise ValueError(f"the batched engine cannot train {spec.arch!r}: {reason}")
         self.spec = spec
         self.x_train = torch.as_tensor(np.asarray(x_train, dtype=np.float32)).reshape(-1, flat_dim(spec))
         self.y_train = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
@@ -489,3 +516,12 @@ def train_batched(spec: TrainSpec, req: TrainRequest,
         return trainer.evaluate(req.evals)
     finally:
         trainer.close()
+
+
+def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
+          progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """The engine registry's entry point (``models.ENGINES``): flat ``{split}_{correct,margin}`` arrays."""
+    if device != "cpu":
+        raise ValueError(f"the batched engine runs on the CPU, not {device!r}")
+    return {f"{split}_{key}": getattr(out, key) for split, out in train_batched(spec, req, progress=progress).items()
+            for key in ("correct", "margin")}

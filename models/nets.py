@@ -1,17 +1,29 @@
-"""The architectures: logistic regression, MLP and a small GroupNorm CNN, as ``torch.nn`` modules.
+"""The architectures: a registry of built-in ones and user factories, as ``torch.nn`` modules.
 
-These modules are what the per-model Opacus path trains; the batched engine trains the same
-logistic regression and MLP as stacked tensors and converts to and from these modules
-(``models.batched.export_params`` / ``import_params``), so the layer order here is part of that
-contract: ``Flatten`` followed by ``Linear`` (and ``ReLU``) layers, nothing else.
+``build_model(spec)`` is the one way to get a freshly initialised module for a ``TrainSpec``:
+``spec.arch`` is a name in ``ARCHITECTURES`` (logistic regression, MLP, a small GroupNorm CNN) or a
+user factory ``"package.module:factory"`` called as ``factory(input_shape, n_classes)``. Every
+module is checked with Opacus's ``ModuleValidator`` (BatchNorm and other layers that mix examples
+are refused with Opacus's reason), so no engine ever trains a module DP-SGD cannot handle.
+
+The batched engine trains ``Flatten`` + ``Linear``/``ReLU`` stacks (logreg, mlp) as stacked tensors
+and converts to and from these modules (``models.batched.export_params`` / ``import_params``), so
+the layer order of those two is part of that contract.
+
+Adding an architecture: one builder ``(spec) -> nn.Module`` here and one entry in ``ARCHITECTURES``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import cache
 
+from opacus.validators import ModuleValidator
 from torch import nn
 
-from dpmem.models.spec import ARCHITECTURES, TrainSpec
+from dpmem.bench.errors import ConfigError
+from dpmem.models.plugins import is_import_path, load_callable, one_line
+from dpmem.models.spec import TrainSpec
 
 # The CNN halves the spatial size after a block only while it stays at least this large, so
 # 8x8 digits keep a 2x2 map after two blocks and 28x28 / 32x32 images shrink to 7x7 / 8x8.
@@ -25,12 +37,17 @@ def flat_dim(spec: TrainSpec) -> int:
 
 
 def layer_widths(spec: TrainSpec) -> list[int]:
-    """Input, hidden and output widths of the fully connected stack (logreg / mlp)."""
-    if spec.arch == "logreg":
-        return [flat_dim(spec), spec.n_classes]
-    if spec.arch == "mlp":
-        return [flat_dim(spec), *spec.hidden, spec.n_classes]
-    raise ValueError(f"layer_widths: {spec.arch!r} is not a fully connected architecture")
+    """Input, hidden and output widths of a fully connected stack (logreg, mlp, or such a factory)."""
+    return list(_layer_widths(spec))
+
+
+@cache
+def _layer_widths(spec: TrainSpec) -> tuple[int, ...]:
+    modules = list(build_model(spec).modules())
+    linears = [m for m in modules if isinstance(m, nn.Linear)]
+    if not linears or any(type(m) not in (nn.Sequential, nn.Flatten, nn.Linear, nn.ReLU) for m in modules):
+        raise ValueError(f"layer_widths: {spec.arch!r} is not a fully connected architecture")
+    return (linears[0].in_features, *(m.out_features for m in linears))
 
 
 def group_count(channels: int) -> int:
@@ -39,18 +56,42 @@ def group_count(channels: int) -> int:
 
 
 def build_model(spec: TrainSpec) -> nn.Module:
-    """A freshly initialised (torch default init, global RNG) model for ``spec``."""
-    if spec.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {spec.arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    if spec.arch in ("logreg", "mlp"):
-        widths = layer_widths(spec)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for j, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-            if j > 0:
-                layers.append(nn.ReLU())
-            layers.append(nn.Linear(fan_in, fan_out))
-        return nn.Sequential(*layers)
-    return _build_cnn(spec)
+    """A freshly initialised (torch default init, global RNG) model for ``spec``.
+
+    Raises ConfigError on field 'model' for an unknown name, a factory that does not import,
+    raises or returns something other than an ``nn.Module``, and a module Opacus cannot train."""
+    if spec.arch in ARCHITECTURES:
+        try:
+            module = ARCHITECTURES[spec.arch](spec)
+        except ValueError as e:
+            raise ConfigError("model", str(e)) from None
+    elif is_import_path(spec.arch):
+        factory = load_callable(spec.arch, "model")
+        try:
+            module = factory(tuple(spec.input_shape), spec.n_classes)
+        except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+            raise ConfigError("model", f"factory {spec.arch} raised {one_line(e)}") from None
+        if not isinstance(module, nn.Module):
+            raise ConfigError("model", f"factory {spec.arch} returned a {type(module).__name__}, "
+                                       "not a torch.nn.Module")
+    else:
+        raise ConfigError("model", f"unknown model {spec.arch!r}; choose from {', '.join(ARCHITECTURES)} "
+                                   "or give a factory as package.module:function")
+    problems = ModuleValidator.validate(module, strict=False)
+    if problems:
+        raise ConfigError("model", f"{spec.arch} cannot be trained with DP-SGD: {one_line(problems[0])}")
+    return module
+
+
+def _fully_connected(spec: TrainSpec) -> nn.Module:
+    """Flatten, then Linear layers with ReLU between them (no hidden layer: logistic regression)."""
+    widths = [flat_dim(spec), *(spec.hidden if spec.arch == "mlp" else ()), spec.n_classes]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for j, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        if j > 0:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
 
 
 def _build_cnn(spec: TrainSpec) -> nn.Module:
@@ -76,3 +117,11 @@ def _build_cnn(spec: TrainSpec) -> nn.Module:
         nn.Linear(channels * _HEAD_SIZE * _HEAD_SIZE, spec.n_classes),
     ]
     return nn.Sequential(*layers)
+
+
+# The built-in architectures by config name.
+ARCHITECTURES: dict[str, Callable[[TrainSpec], nn.Module]] = {
+    "logreg": _fully_connected,
+    "mlp": _fully_connected,
+    "cnn": _build_cnn,
+}

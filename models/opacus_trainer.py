@@ -25,6 +25,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -192,3 +193,18 @@ def train_opacus(spec: TrainSpec, req: TrainRequest,
             results[name][0][k], results[name][1][k] = predict(model, x, y, rows=eval_rows(spec))
         models[k] = None  # free as we go
     return {name: Outputs(correct=c, margin=m) for name, (c, m) in results.items()}
+
+
+def supports(module: nn.Module) -> str | None:
+    """None when Opacus can train ``module`` (its ModuleValidator finds nothing), else the reason."""
+    problems = ModuleValidator.validate(module, strict=False)
+    return str(problems[0]) if problems else None
+
+
+def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
+          progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """The engine registry's entry point (``models.ENGINES``): flat ``{split}_{correct,margin}`` arrays."""
+    if device != "cpu":
+        raise ValueError(f"the Opacus path runs on the CPU here, not {device!r}")
+    return {f"{split}_{key}": getattr(out, key) for split, out in train_opacus(spec, req, progress=progress).items()
+            for key in ("correct", "margin")}

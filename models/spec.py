@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ARCHITECTURES = ("logreg", "mlp", "cnn")
-
 
 @dataclass(frozen=True, kw_only=True)
 class DPParams:
@@ -36,7 +34,7 @@ class DPParams:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
-    arch: str                         # one of ARCHITECTURES
+    arch: str                         # a name in models.nets.ARCHITECTURES or "package.module:factory"
     input_shape: tuple[int, ...]      # (d,) for vectors, (C, H, W) for images
     n_classes: int
     hidden: tuple[int, ...] = (128,)  # MLP widths; CNN channel widths
@@ -46,6 +44,7 @@ class TrainSpec:
     momentum: float = 0.0
     weight_decay: float = 0.0         # L2, torch.optim.SGD semantics (added to the noisy gradient)
     dp: DPParams | None = None        # None: non-private SGD
+    trainer: str | None = None        # "package.module:fit": user code trains the models (models.trainer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +63,7 @@ class TrainRequest:
     seed: int                            # init + batch sampling (shared across variants)
     noise_seed: int                      # DP noise (differs per variant)
     evals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    stream_ids: np.ndarray | None = None  # int64 [K]: global model indices (None: arange(K))
     groups: np.ndarray | None = None     # int [K]: models with equal ids share their initialisation and
     # their batch-sampling randomness (leave-one-out pairs: the model on S \ {i} sees the batches of its
     # partner on S minus i); None: every model is its own group

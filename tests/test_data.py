@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from dpmem.bench.config import Config
-from dpmem.bench.data import (CIFAR100_COARSE, check_compatible, load_dataset, nearest_own_class_centroid,
+from dpmem.bench.data import (CIFAR100_COARSE, load_dataset, nearest_own_class_centroid,
                         zipf_counts, zipf_counts_at)
 from dpmem.bench.errors import ConfigError, UsageError
 
@@ -73,10 +73,10 @@ def test_synthetic_determinism():
 
 
 def test_cnn_on_vectors_is_refused():
+    from dpmem.bench.pipeline import check_inputs
     with pytest.raises(ConfigError) as e:
-        load_dataset(Config(dataset="synthetic", model="cnn"))
-    assert e.value.field == "model"
-    check_compatible(Config(dataset="digits", model="cnn"), load())   # images are fine
+        check_inputs(Config(dataset="synthetic", model="cnn"))
+    assert e.value.field == "model" and "(C, H, W)" in str(e.value)
 
 
 # -- label noise and canaries ----------------------------------------------------------------------

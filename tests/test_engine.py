@@ -15,7 +15,7 @@ from torch import nn
 from dpmem import models
 import dpmem.models.batched as batched
 import dpmem.models.opacus_trainer as opacus_trainer
-from dpmem.models import BATCHED_ARCHS, train_models
+from dpmem.models import train_models
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, Outputs, TrainRequest, TrainSpec
 
@@ -318,8 +318,8 @@ def test_engine_and_opacus_reach_the_same_accuracy_on_digits(digits, private):
                      sample_rate=64 / 630, lr=0.5, dp=dp)
     req = TrainRequest(x_train=x_train, y_train=y_train, masks=masks, seed=2, noise_seed=3,
                        evals={"test": (x_test, y_test)})
-    acc_engine = train_models(spec, req, engine="batched")["test"].correct.mean(axis=1)
-    acc_opacus = train_models(spec, req, engine="opacus")["test"].correct.mean(axis=1)
+    acc_engine = train_models(spec, req, engine="batched")["test_correct"].mean(axis=1)
+    acc_opacus = train_models(spec, req, engine="opacus")["test_correct"].mean(axis=1)
     assert acc_engine.mean() > (0.85 if private else 0.92)
     se = np.sqrt(acc_engine.var(ddof=1) / K + acc_opacus.var(ddof=1) / K)
     assert abs(acc_engine.mean() - acc_opacus.mean()) < 4 * se + 0.005, (acc_engine, acc_opacus)
@@ -360,19 +360,19 @@ def test_cnn_trains_through_opacus(digits):
     masks[1] = False  # an empty subset must not break the per-model path
     req = TrainRequest(x_train=x_train[:n].reshape(-1, 1, 8, 8), y_train=y_train[:n], masks=masks, seed=0,
                        noise_seed=1, evals={"test": (x_test.reshape(-1, 1, 8, 8), y_test)})
-    out = train_models(spec, req)["test"]
-    assert out.correct.shape == (2, len(y_test)) and out.margin.dtype == np.float16
-    assert out.correct[0].mean() > 0.3  # learns something in 40 noisy steps (chance is 0.1)
+    out = train_models(spec, req)
+    assert out["test_correct"].shape == (2, len(y_test)) and out["test_margin"].dtype == np.float16
+    assert out["test_correct"][0].mean() > 0.3  # learns something in 40 noisy steps (chance is 0.1)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
 
 def test_train_models_dispatch(monkeypatch):
     calls = []
-    monkeypatch.setattr(batched, "train_batched", lambda spec, req, progress=None: calls.append("batched") or {})
-    monkeypatch.setattr(opacus_trainer, "train_opacus", lambda spec, req, progress=None: calls.append("opacus") or {})
+    for name in ("batched", "opacus"):
+        monkeypatch.setattr(models.engine_module(name), "train",
+                            lambda spec, req, device="cpu", progress=None, name=name: calls.append(name) or {})
     req = _small_request()
-    assert BATCHED_ARCHS == ("logreg", "mlp")
     for arch, engine, expected in [("logreg", "auto", "batched"), ("mlp", "auto", "batched"),
                                    ("mlp", "opacus", "opacus"), ("cnn", "auto", "opacus"),
                                    ("cnn", "opacus", "opacus")]:
@@ -381,10 +381,48 @@ def test_train_models_dispatch(monkeypatch):
         train_models(spec, req, engine=engine)
         assert calls == [expected], (arch, engine)
     cnn = TrainSpec(arch="cnn", input_shape=(1, 4, 4), n_classes=4, steps=1, sample_rate=0.1, lr=0.1)
-    with pytest.raises(ValueError, match="batched engine"):
+    with pytest.raises(ValueError, match="batched engine cannot train 'cnn'.*layer 0 is Conv2d"):
         train_models(cnn, req, engine="batched")
     with pytest.raises(ValueError, match="unknown engine"):
         train_models(cnn, req, engine="gpu")
-    with pytest.raises(ValueError, match="logreg and mlp only"):
+    with pytest.raises(ValueError, match="needs a trainer"):
+        train_models(cnn, req, engine="trainer")
+    with pytest.raises(ValueError, match="batched engine cannot train 'cnn'"):
         batched.BatchedTrainer(cnn, req.x_train, req.y_train, req.masks, seed=0, noise_seed=0)
-    assert models.resolve_engine("cnn") == "opacus"
+    assert models.resolve_engine(cnn) == "opacus"
+    assert set(models.ENGINES) == {"batched", "opacus", "trainer"}
+
+
+def test_engine_registry_entry_points_return_flat_c2_arrays():
+    req = _small_request(K=3)
+    spec = _small_spec(DPParams(noise_multiplier=1.0, max_grad_norm=1.0))
+    for name in ("batched", "opacus"):
+        out = models.engine_module(name).train(spec, req)
+        assert set(out) == {"train_correct", "train_margin", "test_correct", "test_margin"}, name
+        assert out["test_correct"].dtype == np.bool_ and out["test_margin"].dtype == np.float16
+        assert out["train_correct"].shape == (3, len(req.y_train))
+
+
+def test_batched_supports_exactly_flatten_linear_relu_stacks():
+    ok = [nn.Sequential(nn.Flatten(), nn.Linear(4, 3)),
+          nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+          nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))]
+    for module in ok:
+        assert batched.supports(module) is None, module
+    refused = [(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), "layer 1 is Tanh"),
+               (nn.Sequential(nn.Linear(4, 3, bias=False)), "need a bias"),
+               (nn.Sequential(nn.Linear(4, 8), nn.ReLU()), "end with a Linear"),
+               (nn.Sequential(nn.Flatten(), nn.Conv2d(1, 2, 3)), "layer 0 is Conv2d"),
+               (_NotSequential(), "not _NotSequential"),
+               (nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(4, 3)), "Flatten layer")]
+    for module, expected in refused:
+        assert expected in (batched.supports(module) or ""), (expected, batched.supports(module))
+
+
+class _NotSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)

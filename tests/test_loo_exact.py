@@ -54,8 +54,8 @@ def test_loo_of_converged_logreg_equals_the_direct_computation():
                      lr=1.0, momentum=0.9, weight_decay=WD)
     req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=1, noise_seed=2, groups=groups,
                        evals={"chosen": (x[examples], y[examples])})
-    out = train_models(spec, req)["chosen"]
-    correct = out.correct.reshape(3, 1 + len(examples), len(examples))
+    out = train_models(spec, req)
+    correct = out["chosen_correct"].reshape(3, 1 + len(examples), len(examples))
     cols = np.arange(len(examples))
     table = loo.paired_mem(correct[:, 0, :], correct[:, 1 + cols, cols])
 
