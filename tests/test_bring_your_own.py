@@ -267,3 +267,9 @@ def test_bad_trainer_returns_name_the_model(case, monkeypatch):
     with pytest.raises(UsageError, match="model 3") as e:
         trainer_mod.train(spec, req)
     assert fragment in str(e.value)
+
+
+def test_the_readme_shows_exactly_the_examples_the_tests_run():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in ("my_data.py", "my_models.py", "my_trainer.py"):
+        assert (EXAMPLES / name).read_text().rstrip() in readme, name
