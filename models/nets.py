@@ -17,13 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import cache
-
-from opacus.validators import ModuleValidator
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dpmem.bench.errors import ConfigError
 from dpmem.models.plugins import is_import_path, load_callable, one_line
 from dpmem.models.spec import TrainSpec
+
+# torch and Opacus are imported inside the functions: the config checks model names against
+# ARCHITECTURES, and `dpmem check` / `dpmem report` should not pay for importing them.
+if TYPE_CHECKING:
+    from torch import nn
 
 # The CNN halves the spatial size after a block only while it stays at least this large, so
 # 8x8 digits keep a 2x2 map after two blocks and 28x28 / 32x32 images shrink to 7x7 / 8x8.
@@ -43,6 +46,7 @@ def layer_widths(spec: TrainSpec) -> list[int]:
 
 @cache
 def _layer_widths(spec: TrainSpec) -> tuple[int, ...]:
+    from torch import nn
     modules = list(build_model(spec).modules())
     linears = [m for m in modules if isinstance(m, nn.Linear)]
     if not linears or any(type(m) not in (nn.Sequential, nn.Flatten, nn.Linear, nn.ReLU) for m in modules):
@@ -60,6 +64,9 @@ def build_model(spec: TrainSpec) -> nn.Module:
 
     Raises ConfigError on field 'model' for an unknown name, a factory that does not import,
     raises or returns something other than an ``nn.Module``, and a module Opacus cannot train."""
+    from opacus.validators import ModuleValidator
+    from torch import nn
+
     if spec.arch in ARCHITECTURES:
         try:
             module = ARCHITECTURES[spec.arch](spec)
@@ -85,6 +92,7 @@ def build_model(spec: TrainSpec) -> nn.Module:
 
 def _fully_connected(spec: TrainSpec) -> nn.Module:
     """Flatten, then Linear layers with ReLU between them (no hidden layer: logistic regression)."""
+    from torch import nn
     widths = [flat_dim(spec), *(spec.hidden if spec.arch == "mlp" else ()), spec.n_classes]
     layers: list[nn.Module] = [nn.Flatten()]
     for j, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -95,6 +103,7 @@ def _fully_connected(spec: TrainSpec) -> nn.Module:
 
 
 def _build_cnn(spec: TrainSpec) -> nn.Module:
+    from torch import nn
     if len(spec.input_shape) != 3:
         raise ValueError(f"cnn needs (C, H, W) inputs, got input_shape={spec.input_shape}")
     if not spec.hidden:

@@ -139,7 +139,7 @@ def _empty_grad_samples(optimizer: DPOptimizer) -> None:
 def eval_rows(spec: TrainSpec) -> int:
     """Rows per evaluation forward pass, so the widest activation stays near EVAL_BLOCK_FLOATS."""
     widest = max((*spec.hidden, spec.n_classes, 1))
-    spatial = math.prod(spec.input_shape[1:]) if spec.arch == "cnn" else 1
+    spatial = math.prod(spec.input_shape[1:]) if len(spec.input_shape) == 3 else 1  # conv maps keep H x W
     per_row = max(math.prod(spec.input_shape), widest * spatial)
     return max(1, EVAL_BLOCK_FLOATS // per_row)
 
