@@ -78,6 +78,12 @@ def test_given_subgroups_and_a_factory_on_the_batched_engine(tmp_path):
     assert {v["engine"] for v in s["variants"].values()} == {"batched"}
     with np.load(path) as npz:
         np.testing.assert_array_equal(RunStore.open(out).data()["g_train"], npz["subgroup_train"])
+    # the same command on changed arrays is refused: the run records its data's fingerprint
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["x_train"][0] += 1
+    np.savez(path, **arrays)
+    assert run("run", "--out", str(out), "--quiet", *FILE_RUN, f"data_path={path}", "model=my_models:wide_mlp") == 2
 
 
 def test_zipf_resampling_of_a_file_needs_a_target_size(digits_npz, tmp_path, capsys):
@@ -202,6 +208,11 @@ def test_user_opacus_trainer_end_to_end_and_audited(tmp_path, monkeypatch):
     assert all(plain[k]["seed"] == kw["seed"] and plain[k]["noise_seed"] != kw["noise_seed"]
                for k, kw in ((kw["index"], kw) for kw in dp_calls))     # same init/batches, other noise
     assert run("check", str(out)) == 0
+
+
+def test_a_trainer_that_does_not_import_is_refused_before_anything_is_written(tmp_path, capsys):
+    refused(capsys, [*TRAINER_RUN, "trainer=no_such_module:fit"], tmp_path / "run", "'trainer'", "cannot import")
+    refused(capsys, [*TRAINER_RUN, "trainer=my_trainer:fit", "engine=opacus"], tmp_path / "run", "'engine'")
 
 
 def flaky_fit(*, index, **kw):
