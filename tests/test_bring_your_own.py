@@ -88,11 +88,14 @@ def test_given_subgroups_and_a_factory_on_the_batched_engine(tmp_path):
 
 def test_zipf_resampling_of_a_file_needs_a_target_size(digits_npz, tmp_path, capsys):
     refused(capsys, ["dataset=file", f"data_path={digits_npz}", "zipf_a=1"], tmp_path / "r", "'n_train'")
-    out = tmp_path / "ok"
-    assert run("run", "--out", str(out), "--quiet", *FILE_RUN, f"data_path={digits_npz}", "zipf_a=1",
-               "n_train=150", "clusters_per_class=3", "models=2") == 0
-    s = summary(out)
-    assert s["run"]["n_train"] <= 150 and s["run"]["subgroups"] == "derived"
+    from dpmem.bench.config import Config
+    from dpmem.bench.data import load_dataset
+    ds = load_dataset(Config(dataset="file", data_path=str(digits_npz), zipf_a=1, n_train=100,
+                                 clusters_per_class=3))
+    counts = np.sort(ds.subgroup_counts)
+    assert 60 <= ds.n_train <= 100 and ds.info["subgroups"] == "derived"
+    assert counts[0] == 1 and counts[-1] >= 8                               # a long tail: singletons and a head
+    assert ds.n_test == 400                                                 # the test set is never resampled
 
 
 def test_the_data_fingerprint_changes_with_any_array(tmp_path):
