@@ -11,12 +11,19 @@ from dpmem.bench.store import RunStore, read_json
 from dpmem.privacy.audit import AuditResult, audit_variant
 
 
+INTERVAL_LEVEL = 0.95
+INTERVALS = ("test_acc and acc_loss: 95% t-intervals over the K models and the test examples (crossed design, "
+             "Satterthwaite df); acc_loss pairs the non-private and DP model with the same index")
+TREND = ("weighted least-squares slope on log2(subgroup training frequency): acc_loss weighted by test count, "
+         "mean_mem by covered training examples; SE = HC1 robust + variance over models; t(subgroups - 2) interval")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Analysis:
     memorization: pd.DataFrame      # one row per (variant, training example)
     subgroups: pd.DataFrame         # one row per (variant, subgroup)
     bins: pd.DataFrame              # one row per (variant, frequency bin)
-    pairs: pd.DataFrame             # high-memorization / high-influence pairs
+    pairs: pd.DataFrame             # high-influence pairs that pass false-discovery control
     audits: dict[str, AuditResult]
     summary: dict = field(default_factory=dict)
 
@@ -38,7 +45,9 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     train_count = np.bincount(g_train[~is_canary], minlength=n_sub)
     record_path = store.root / "data" / "dataset.json"
     data_record = read_json(record_path) if record_path.exists() else {}
-    mem_rows, sub_rows, pair_rows, audits, variants = [], [], [], {}, {}
+    real = ~is_canary
+    mem_rows, sub_rows, bin_rows, pair_rows, audits, variants = [], [], [], [], {}, {}
+    reference = store.variant_arrays(cfg.variants[0][0])["test_correct"]     # the non-private models
     for name, target in cfg.variants:
         arrays = store.variant_arrays(name)
         plan = store.plan(name) or {}
@@ -49,6 +58,10 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                                            alpha=cfg.alpha if alpha is None else alpha, sampling=cfg.sampling)
         audits[name] = audit
         mem = estimators.memorization(masks, arrays["train_correct"])
+        estimable = (mem.n_in > 0) & (mem.n_out > 0)
+        found = estimators.controlled_findings(
+            masks, arrays["train_correct"], arrays["test_correct"] if with_pairs else None, eligible=real,
+            mem_threshold=cfg.mem_threshold, infl_threshold=cfg.infl_threshold, fdr=cfg.fdr, seed=cfg.seed)
         frame = mem.frame()
         frame.insert(0, "variant", name)
         frame.insert(1, "epsilon", claimed)
@@ -60,21 +73,37 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             frame[col] = per_example[col].to_numpy()
         frame["is_canary"] = is_canary
         frame["label_noisy"] = data["label_noisy"].astype(bool)
+        frame["no_in_or_out"] = ~estimable
+        frame["mem_z"] = np.nan
+        frame.loc[found.examples["index"].to_numpy(), "mem_z"] = found.examples["mem_z"].to_numpy()
+        frame["high_mem"] = False
+        frame.loc[found.examples["index"].to_numpy(), "high_mem"] = found.examples["passes_fdr"].to_numpy()
         mem_rows.append(frame)
-        sub_rows.append(subgroups.subgroup_table(
-            variant=name, epsilon=claimed, correct_test=arrays["test_correct"], g_test=data["g_test"],
-            subgroup_label=data["subgroup_label"], train_count=train_count, mem=mem.mem, g_train=g_train,
-            is_canary=is_canary))
+        tables = dict(variant=name, epsilon=claimed, correct_test=arrays["test_correct"], g_test=data["g_test"],
+                      train_count=train_count, mem=mem.mem, g_train=g_train, is_canary=is_canary,
+                      reference_correct=reference)
+        sub = subgroups.subgroup_table(subgroup_label=data["subgroup_label"], **tables)
+        sub_rows.append(sub)
+        bin_rows.append(subgroups.bin_table(**tables))
         if with_pairs:
-            pairs = estimators.high_influence_pairs(masks, arrays["test_correct"], mem.mem,
-                                                    mem_threshold=cfg.mem_threshold,
-                                                    infl_threshold=cfg.infl_threshold)
+            pairs = found.pairs.loc[found.pairs["passes_fdr"]].drop(columns="passes_fdr").reset_index(drop=True)
+            pairs["mem"] = mem.mem[pairs["train_index"].to_numpy()]
             pairs.insert(0, "variant", name)
             pairs["train_subgroup"] = g_train[pairs["train_index"].to_numpy()]
             pairs["test_subgroup"] = data["g_test"][pairs["test_index"].to_numpy()]
             pairs["same_subgroup"] = pairs["train_subgroup"] == pairs["test_subgroup"]
             pair_rows.append(pairs)
-        real = ~is_canary
+        if name == cfg.variants[0][0]:      # the reference loses nothing against itself
+            loss_trend = subgroups.wls_trend(np.array([]), np.array([]), np.array([]))
+        else:
+            loss_per_model = subgroups.per_model_group_mean(
+                reference.astype(np.float32) - arrays["test_correct"].astype(np.float32), data["g_test"], n_sub)
+            loss_trend = subgroups.wls_trend(sub["acc_loss"].to_numpy(), train_count, sub["test_count"].to_numpy(),
+                                             per_model=loss_per_model)
+        mem_trend = subgroups.wls_trend(sub["mean_mem"].to_numpy(), train_count, sub["mem_examples"].to_numpy(),
+                                        per_model=_per_model_mem(masks, arrays["train_correct"], mem, real & estimable,
+                                                                 g_train, n_sub))
+        covered = real & estimable
         variants[name] = {
             "epsilon": claimed, "delta": plan.get("delta"), "noise_multiplier": plan.get("noise_multiplier"),
             "max_grad_norm": plan.get("max_grad_norm"), "sample_rate": plan.get("sample_rate"),
@@ -84,17 +113,26 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "engine": plan.get("engine"), "model": plan.get("model"), "trainer": plan.get("trainer"),
             "test_accuracy": float(arrays["test_correct"].mean()),
             "train_accuracy": float(arrays["train_correct"].mean()),
-            "mean_mem": float(np.nanmean(mem.mem[real])),
-            "mean_mem_se": float(np.nanmean(mem.se[real])),
-            "high_mem_examples": int(np.sum(mem.mem[real] >= cfg.mem_threshold)),
+            "mean_mem": float(np.mean(mem.mem[covered])) if covered.any() else None,
+            "mean_mem_se": float(np.mean(mem.se[covered])) if covered.any() else None,
+            "mean_mem_examples": int(covered.sum()),
+            "examples_without_in_or_out": int((real & ~estimable).sum()),
+            "high_mem_examples_raw": found.high_mem_examples_raw,
+            "high_mem_examples": found.high_mem_examples,
+            "expected_false_high_mem": found.expected_false_high_mem,
+            "models_needed_high_mem": found.models_needed_high_mem,
             "violations": audit.violations, "eps_lb": audit.eps_lb, "power_eps": audit.power_eps,
             "audit_level": audit.level, "consistent": audit.consistent, "models": int(arrays["test_correct"].shape[0]),
-            "high_influence_pairs": int(len(pair_rows[-1])) if with_pairs else None,
+            "high_influence_pairs_raw": found.high_influence_pairs_raw if with_pairs else None,
+            "high_influence_pairs": found.high_influence_pairs if with_pairs else None,
+            "expected_false_pairs": found.expected_false_pairs if with_pairs else None,
+            "models_needed_pairs": found.models_needed_pairs if with_pairs else None,
+            **_finite(loss_trend.to_dict("acc_loss")), **_finite(mem_trend.to_dict("mem")),
             "train_seconds": store.variant_record(name).get("train_seconds"),
         }
     memorization = pd.concat(mem_rows, ignore_index=True)
-    sub = subgroups.add_accuracy_loss(pd.concat(sub_rows, ignore_index=True))
-    bins = subgroups.bin_table(sub, memorization)
+    sub = pd.concat(sub_rows, ignore_index=True)
+    bins = pd.concat(bin_rows, ignore_index=True)
     pairs = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame()
     summary = {"variants": variants, "run": {
         "config_hash": cfg.hash(), "dataset": cfg.dataset, "model": cfg.model, "trainer": cfg.trainer or None,
@@ -102,6 +140,27 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
         "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": cfg.alpha if alpha is None else alpha,
+        "fdr": cfg.fdr, "null_permutations": estimators.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
+        "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
     return Analysis(memorization=memorization, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
                     summary=summary)
+
+
+def _finite(d: dict) -> dict:
+    """NaN becomes None, so summary.json stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def _per_model_mem(masks: np.ndarray, correct: np.ndarray, mem: estimators.Memorization, use: np.ndarray,
+                   g_train: np.ndarray, n_sub: int) -> np.ndarray:
+    """[K, G]: per-model terms whose mean over models is each subgroup's mean memorization.
+
+    mem(i) = sum_k correct[k, i] (masks[k, i] / n_in(i) - (1 - masks[k, i]) / n_out(i)), so K times the
+    k-th term, averaged over the subgroup's examples, has the subgroup's mean memorization as its mean.
+    """
+    idx = np.flatnonzero(use)
+    k = masks.shape[0]
+    m, c = masks[:, idx], correct[:, idx]
+    terms = c * np.where(m, (k / mem.n_in[idx]).astype(np.float32), (-k / mem.n_out[idx]).astype(np.float32))
+    return subgroups.per_model_group_mean(terms, g_train[idx], n_sub)

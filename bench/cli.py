@@ -55,8 +55,10 @@ def cmd_run(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from dpmem.bench.report import markdown, summary_frame
+    from dpmem.bench.report import fdr_warnings, markdown, summary_frame
     print(markdown(summary_frame(summary)))
+    for line in fdr_warnings(summary):
+        print(line, file=sys.stderr)
 
 
 def cmd_report(args) -> int:

@@ -65,6 +65,7 @@ class Config:
     mem_threshold: float = 0.25
     infl_threshold: float = 0.15
     alpha: float = 0.05              # audit significance level (family-wise, Bonferroni)
+    fdr: float = 0.1                 # false-discovery rate of the listed high-mem examples and influence pairs
     # execution
     seed: int = 0
     chunk_size: int = 250            # models per stored, resumable unit
@@ -129,6 +130,7 @@ def validate(c: Config) -> None:
     _check(len(set(c.epsilons)) == len(c.epsilons), "epsilons", "duplicate target epsilon")
     _check(0.0 < c.delta < 1.0, "delta", f"must be in (0, 1), got {c.delta}")
     _check(0.0 < c.alpha < 1.0, "alpha", f"must be in (0, 1), got {c.alpha}")
+    _check(0.0 < c.fdr < 1.0, "fdr", f"must be in (0, 1), got {c.fdr}")
     _check(c.models >= 2, "models", f"need at least 2 models per variant, got {c.models}")
     _check(c.chunk_size >= 1, "chunk_size", f"must be >= 1, got {c.chunk_size}")
     _check(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")

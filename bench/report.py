@@ -16,9 +16,11 @@ from dpmem.bench.store import atomic_write_bytes, atomic_write_json  # noqa: E40
 from dpmem.bench.subgroups import bin_order  # noqa: E402
 
 MEMORIZATION_COLUMNS = ["variant", "epsilon", "index", "label", "subgroup", "subgroup_count", "p_in", "p_out",
-                        "n_in", "n_out", "mem", "mem_se", "bound", "violation", "eps_lb"]
+                        "n_in", "n_out", "mem", "mem_se", "no_in_or_out", "high_mem", "bound", "violation", "eps_lb"]
 SUBGROUP_COLUMNS = ["variant", "epsilon", "subgroup", "label", "train_count", "test_count", "test_acc",
-                    "test_acc_lo", "test_acc_hi", "acc_loss", "mean_mem"]
+                    "test_acc_lo", "test_acc_hi", "acc_loss", "acc_loss_lo", "acc_loss_hi", "mean_mem", "mem_examples"]
+BIN_COLUMNS = ["variant", "freq_bin", "subgroups", "train_examples", "test_examples", "test_acc", "test_acc_lo",
+               "test_acc_hi", "acc_loss", "acc_loss_lo", "acc_loss_hi", "mean_mem", "mem_examples"]
 
 
 def _ordered(df: pd.DataFrame, first: list[str]) -> pd.DataFrame:
@@ -40,9 +42,49 @@ def summary_frame(summary: dict) -> pd.DataFrame:
         rows.append({"variant": name, "epsilon": v["epsilon"], "sigma": v["noise_multiplier"],
                      "steps": v["steps"], "models": v["models"], "test_acc": v["test_accuracy"],
                      "train_acc": v["train_accuracy"], "mean_mem": v["mean_mem"],
-                     "high_mem": v["high_mem_examples"], "violations": v["violations"], "eps_lb": v["eps_lb"],
-                     "power_eps": v["power_eps"]})
+                     "high_mem": v["high_mem_examples"], "high_mem_raw": v["high_mem_examples_raw"],
+                     "violations": v["violations"], "eps_lb": v["eps_lb"], "power_eps": v["power_eps"]})
     return pd.DataFrame(rows)
+
+
+def findings_frame(summary: dict) -> pd.DataFrame:
+    """Per variant: raw and controlled findings, the expected number of false ones among the raw."""
+    rows = []
+    for name, v in summary["variants"].items():
+        rows.append({"variant": name, "models": v["models"], "high_mem_raw": v["high_mem_examples_raw"],
+                     "expected_false_high_mem": v["expected_false_high_mem"], "high_mem": v["high_mem_examples"],
+                     "pairs_raw": v.get("high_influence_pairs_raw"),
+                     "expected_false_pairs": v.get("expected_false_pairs"),
+                     "pairs": v.get("high_influence_pairs")})
+    return pd.DataFrame(rows)
+
+
+def trend_frame(summary: dict) -> pd.DataFrame:
+    """Per variant: slopes of accuracy loss and mean memorization on log2 subgroup frequency, with intervals."""
+    rows = []
+    for name, v in summary["variants"].items():
+        rows.append({"variant": name, "acc_loss_slope": v.get("acc_loss_slope"),
+                     "acc_loss_slope_lo": v.get("acc_loss_slope_lo"), "acc_loss_slope_hi": v.get("acc_loss_slope_hi"),
+                     "mem_slope": v.get("mem_slope"), "mem_slope_lo": v.get("mem_slope_lo"),
+                     "mem_slope_hi": v.get("mem_slope_hi"), "subgroups": v.get("mem_slope_subgroups")})
+    return pd.DataFrame(rows).astype({c: float for c in ("acc_loss_slope", "acc_loss_slope_lo", "acc_loss_slope_hi",
+                                                         "mem_slope", "mem_slope_lo", "mem_slope_hi")})
+
+
+def fdr_warnings(summary: dict) -> list[str]:
+    """One line per variant where most raw findings are what noise alone produces."""
+    lines = []
+    for name, v in summary["variants"].items():
+        for what, raw, false, need in (
+                ("high-memorization examples", v.get("high_mem_examples_raw"), v.get("expected_false_high_mem"),
+                 v.get("models_needed_high_mem")),
+                ("high-influence pairs", v.get("high_influence_pairs_raw"), v.get("expected_false_pairs"),
+                 v.get("models_needed_pairs"))):
+            if raw and false is not None and false > 0.5 * raw:
+                more = f"; about {need:,} models per variant would make noise findings rare" if need else ""
+                lines.append(f"warning: {name}: {false:,.0f} of the {raw:,} raw {what} are expected from noise alone "
+                             f"at K = {v['models']:,} models{more}")
+    return lines
 
 
 def _fmt(df: pd.DataFrame) -> pd.DataFrame:
@@ -65,16 +107,21 @@ def write_tables(analysis: Analysis, out: Path) -> None:
     out = Path(out)
     write_frame(_ordered(analysis.memorization, MEMORIZATION_COLUMNS), out / "memorization")
     write_frame(_ordered(analysis.subgroups, SUBGROUP_COLUMNS), out / "subgroups")
-    write_frame(analysis.bins, out / "frequency_bins")
+    write_frame(_ordered(analysis.bins, BIN_COLUMNS), out / "frequency_bins")
     if len(analysis.pairs):
         write_frame(analysis.pairs, out / "influence_pairs")
     atomic_write_json(out / "summary.json", analysis.summary)
     tables = out / "tables"
     summ = summary_frame(analysis.summary)
-    bins = analysis.bins[["variant", "freq_bin", "subgroups", "train_examples", "test_examples", "test_acc",
-                          "acc_loss", "mean_mem"]]
+    bins = analysis.bins[BIN_COLUMNS]
     for stem, df, caption in (("summary", summ, "Per-variant accuracy, memorization and DP audit."),
-                              ("frequency_bins", bins, "Accuracy loss and memorization by subgroup training frequency.")):
+                              ("frequency_bins", bins, "Accuracy loss (95% intervals over models and test examples) "
+                                                       "and memorization by subgroup training frequency."),
+                              ("findings", findings_frame(analysis.summary),
+                               "High-memorization examples and high-influence pairs: raw, expected false, and "
+                               "after false-discovery control."),
+                              ("trends", trend_frame(analysis.summary),
+                               "Slopes on log2 subgroup frequency (weighted least squares, 95% intervals).")):
         atomic_write_bytes(tables / f"{stem}.md", markdown(df).encode())
         atomic_write_bytes(tables / f"{stem}.tex", latex(df, caption).encode())
 
@@ -121,13 +168,22 @@ def figure_loss_vs_frequency(analysis: Analysis):
         rows = sub.loc[(sub["variant"] == name) & (sub["test_count"] > 0)]
         b = bins.loc[bins["variant"] == name].set_index("freq_bin").reindex(order)
         ax1.plot(order, b["test_acc"], marker="o", label=name, color=palette[name])
+        ax1.fill_between(order, b["test_acc_lo"], b["test_acc_hi"], color=palette[name], alpha=0.2, lw=0)
         ax3.plot(order, b["mean_mem"], marker="o", label=name, color=palette[name])
         if name in dp:
-            ax2.scatter(rows["train_count"], rows["acc_loss"], s=10, alpha=0.35, color=palette[name])
-            means = rows.groupby("train_count")["acc_loss"].mean()
-            ax2.plot(means.index, means.to_numpy(), lw=1.5, color=palette[name], label=name)
-    ax1.set(title="Test accuracy by subgroup frequency", xlabel="training examples in subgroup", ylabel="accuracy")
-    ax2.set(title="DP accuracy loss per subgroup", xlabel="training examples in subgroup (log)",
+            ax2.scatter(rows["train_count"], rows["acc_loss"], s=8, alpha=0.25, color=palette[name])
+            # bins sit at the geometric middle of their count range (1, 2-3 -> 2.45, 4-7 -> 5.3, ...)
+            lo_hi = [(int(s.split("-")[0]), int(s.split("-")[-1])) for s in order]
+            mid = np.array([np.sqrt(lo * hi) if lo > 0 else 0.5 for lo, hi in lo_hi])
+            v = analysis.summary["variants"].get(name, {})
+            slope = ("" if v.get("acc_loss_slope") is None else
+                     f"\nslope per doubling {v['acc_loss_slope']:+.3f} "
+                     f"[{v['acc_loss_slope_lo']:+.3f}, {v['acc_loss_slope_hi']:+.3f}]")
+            ax2.errorbar(mid, b["acc_loss"], yerr=[b["acc_loss"] - b["acc_loss_lo"], b["acc_loss_hi"] - b["acc_loss"]],
+                         marker="o", lw=1.5, capsize=3, color=palette[name], label=f"{name} bins{slope}")
+    ax1.set(title="Test accuracy by subgroup frequency (95% CI)", xlabel="training examples in subgroup",
+            ylabel="accuracy")
+    ax2.set(title="DP accuracy loss: subgroups (dots), bins (95% CI)", xlabel="training examples in subgroup (log)",
             ylabel="acc(nonprivate) - acc(DP)")
     ax2.set_xscale("log", base=2)
     ax2.axhline(0, color="k", lw=0.8)

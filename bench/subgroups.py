@@ -1,9 +1,11 @@
 """Accuracy per subgroup and its loss under DP, as a function of the subgroup's training frequency."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import sparse, stats
 
 
 def frequency_bin(count: np.ndarray) -> np.ndarray:
@@ -24,71 +26,173 @@ def bin_order(labels) -> list[str]:
     return sorted(set(labels), key=lambda s: int(str(s).split("-")[0]))
 
 
+def _onehot(groups: np.ndarray, n_groups: int) -> sparse.csr_matrix:
+    groups = np.asarray(groups, np.int64)
+    return sparse.csr_matrix((np.ones(len(groups), np.float32), (np.arange(len(groups)), groups)),
+                             shape=(len(groups), n_groups))
+
+
+def per_model_group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """mean[k, g]: the mean of values[k, j] over the columns j of group g (nan where g has none)."""
+    onehot = _onehot(groups, n_groups)
+    sums = np.asarray(onehot.T @ np.asarray(values, np.float32).T).T      # [K, G], sparse: O(K m)
+    counts = np.bincount(np.asarray(groups, np.int64), minlength=n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def per_model_subgroup_accuracy(correct_test: np.ndarray, g_test: np.ndarray, n_subgroups: int) -> np.ndarray:
     """acc[k, g]: model k's accuracy on the test examples of subgroup g (nan where g has none)."""
-    onehot = np.zeros((len(g_test), n_subgroups), np.float32)
-    onehot[np.arange(len(g_test)), g_test] = 1.0
-    hits = np.asarray(correct_test, np.float32) @ onehot
-    counts = onehot.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+    return per_model_group_mean(correct_test, g_test, n_subgroups)
 
 
-def mean_ci(values: np.ndarray, axis: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over models with a t-interval (models are independent draws of the training run)."""
-    k = values.shape[axis]
-    mean = values.mean(axis)
-    sem = values.std(axis, ddof=1) / np.sqrt(k)
-    half = stats.t.ppf(0.5 + level / 2, df=k - 1) * sem
-    return mean, mean - half, mean + half
+def crossed_mean_ci(values: np.ndarray, groups: np.ndarray, n_groups: int, *, value_range: tuple[float, float],
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: the mean of values[k, j] over models k and the group's test examples j, with an interval
+    that counts both sources of noise: which models were trained (K of them) and which test examples the
+    group happened to get (n_g of them).
+
+    The models and the test examples are crossed random factors. The variance of the grand mean is
+    s_models^2 / K + s_examples^2 / n_g, where s_models^2 is the variance over models of the per-model
+    group means and s_examples^2 the variance over the group's test examples of their means over models
+    (each carries the interaction term once, so the sum is slightly conservative; Owen 2007, "The
+    pigeonhole bootstrap"). The interval is a t-interval with Satterthwaite's degrees of freedom, clipped
+    to ``value_range``. With one test example the example variance cannot be estimated: its worst case,
+    (range/2)^2, is used, so the interval says honestly that one test example shows little.
+    Feed the paired differences c_nonprivate[k, j] - c_dp[k, j] to get a paired interval on accuracy loss.
+    """
+    values = np.asarray(values, np.float32)
+    groups = np.asarray(groups, np.int64)
+    k = values.shape[0]
+    per_model = per_model_group_mean(values, groups, n_groups)             # [K, G]
+    mean = per_model.mean(0) if k else np.full(n_groups, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_models = per_model.var(0, ddof=1) if k > 1 else np.zeros(n_groups)
+        column = values.mean(0).astype(np.float64)                          # [m]
+        n_g = np.bincount(groups, minlength=n_groups).astype(float)
+        col_mean = np.bincount(groups, weights=column, minlength=n_groups) / n_g
+        col_ss = np.bincount(groups, weights=(column - col_mean[groups]) ** 2, minlength=n_groups)
+        worst = ((value_range[1] - value_range[0]) / 2) ** 2
+        var_examples = np.where(n_g > 1, col_ss / np.maximum(n_g - 1, 1), worst)
+        a, b = var_models / k, var_examples / n_g
+        se = np.sqrt(a + b)
+        df_examples = np.where(n_g > 1, n_g - 1, 1.0)
+        df = (a + b) ** 2 / (a ** 2 / max(k - 1, 1) + b ** 2 / df_examples)
+        df = np.where(np.isfinite(df) & (df > 0), df, max(k - 1, 1))
+        half = stats.t.ppf(0.5 + level / 2, df) * se
+    lo = np.clip(mean - half, *value_range)
+    hi = np.clip(mean + half, *value_range)
+    empty = n_g == 0
+    return mean, np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trend:
+    """Weighted least-squares slope of a per-subgroup quantity on log2 of the subgroup's training frequency."""
+    slope: float
+    lo: float
+    hi: float
+    se: float
+    se_subgroups: float     # heteroskedasticity-robust part (test examples, subgroups' scatter)
+    se_models: float        # part from the K models shared by every subgroup
+    subgroups: int
+    level: float
+
+    def to_dict(self, prefix: str) -> dict:
+        return {f"{prefix}_slope": self.slope, f"{prefix}_slope_lo": self.lo, f"{prefix}_slope_hi": self.hi,
+                f"{prefix}_slope_se": self.se, f"{prefix}_slope_subgroups": self.subgroups}
+
+
+def wls_trend(y: np.ndarray, train_count: np.ndarray, weights: np.ndarray, *,
+              per_model: np.ndarray | None = None, level: float = 0.95) -> Trend:
+    """Slope of y on log2(train_count / n) by weighted least squares, with its interval.
+
+    Only subgroups with a training example, a positive weight and a finite y enter. The standard error
+    adds two parts: statsmodels' HC1 (heteroskedasticity-robust) covariance of the WLS fit, which counts the
+    sampling of each subgroup's test (or training) examples and the subgroups' own scatter about the line;
+    and the variance over models of each model's contribution to the slope, ``per_model`` [K, G] (the
+    slope is linear in it), which the robust covariance misses because every subgroup shares the same K
+    models. Their sum counts the model-by-subgroup interaction twice, so it is slightly conservative.
+    The interval is a t-interval with (subgroups - 2) degrees of freedom. A negative slope means rarer
+    subgroups have larger y.
+    """
+    import statsmodels.api as sm
+    y, w, c = (np.asarray(a, float) for a in (y, weights, train_count))
+    use = (c > 0) & (w > 0) & np.isfinite(y)
+    nan = Trend(slope=np.nan, lo=np.nan, hi=np.nan, se=np.nan, se_subgroups=np.nan, se_models=np.nan,
+                subgroups=int(use.sum()), level=level)
+    if use.sum() < 3 or np.ptp(c[use]) == 0:
+        return nan
+    x = np.log2(c[use] / c[use].sum())
+    fit = sm.WLS(y[use], sm.add_constant(x), weights=w[use]).fit(cov_type="HC1")
+    slope, se_sub = float(fit.params[1]), float(fit.bse[1])
+    se_models = 0.0
+    if per_model is not None and per_model.shape[0] > 1:
+        xc = x - np.average(x, weights=w[use])
+        coef = w[use] * xc / np.sum(w[use] * xc ** 2)                 # slope = sum_g coef_g * y_g
+        contrib = np.nan_to_num(np.asarray(per_model, float)[:, use]) @ coef   # per-model slopes
+        se_models = float(contrib.std(ddof=1) / np.sqrt(len(contrib)))
+    se = float(np.hypot(se_sub, se_models))
+    half = float(stats.t.ppf(0.5 + level / 2, int(use.sum()) - 2)) * se
+    return Trend(slope=slope, lo=slope - half, hi=slope + half, se=se, se_subgroups=se_sub,
+                 se_models=se_models, subgroups=int(use.sum()), level=level)
 
 
 def subgroup_table(*, variant: str, epsilon: float | None, correct_test: np.ndarray, g_test: np.ndarray,
                    subgroup_label: np.ndarray, train_count: np.ndarray, mem: np.ndarray,
-                   g_train: np.ndarray, is_canary: np.ndarray) -> pd.DataFrame:
-    """One row per subgroup: accuracy with its interval over models, and the mean memorization of its members."""
+                   g_train: np.ndarray, is_canary: np.ndarray, reference_correct: np.ndarray | None = None,
+                   level: float = 0.95) -> pd.DataFrame:
+    """One row per subgroup: accuracy and its loss against the reference (non-private) models, each with
+    an interval over models and test examples (``crossed_mean_ci``; the loss pairs the two models with the
+    same index), and the mean memorization of its members with how many examples it covers."""
     n_sub = len(subgroup_label)
-    acc = per_model_subgroup_accuracy(correct_test, g_test, n_sub)
-    with np.errstate(invalid="ignore"):
-        mean, lo, hi = mean_ci(acc)
-    real = ~np.asarray(is_canary, bool)
-    mem_sum = np.bincount(g_train[real], weights=np.nan_to_num(mem[real]), minlength=n_sub)
-    mem_cnt = np.bincount(g_train[real], minlength=n_sub)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_mem = np.where(mem_cnt > 0, mem_sum / np.maximum(mem_cnt, 1), np.nan)
+    correct = np.asarray(correct_test, np.float32)
+    acc, acc_lo, acc_hi = crossed_mean_ci(correct, g_test, n_sub, value_range=(0.0, 1.0), level=level)
+    ref = correct if reference_correct is None else np.asarray(reference_correct, np.float32)
+    loss, loss_lo, loss_hi = crossed_mean_ci(ref - correct, g_test, n_sub, value_range=(-1.0, 1.0), level=level)
+    mean_mem, mem_count = _group_mean(mem, g_train, n_sub, ~np.asarray(is_canary, bool))
     return pd.DataFrame({
         "variant": variant, "epsilon": epsilon, "subgroup": np.arange(n_sub), "label": subgroup_label,
         "train_count": train_count, "test_count": np.bincount(g_test, minlength=n_sub),
         "frequency": train_count / max(1, int(train_count.sum())), "freq_bin": frequency_bin(train_count),
-        "test_acc": mean, "test_acc_lo": lo, "test_acc_hi": hi, "mean_mem": mean_mem,
+        "test_acc": acc, "test_acc_lo": acc_lo, "test_acc_hi": acc_hi,
+        "acc_loss": loss, "acc_loss_lo": loss_lo, "acc_loss_hi": loss_hi,
+        "mean_mem": mean_mem, "mem_examples": mem_count,
     })
 
 
-def add_accuracy_loss(table: pd.DataFrame, reference: str = "nonprivate") -> pd.DataFrame:
-    """acc_loss(g, variant) = acc(g, reference) - acc(g, variant)."""
-    ref = table.loc[table["variant"] == reference].set_index("subgroup")["test_acc"]
-    out = table.copy()
-    out["acc_loss"] = out["subgroup"].map(ref).to_numpy() - out["test_acc"].to_numpy()
-    return out
+def _group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the finite values per group, and how many values it covers."""
+    ok = use & np.isfinite(values)
+    total = np.bincount(groups[ok], weights=values[ok], minlength=n_groups)
+    count = np.bincount(groups[ok], minlength=n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan), count
 
 
-def bin_table(subgroups: pd.DataFrame, memorization: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and frequency bin: test accuracy (test-example weighted), its loss, mean memorization."""
-    sub = subgroups.copy()
-    sub["hits"] = sub["test_acc"] * sub["test_count"]
-    grouped = sub.groupby(["variant", "freq_bin"], sort=False)
-    table = grouped.agg(epsilon=("epsilon", "first"), subgroups=("subgroup", "size"),
-                        train_examples=("train_count", "sum"), test_examples=("test_count", "sum"),
-                        hits=("hits", "sum")).reset_index()
-    table["test_acc"] = table["hits"] / table["test_examples"].where(table["test_examples"] > 0)
-    ref = table.loc[table["variant"] == "nonprivate"].set_index("freq_bin")["test_acc"]
-    table["acc_loss"] = table["freq_bin"].map(ref) - table["test_acc"]
-    mem = memorization.loc[~memorization["is_canary"]].copy()
-    mem["freq_bin"] = frequency_bin(mem["subgroup_count"].to_numpy())
-    mean_mem = mem.groupby(["variant", "freq_bin"])["mem"].mean()
-    table["mean_mem"] = [mean_mem.get((v, b), np.nan) for v, b in zip(table["variant"], table["freq_bin"])]
-    order = {b: i for i, b in enumerate(bin_order(table["freq_bin"]))}
-    table["_o"] = table["freq_bin"].map(order)
-    variants = list(dict.fromkeys(subgroups["variant"]))
-    table["_v"] = table["variant"].map({v: i for i, v in enumerate(variants)})
-    return table.sort_values(["_v", "_o"]).drop(columns=["hits", "_o", "_v"]).reset_index(drop=True)
+def bin_table(*, variant: str, epsilon: float | None, correct_test: np.ndarray, g_test: np.ndarray,
+              train_count: np.ndarray, mem: np.ndarray, g_train: np.ndarray, is_canary: np.ndarray,
+              reference_correct: np.ndarray | None = None, level: float = 0.95) -> pd.DataFrame:
+    """Per frequency bin: test accuracy and its loss (test-example weighted, with intervals over models and
+    test examples as in ``subgroup_table``), and the mean memorization of the bin's training examples."""
+    labels = frequency_bin(train_count)
+    order = bin_order(labels)
+    bin_of_subgroup = np.array([order.index(b) for b in labels], np.int64)
+    n_bins = len(order)
+    b_test = bin_of_subgroup[np.asarray(g_test, np.int64)]
+    correct = np.asarray(correct_test, np.float32)
+    acc, acc_lo, acc_hi = crossed_mean_ci(correct, b_test, n_bins, value_range=(0.0, 1.0), level=level)
+    ref = correct if reference_correct is None else np.asarray(reference_correct, np.float32)
+    loss, loss_lo, loss_hi = crossed_mean_ci(ref - correct, b_test, n_bins, value_range=(-1.0, 1.0), level=level)
+    real = ~np.asarray(is_canary, bool)
+    b_train = bin_of_subgroup[np.asarray(g_train, np.int64)]
+    mean_mem, mem_count = _group_mean(mem, b_train, n_bins, real)
+    return pd.DataFrame({
+        "variant": variant, "epsilon": epsilon, "freq_bin": order,
+        "subgroups": np.bincount(bin_of_subgroup, minlength=n_bins),
+        "train_examples": np.bincount(b_train[real], minlength=n_bins),
+        "test_examples": np.bincount(b_test, minlength=n_bins),
+        "test_acc": acc, "test_acc_lo": acc_lo, "test_acc_hi": acc_hi,
+        "acc_loss": loss, "acc_loss_lo": loss_lo, "acc_loss_hi": loss_hi,
+        "mean_mem": mean_mem, "mem_examples": mem_count,
+    })
