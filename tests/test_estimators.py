@@ -37,7 +37,7 @@ def test_influence_matches_direct_loop_and_blocks():
     np.testing.assert_allclose(blocks, infl)
 
 
-def test_high_influence_pairs_thresholds_and_cap():
+def test_high_influence_candidates_thresholds_cap_and_exact_count():
     # example 0 decides test example 1 perfectly; everything else is noise
     rng = np.random.default_rng(1)
     masks = rng.random((200, 6)) < 0.5
@@ -45,12 +45,17 @@ def test_high_influence_pairs_thresholds_and_cap():
     ctest[:, 1] = masks[:, 0]
     ctrain = rng.random((200, 6)) < 0.5
     ctrain[:, 0] = masks[:, 0]
-    mem = estimators.memorization(masks, ctrain).mem
-    pairs = estimators.high_influence_pairs(masks, ctest, mem, mem_threshold=0.25, infl_threshold=0.5)
-    assert list(zip(pairs.train_index, pairs.test_index)) == [(0, 1)]
-    assert pairs.infl[0] == pytest.approx(1.0)
-    capped = estimators.high_influence_pairs(masks, ctest, np.ones(6), mem_threshold=0.0,
-                                             infl_threshold=-1.0, max_pairs=5, block=2)
-    assert len(capped) == 5 and capped.infl.is_monotonic_decreasing
+    rows, z = estimators.high_mem_candidates(masks, ctrain, eligible=np.ones(6, bool), mem_threshold=0.25)
+    assert rows.tolist() == [0] and z[0] > 10          # a perfect link is ~sqrt(K) null sds out
+    found = estimators.high_influence_candidates(masks, ctest, rows, infl_threshold=0.5)
+    assert list(zip(found.pairs.train_index, found.pairs.test_index)) == [(0, 1)]
+    assert found.pairs.infl[0] == pytest.approx(1.0) and found.count == 1 and found.tests == 4
+    capped = estimators.high_influence_candidates(masks, ctest, np.arange(6), infl_threshold=-1.0,
+                                                  max_pairs=5, block=2)
+    assert len(capped.pairs) == 5 and capped.pairs.z.is_monotonic_decreasing
+    assert capped.count == 24                            # the count is exact though the list is capped
+    infl = estimators.influence(masks, ctest)
+    np.testing.assert_allclose(capped.pairs.infl, infl[capped.pairs.train_index, capped.pairs.test_index],
+                               rtol=1e-5)
     best, arg = estimators.max_influence_per_test(masks, ctest, block=4)
     assert arg[1] == 0 and best[1] == pytest.approx(1.0)
