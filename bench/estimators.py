@@ -117,6 +117,7 @@ def max_influence_per_test(masks: np.ndarray, correct_test: np.ndarray, *, block
 # raw high-memorization examples) and breaks their masks' link to the test outcomes.
 
 NULL_PERMUTATIONS = 10
+NULL_ROWS = 1024        # candidate rows one permutation scores in full before it samples a share
 
 
 def _null_sd(k_total: np.ndarray, n_in: np.ndarray, n_out: np.ndarray) -> np.ndarray:
@@ -192,19 +193,25 @@ def high_influence_candidates(masks: np.ndarray, correct_test: np.ndarray, rows:
     return RawPairs(pairs=pairs, count=n_raw, tests=len(rows) * c.shape[1])
 
 
-def permutation_fdr_threshold(z_observed: np.ndarray, z_null: np.ndarray, permutations: int,
-                              fdr: float) -> float:
+def permutation_fdr_threshold(z_observed: np.ndarray, z_null: np.ndarray, permutations: int, fdr: float,
+                              null_weights: np.ndarray | None = None) -> float:
     """The smallest tau with (count of z_null >= tau) / permutations <= fdr * (count of z_observed >= tau).
 
-    ``z_null`` pools the findings of ``permutations`` permuted runs. Returns +inf when no tau qualifies.
+    ``z_null`` pools the findings of ``permutations`` permuted runs; ``null_weights`` (default 1) lets one
+    null finding count for several (a run that scored a share of the candidates, or findings trimmed from
+    a capped list). Returns +inf when no tau qualifies.
     """
     obs = np.sort(np.asarray(z_observed, float))
     if not len(obs):
         return float("inf")
-    null = np.sort(np.asarray(z_null, float))
+    z_null = np.asarray(z_null, float)
+    weights = np.ones(len(z_null)) if null_weights is None else np.asarray(null_weights, float)
+    order = np.argsort(z_null, kind="stable")
+    null = z_null[order]
+    at_or_above = np.append(np.cumsum(weights[order][::-1])[::-1], 0.0)    # weight of null[i:]
     taus = np.unique(obs)
     n_obs = len(obs) - np.searchsorted(obs, taus, side="left")
-    n_null = (len(null) - np.searchsorted(null, taus, side="left")) / permutations
+    n_null = at_or_above[np.searchsorted(null, taus, side="left")] / permutations
     ok = n_null <= fdr * n_obs
     return float(taus[np.argmax(ok)]) if ok.any() else float("inf")
 
@@ -253,16 +260,28 @@ def controlled_findings(masks: np.ndarray, correct_train: np.ndarray, correct_te
     observed = (high_influence_candidates(masks, correct_test, rows, infl_threshold=infl_threshold,
                                           max_pairs=max_pairs, block=block) if correct_test is not None else None)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
-    null_ex_z, null_pair_z, null_pair_n = [], [], 0
+    # With many candidate rows, each permutation scores a random share of them, so the null costs
+    # about one pass over the candidates in all; counts are scaled back to every candidate row.
+    rows_per_permutation = len(rows) if len(rows) <= NULL_ROWS else max(NULL_ROWS, -(-len(rows) // permutations))
+    null_ex_z, null_pair_z, null_pair_w, null_pair_n = [], [], [], 0.0
     for _ in range(permutations):
         shuffled = masks[rng.permutation(masks.shape[0])]
         null_ex_z.append(high_mem_candidates(shuffled, correct_train, eligible=eligible,
                                              mem_threshold=mem_threshold)[1])
         if observed is not None:
-            null = high_influence_candidates(shuffled, correct_test, rows, infl_threshold=infl_threshold,
+            share = rows if rows_per_permutation == len(rows) else np.sort(
+                rng.choice(rows, rows_per_permutation, replace=False))
+            null = high_influence_candidates(shuffled, correct_test, share, infl_threshold=infl_threshold,
                                              max_pairs=max_pairs, block=block)
-            null_pair_z.append(null.pairs["z"].to_numpy())
-            null_pair_n += null.count
+            scale = len(rows) / len(share) if len(rows) else 1.0
+            z, w = null.pairs["z"].to_numpy(), np.full(len(null.pairs), scale)
+            if null.count > len(z):
+                # the capped list dropped its weakest pairs: count them at the weakest kept z, which
+                # overcounts only below it (conservative) and is exact above it
+                z, w = np.append(z, z.min()), np.append(w, scale * (null.count - len(z)))
+            null_pair_z.append(z)
+            null_pair_w.append(w)
+            null_pair_n += scale * null.count
     tau_ex = permutation_fdr_threshold(z_rows, np.concatenate(null_ex_z), permutations, fdr)
     examples = pd.DataFrame({"index": rows, "mem_z": z_rows, "passes_fdr": z_rows >= tau_ex})
     counts = per_example_counts(masks, correct_train)
@@ -274,7 +293,7 @@ def controlled_findings(masks: np.ndarray, correct_train: np.ndarray, correct_te
     pairs, need_pairs = None, None
     if observed is not None:
         tau_pair = permutation_fdr_threshold(observed.pairs["z"].to_numpy(), np.concatenate(null_pair_z),
-                                             permutations, fdr)
+                                             permutations, fdr, null_weights=np.concatenate(null_pair_w))
         pairs = observed.pairs.assign(passes_fdr=observed.pairs["z"].to_numpy() >= tau_pair)
         p = np.asarray(correct_test, bool).mean(0)
         sd_t = np.sqrt(p * (1 - p))

@@ -46,6 +46,21 @@ def test_pure_noise_gives_raw_findings_but_few_controlled_ones():
     assert found.models_needed_pairs > 40 and found.models_needed_high_mem > 40
 
 
+def test_null_scored_on_a_share_of_many_candidates_keeps_its_scale(monkeypatch):
+    masks, ctrain, ctest, _ = _noise(k=40, n=600)
+    full = _control(masks, ctrain, ctest)
+    # a capped list: the null's dropped pairs still count, so noise stays noise
+    capped = _control(masks, ctrain, ctest, max_pairs=50)
+    assert capped.high_influence_pairs_raw == full.high_influence_pairs_raw
+    assert capped.expected_false_pairs == pytest.approx(full.expected_false_pairs)
+    assert capped.high_influence_pairs <= 5
+    monkeypatch.setattr(estimators, "NULL_ROWS", 4)          # each permutation scores a share of the rows
+    shared = _control(masks, ctrain, ctest)
+    assert shared.high_influence_pairs_raw == full.high_influence_pairs_raw
+    assert shared.expected_false_pairs == pytest.approx(full.expected_false_pairs, rel=0.25)
+    assert shared.high_influence_pairs <= 0.02 * shared.high_influence_pairs_raw
+
+
 def test_planted_dependence_is_found_among_noise():
     masks, ctrain, ctest, rng = _noise(seed=1)
     planted = np.arange(10)
