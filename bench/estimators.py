@@ -216,17 +216,19 @@ def permutation_fdr_threshold(z_observed: np.ndarray, z_null: np.ndarray, permut
     return float(taus[np.argmax(ok)]) if ok.any() else float("inf")
 
 
-def models_needed(*, models: int, threshold: float, null_sd: float, tests: int, fdr: float) -> int | None:
+def models_needed(*, in_fraction: float, threshold: float, tests: int, fdr: float) -> int | None:
     """About how many models make a pure-noise finding at ``threshold`` rare (expected count <= fdr).
 
-    The null spread of mem and infl scales as 1/sqrt(K); the threshold must sit z = Phi^-1(1 - fdr/tests)
-    null standard deviations out. None when the spread is unknown (no example with 0 < p < 1).
+    Under the null a difference of means over in_fraction * K and (1 - in_fraction) * K models has
+    standard deviation at most 0.5 sqrt(1/in_fraction + 1/(1 - in_fraction)) / sqrt(K) (accuracy 1/2, the
+    noisiest case). The threshold must sit z = Phi^-1(1 - fdr / tests) of those out. None when undefined.
     """
     from scipy import stats
-    if not (null_sd > 0) or tests < 1 or threshold <= 0:
+    if not (0 < in_fraction < 1) or tests < 1 or threshold <= 0:
         return None
     z_needed = float(stats.norm.isf(fdr / tests))
-    return int(np.ceil(models * (z_needed * null_sd / threshold) ** 2))
+    spread = 0.5 * np.sqrt(1 / in_fraction + 1 / (1 - in_fraction))
+    return int(np.ceil((z_needed * spread / threshold) ** 2))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,26 +286,14 @@ def controlled_findings(masks: np.ndarray, correct_train: np.ndarray, correct_te
             null_pair_n += scale * null.count
     tau_ex = permutation_fdr_threshold(z_rows, np.concatenate(null_ex_z), permutations, fdr)
     examples = pd.DataFrame({"index": rows, "mem_z": z_rows, "passes_fdr": z_rows >= tau_ex})
-    counts = per_example_counts(masks, correct_train)
-    sd_ex = _null_sd(counts["k_in"] + counts["k_out"], counts["n_in"], counts["n_out"])[eligible]
-    sd_ex = sd_ex[np.isfinite(sd_ex) & (sd_ex > 0)]
-    k = masks.shape[0]
-    need_ex = models_needed(models=k, threshold=mem_threshold, null_sd=float(np.median(sd_ex)) if len(sd_ex) else 0.0,
-                            tests=int(eligible.sum()), fdr=fdr)
+    in_fraction = float(masks.mean())
+    need_ex = models_needed(in_fraction=in_fraction, threshold=mem_threshold, tests=int(eligible.sum()), fdr=fdr)
     pairs, need_pairs = None, None
     if observed is not None:
         tau_pair = permutation_fdr_threshold(observed.pairs["z"].to_numpy(), np.concatenate(null_pair_z),
                                              permutations, fdr, null_weights=np.concatenate(null_pair_w))
         pairs = observed.pairs.assign(passes_fdr=observed.pairs["z"].to_numpy() >= tau_pair)
-        p = np.asarray(correct_test, bool).mean(0)
-        sd_t = np.sqrt(p * (1 - p))
-        sd_t = sd_t[sd_t > 0]
-        n_in = counts["n_in"][rows]
-        if len(sd_t) and len(rows):
-            spread = np.sqrt(1.0 / n_in + 1.0 / (k - n_in))
-            need_pairs = models_needed(models=k, threshold=infl_threshold,
-                                       null_sd=float(np.median(sd_t) * np.median(spread)),
-                                       tests=observed.tests, fdr=fdr)
+        need_pairs = models_needed(in_fraction=in_fraction, threshold=infl_threshold, tests=observed.tests, fdr=fdr)
     return ControlledFindings(
         examples=examples, pairs=pairs,
         high_mem_examples_raw=len(rows), high_mem_examples=int(examples["passes_fdr"].sum()),

@@ -66,7 +66,8 @@ def trend_frame(summary: dict) -> pd.DataFrame:
         rows.append({"variant": name, "acc_loss_slope": v.get("acc_loss_slope"),
                      "acc_loss_slope_lo": v.get("acc_loss_slope_lo"), "acc_loss_slope_hi": v.get("acc_loss_slope_hi"),
                      "mem_slope": v.get("mem_slope"), "mem_slope_lo": v.get("mem_slope_lo"),
-                     "mem_slope_hi": v.get("mem_slope_hi"), "subgroups": v.get("mem_slope_subgroups")})
+                     "mem_slope_hi": v.get("mem_slope_hi"), "loss_subgroups": v.get("acc_loss_slope_subgroups"),
+                     "mem_subgroups": v.get("mem_slope_subgroups")})
     return pd.DataFrame(rows).astype({c: float for c in ("acc_loss_slope", "acc_loss_slope_lo", "acc_loss_slope_hi",
                                                          "mem_slope", "mem_slope_lo", "mem_slope_hi")})
 

@@ -163,3 +163,14 @@ def test_mean_memorization_skips_and_counts_examples_without_in_or_out(tmp_path)
     assert {"acc_loss_lo", "acc_loss_hi", "mem_examples"} <= set(bins.columns)
     assert bins.loc[bins.variant == "nonprivate", "mem_examples"].sum() == summary["variants"]["nonprivate"][
         "mean_mem_examples"]
+
+
+def test_report_warns_when_most_raw_findings_are_noise():
+    from dpmem.bench.report import fdr_warnings
+    base = {"models": 128, "high_mem_examples_raw": 24, "expected_false_high_mem": 9.6,
+            "models_needed_high_mem": 700, "high_influence_pairs_raw": 2310, "expected_false_pairs": 2192.1,
+            "models_needed_pairs": 1285}
+    lines = fdr_warnings({"variants": {"nonprivate": base,
+                                       "dp-eps4": {**base, "expected_false_pairs": 3.0}}})
+    assert lines == ["warning: nonprivate: 2,192 of the 2,310 raw high-influence pairs are expected from noise "
+                     "alone at K = 128 models; about 1,285 models per variant would make noise findings rare"]
