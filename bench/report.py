@@ -162,7 +162,7 @@ def figure_loss_vs_frequency(analysis: Analysis):
     sub = analysis.subgroups
     bins = analysis.bins
     order = bin_order(bins["freq_bin"])
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.6))
     dp = [v for v in dict.fromkeys(sub["variant"]) if v != "nonprivate"]
     palette = dict(zip(dict.fromkeys(sub["variant"]), sns.color_palette("viridis_r", len(set(sub["variant"])))))
     for name in dict.fromkeys(sub["variant"]):
@@ -190,8 +190,10 @@ def figure_loss_vs_frequency(analysis: Analysis):
     ax2.axhline(0, color="k", lw=0.8)
     ax3.set(title="Mean memorization by subgroup frequency", xlabel="training examples in subgroup",
             ylabel="mean memorization")
-    for ax in (ax1, ax2, ax3):
+    for ax in (ax1, ax3):
         ax.legend(fontsize=7)
+    # below the axes: inside, the slopes would cover the points they describe
+    ax2.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     return fig
 
