@@ -109,7 +109,7 @@ def write_tables(analysis: Analysis, out: Path) -> None:
     write_frame(_ordered(analysis.memorization, MEMORIZATION_COLUMNS), out / "memorization")
     write_frame(_ordered(analysis.subgroups, SUBGROUP_COLUMNS), out / "subgroups")
     write_frame(_ordered(analysis.bins, BIN_COLUMNS), out / "frequency_bins")
-    if len(analysis.pairs):
+    if len(analysis.pairs.columns):     # written even when empty, so no earlier list survives a report
         write_frame(analysis.pairs, out / "influence_pairs")
     atomic_write_json(out / "summary.json", analysis.summary)
     tables = out / "tables"

@@ -159,6 +159,7 @@ def test_mean_memorization_skips_and_counts_examples_without_in_or_out(tmp_path)
     np_sub = sub.loc[sub.variant == "nonprivate"].set_index("subgroup")
     assert (np_sub.loc[per_subgroup.index, "mem_examples"] == per_subgroup["size"]).all()
     np.testing.assert_allclose(np_sub.loc[per_subgroup.index, "mean_mem"], per_subgroup["mean"])
+    assert (out / "influence_pairs.csv").is_file()         # written even when no pair survives
     bins = pd.read_csv(out / "frequency_bins.csv")
     assert {"acc_loss_lo", "acc_loss_hi", "mem_examples"} <= set(bins.columns)
     assert bins.loc[bins.variant == "nonprivate", "mem_examples"].sum() == summary["variants"]["nonprivate"][
