@@ -81,7 +81,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         mem_rows.append(frame)
         tables = dict(variant=name, epsilon=claimed, correct_test=arrays["test_correct"], g_test=data["g_test"],
                       train_count=train_count, mem=mem.mem, g_train=g_train, is_canary=is_canary,
-                      reference_correct=reference)
+                      reference_correct=None if name == cfg.variants[0][0] else reference)
         sub = subgroups.subgroup_table(subgroup_label=data["subgroup_label"], **tables)
         sub_rows.append(sub)
         bin_rows.append(subgroups.bin_table(**tables))

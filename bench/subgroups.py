@@ -58,7 +58,9 @@ def crossed_mean_ci(values: np.ndarray, groups: np.ndarray, n_groups: int, *, va
     (each carries the interaction term once, so the sum is slightly conservative; Owen 2007, "The
     pigeonhole bootstrap"). The interval is a t-interval with Satterthwaite's degrees of freedom, clipped
     to ``value_range``. With one test example the example variance cannot be estimated: its worst case,
-    (range/2)^2, is used, so the interval says honestly that one test example shows little.
+    (range/2)^2, is used, so the interval says honestly that one test example shows little. When every
+    value of a group is the same, a Clopper-Pearson bound on the share of its test examples that could
+    differ replaces the point interval.
     Feed the paired differences c_nonprivate[k, j] - c_dp[k, j] to get a paired interval on accuracy loss.
     """
     values = np.asarray(values, np.float32)
@@ -82,6 +84,15 @@ def crossed_mean_ci(values: np.ndarray, groups: np.ndarray, n_groups: int, *, va
         half = stats.t.ppf(0.5 + level / 2, df) * se
     lo = np.clip(mean - half, *value_range)
     hi = np.clip(mean + half, *value_range)
+    # Every model gives every test example the same value (all right, say): the variances are 0 and the
+    # interval above would be a point. The test examples still bound it: with n_g of them all alike, the
+    # share of the subgroup's examples that differ is at most u = 1 - ((1 - level) / 2)^(1 / n_g)
+    # (Clopper-Pearson), and the mean can move at most that share of the way to either end of the range.
+    constant = (n_g > 1) & (var_models == 0) & (var_examples == 0)
+    if constant.any():
+        u = 1 - ((1 - level) / 2) ** (1 / np.where(constant, n_g, 1))
+        lo = np.where(constant, mean - u * (mean - value_range[0]), lo)
+        hi = np.where(constant, mean + u * (value_range[1] - mean), hi)
     empty = n_g == 0
     return mean, np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
 
@@ -144,12 +155,12 @@ def subgroup_table(*, variant: str, epsilon: float | None, correct_test: np.ndar
                    level: float = 0.95) -> pd.DataFrame:
     """One row per subgroup: accuracy and its loss against the reference (non-private) models, each with
     an interval over models and test examples (``crossed_mean_ci``; the loss pairs the two models with the
-    same index), and the mean memorization of its members with how many examples it covers."""
+    same index; ``reference_correct=None`` for the reference itself), and the mean memorization of its
+    members with how many examples it covers."""
     n_sub = len(subgroup_label)
     correct = np.asarray(correct_test, np.float32)
     acc, acc_lo, acc_hi = crossed_mean_ci(correct, g_test, n_sub, value_range=(0.0, 1.0), level=level)
-    ref = correct if reference_correct is None else np.asarray(reference_correct, np.float32)
-    loss, loss_lo, loss_hi = crossed_mean_ci(ref - correct, g_test, n_sub, value_range=(-1.0, 1.0), level=level)
+    loss, loss_lo, loss_hi = _paired_loss(reference_correct, correct, g_test, n_sub, level)
     mean_mem, mem_count = _group_mean(mem, g_train, n_sub, ~np.asarray(is_canary, bool))
     return pd.DataFrame({
         "variant": variant, "epsilon": epsilon, "subgroup": np.arange(n_sub), "label": subgroup_label,
@@ -159,6 +170,17 @@ def subgroup_table(*, variant: str, epsilon: float | None, correct_test: np.ndar
         "acc_loss": loss, "acc_loss_lo": loss_lo, "acc_loss_hi": loss_hi,
         "mean_mem": mean_mem, "mem_examples": mem_count,
     })
+
+
+def _paired_loss(reference: np.ndarray | None, correct: np.ndarray, groups: np.ndarray, n_groups: int,
+                 level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """acc(reference) - acc(variant) per group on paired models; None: the variant is the reference, whose
+    loss is 0 by definition (no interval to estimate)."""
+    if reference is None:
+        zero = np.where(np.bincount(np.asarray(groups, np.int64), minlength=n_groups) > 0, 0.0, np.nan)
+        return zero, zero, zero
+    return crossed_mean_ci(np.asarray(reference, np.float32) - correct, groups, n_groups,
+                           value_range=(-1.0, 1.0), level=level)
 
 
 def _group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,8 +204,7 @@ def bin_table(*, variant: str, epsilon: float | None, correct_test: np.ndarray, 
     b_test = bin_of_subgroup[np.asarray(g_test, np.int64)]
     correct = np.asarray(correct_test, np.float32)
     acc, acc_lo, acc_hi = crossed_mean_ci(correct, b_test, n_bins, value_range=(0.0, 1.0), level=level)
-    ref = correct if reference_correct is None else np.asarray(reference_correct, np.float32)
-    loss, loss_lo, loss_hi = crossed_mean_ci(ref - correct, b_test, n_bins, value_range=(-1.0, 1.0), level=level)
+    loss, loss_lo, loss_hi = _paired_loss(reference_correct, correct, b_test, n_bins, level)
     real = ~np.asarray(is_canary, bool)
     b_train = bin_of_subgroup[np.asarray(g_train, np.int64)]
     mean_mem, mem_count = _group_mean(mem, b_train, n_bins, real)

@@ -19,7 +19,8 @@ def test_subgroup_accuracy_interval_and_paired_loss():
     kw = dict(g_test=g_test, subgroup_label=np.array([0, 1]), train_count=np.array([5, 1]),
               mem=np.array([0.0, 0.2, np.nan]), g_train=np.array([0, 0, 1]), is_canary=np.zeros(3, bool),
               reference_correct=c_np)
-    t = pd.concat([subgroups.subgroup_table(variant="nonprivate", epsilon=None, correct_test=c_np, **kw),
+    t = pd.concat([subgroups.subgroup_table(variant="nonprivate", epsilon=None, correct_test=c_np,
+                                            **{**kw, "reference_correct": None}),
                    subgroups.subgroup_table(variant="dp-eps1", epsilon=1.0, correct_test=c_dp, **kw)])
     np_row = t[(t.variant == "nonprivate") & (t.subgroup == 0)].iloc[0]
     assert np_row.test_acc == pytest.approx((1 + 0.5 + 1) / 3)

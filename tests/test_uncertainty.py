@@ -111,6 +111,19 @@ def test_crossed_interval_with_one_test_example_is_wide_not_nan():
     assert np.isnan(mean[2]) and np.isnan(lo[2])               # no test example: nothing to estimate
 
 
+def test_crossed_interval_never_collapses_to_a_point():
+    # every model right on every one of a subgroup's n test examples: the accuracy interval is
+    # [0.025^(1/n), 1] (Clopper-Pearson on the examples), the paired loss interval symmetric about 0
+    groups = np.repeat([0, 1], [5, 30])
+    ones = np.ones((50, 35), np.float32)
+    mean, lo, hi = subgroups.crossed_mean_ci(ones, groups, 2, value_range=(0.0, 1.0))
+    np.testing.assert_allclose(lo, 0.025 ** (1 / np.array([5, 30])))
+    assert (mean == 1).all() and (hi == 1).all()
+    mean, lo, hi = subgroups.crossed_mean_ci(ones - ones, groups, 2, value_range=(-1.0, 1.0))
+    np.testing.assert_allclose(hi, 1 - 0.025 ** (1 / np.array([5, 30])))
+    np.testing.assert_allclose(lo, -hi)
+
+
 def test_wls_trend_recovers_a_planted_slope_and_covers_it():
     rng = np.random.default_rng(3)
     counts = np.repeat([1, 2, 4, 8, 16, 32], 10)               # 60 subgroups
