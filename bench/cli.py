@@ -253,7 +253,63 @@ def _add_studies(sub) -> None:
     sw.set_defaults(func=cmd_sweep)
 
 
-_EXTRA_COMMANDS: list = [_add_studies]
+def cmd_feldman(args) -> int:
+    from dpmem.bench import feldman, report
+    from dpmem.bench.store import RunStore
+    store = RunStore.open(args.run_dir)
+    per_model, summary, points, facts = feldman.analyse_run(store)
+    out = Path(args.out) if args.out else store.root / "feldman"
+    feldman.write_report(per_model, summary, points, facts, out)
+    print(report.markdown(summary[["variant", "n_mean", "tau", "opt", "singletons", "unfit_singletons",
+                                   "test_error", "bound", "error_minus_bound", "explained"]]))
+    print(f"dpmem: t = {facts['points']} points, n = {facts['n_train']} ({facts['singletons_in_S']} singletons in S), "
+          f"tau(n) = {facts['tau_S']:.4g}, opt(n) = {facts['opt_S']:.4g}; outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_utility(args) -> int:
+    from dpmem.bench import utility
+    from dpmem.bench.store import RunStore
+    store = RunStore.open(args.run_dir)
+    thresholds = _float_list(args.thresholds)
+    if not thresholds or any(not 0 < t <= 1 for t in thresholds):
+        raise UsageError(f"--thresholds values must be in (0, 1], got {args.thresholds!r}")
+    if args.models < 2:
+        raise UsageError(f"--models must be >= 2, got {args.models}")
+    out = Path(args.out) if args.out else store.root / "utility"
+    t0 = time.perf_counter()
+    try:
+        cells = utility.run_utility(store, out, thresholds=thresholds, models=args.models,
+                                    progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ndpmem: interrupted; finished cells are stored in {out}. Run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    table = utility.utility_table(cells)
+    utility.write_report(table, out)
+    print(utility.markdown_summary(table))
+    print(f"dpmem: utility study in {time.perf_counter() - t0:.1f} s; outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_long_tail_studies(sub) -> None:
+    ut = sub.add_parser("utility", help="marginal utility of memorized examples: remove them, retrain, compare "
+                                        "with random and same-subgroup removals")
+    ut.add_argument("run_dir")
+    ut.add_argument("--thresholds", default="0.25,0.5,0.75",
+                    help="memorization thresholds (non-private estimates); examples at or above are removed")
+    ut.add_argument("--models", type=int, default=100, help="models per (threshold, removal, variant) cell")
+    ut.add_argument("--out", help="study directory (default RUN_DIR/utility)")
+    ut.add_argument("--quiet", action="store_true")
+    ut.set_defaults(func=cmd_utility)
+    fe = sub.add_parser("feldman", help="Feldman's long-tail bound (Theorem 2.3) against the measured error "
+                                        "of a dataset=feldman run")
+    fe.add_argument("run_dir")
+    fe.add_argument("--out", help="output directory (default RUN_DIR/feldman)")
+    fe.set_defaults(func=cmd_feldman)
+
+
+_EXTRA_COMMANDS: list = [_add_studies, _add_long_tail_studies]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ from dpmem.privacy.faults import FAULTS
 # DATASETS, models/nets.py ARCHITECTURES, privacy/audit.py SAMPLINGS); validate() looks them up
 # on first use, since those modules import this one or pull in heavy libraries.
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+FELDMAN_PRIORS = ("zipf", "uniform")
+FELDMAN_INPUTS = ("onehot", "embedding")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +39,10 @@ class Config:
     n_test: int = 0                  # synthetic only (0: default)
     clusters_per_class: int = 10     # subgroups per class for image datasets
     zipf_a: float = 1.0              # subgroup frequencies ~ 1 / rank**zipf_a (dataset=file: 0 keeps it as given)
-    n_subgroups: int = 200           # synthetic only
-    dim: int = 64                    # synthetic only
+    n_subgroups: int = 200           # synthetic: subpopulations; feldman: domain size t (each point its own)
+    dim: int = 64                    # synthetic; feldman with feldman_inputs = "embedding"
+    feldman_prior: str = "zipf"      # feldman: point frequencies ~ 1 / rank**zipf_a ("zipf") or equal ("uniform")
+    feldman_inputs: str = "onehot"   # feldman: a point's input is its one-hot vector or a fixed N(0, I_dim) vector
     noise_scale: float = 1.0         # synthetic only: within-subgroup spread
     label_noise: float = 0.0         # probability a training label is replaced at random
     canaries: int = 0                # mislabeled training examples added to raise audit power
@@ -147,6 +151,14 @@ def validate(c: Config) -> None:
     _check(c.zipf_a >= 0, "zipf_a", f"must be >= 0, got {c.zipf_a}")
     _check(c.n_subgroups >= 1, "n_subgroups", f"must be >= 1, got {c.n_subgroups}")
     _check(c.dim >= 1, "dim", f"must be >= 1, got {c.dim}")
+    _check(c.feldman_prior in FELDMAN_PRIORS, "feldman_prior",
+           f"unknown prior {c.feldman_prior!r}; choose from {', '.join(FELDMAN_PRIORS)}")
+    _check(c.feldman_inputs in FELDMAN_INPUTS, "feldman_inputs",
+           f"unknown inputs {c.feldman_inputs!r}; choose from {', '.join(FELDMAN_INPUTS)}")
+    if c.dataset == "feldman":
+        # Feldman's model has clean labels from one function; noise or mislabeled canaries would change opt.
+        _check(c.label_noise == 0, "label_noise", "must be 0 for dataset feldman (labels are a function of the point)")
+        _check(c.canaries == 0, "canaries", "must be 0 for dataset feldman (labels are a function of the point)")
     _check(all(h >= 1 for h in c.hidden), "hidden", f"widths must be >= 1, got {list(c.hidden)}")
     _check(0.0 <= c.mem_threshold <= 1.0, "mem_threshold", f"must be in [0, 1], got {c.mem_threshold}")
     _check(0.0 <= c.infl_threshold <= 1.0, "infl_threshold", f"must be in [0, 1], got {c.infl_threshold}")

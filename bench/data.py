@@ -12,6 +12,9 @@ every subgroup belongs to one class. Three families (see DESIGN.md, "Data"):
   dimensions; at the defaults logistic regression fits ~96% of the training set and ~80% of the
   test set, an MLP 100% and ~92%). Train and test are i.i.d. draws from the mixture, so the exact
   frequencies p_k (``info["subgroup_probability"]``) are known.
+- ``feldman``: Feldman's discrete model itself (see ``_feldman``): t points, each its own subgroup, with
+  exact probabilities from a Zipf or uniform prior, labels from a random function, one-hot or random
+  embedding inputs.
 - ``digits``, ``mnist5k`` (embedded, no network) and the torchvision sets ``mnist``,
   ``fashionmnist``, ``cifar10`` (local copies only): a stratified pool/test split; subgroups are
   k-means clusters inside each class, fitted on the pool; a long tail is made by keeping
@@ -51,7 +54,7 @@ SYNTHETIC_NOISE_PER_UNIT = 0.5      # per-coordinate noise std at noise_scale = 
 # Default training-set sizes (n_train = 0). With 100 subgroups and zipf_a = 1, singletons exist only
 # below ~600 examples; digits/mnist5k defaults give ~40 singletons, ~30 subgroups of 2-3 and a head
 # of whole clusters; the torchvision default (1000) keeps 2-3s as its rarest subgroups.
-DEFAULT_N_TRAIN = {"synthetic": 1000, "digits": 300, "mnist5k": 400,
+DEFAULT_N_TRAIN = {"synthetic": 1000, "feldman": 300, "digits": 300, "mnist5k": 400,
                    "mnist": 1000, "fashionmnist": 1000, "cifar10": 1000, "cifar100": 1000}
 DEFAULT_N_TEST_SYNTHETIC = 10000
 EMBEDDED_TEST_FRACTION = 0.4        # digits / mnist5k: share of the images held out as the test set
@@ -75,7 +78,8 @@ CIFAR100_COARSE = np.array([
 
 # Independent random streams, one per step (values are part of the data's identity: never reuse).
 _STREAMS = {"split": 1, "clusters": 2, "ranks": 3, "resample": 4, "label_noise": 5, "canaries": 6,
-            "synthetic_mixture": 7, "synthetic_train": 8, "synthetic_test": 9}
+            "synthetic_mixture": 7, "synthetic_train": 8, "synthetic_test": 9,
+            "feldman_domain": 10, "feldman_train": 11, "feldman_test": 12}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -597,3 +601,46 @@ def _file(cfg: Config) -> Dataset:
                   x_test=arrays["x_test"].astype(np.float32), y_test=y_test, n_classes=n_classes, info=info,
                   **extra)
     return _long_tail(cfg, src)
+
+
+@dataset("feldman")
+def _feldman(cfg: Config) -> Dataset:
+    """Feldman's discrete model exactly: t = n_subgroups points, each its own subpopulation.
+
+    Point x has probability D(x) from the prior (``feldman_prior``: Zipf 1 / rank**zipf_a over random
+    ranks, or uniform 1/t), its label f(x) is uniform over 10 classes independently of everything else
+    (a random function), and its input is its one-hot vector in R^t or a fixed N(0, I_dim) vector
+    (``feldman_inputs``). Training and test sets are i.i.d. draws of (x, f(x)), x ~ D, so a point can
+    occur several times. Inputs are not standardised: a standardised one-hot coordinate would scale a
+    rare point's input by about sqrt(n). ``info`` records D and every point's training count exactly.
+    """
+    t = cfg.n_subgroups
+    domain = _rng(cfg.seed, "feldman_domain")
+    ranks = zipf_ranks(t, domain)
+    prob = zipf_probabilities(ranks, cfg.zipf_a) if cfg.feldman_prior == "zipf" else np.full(t, 1.0 / t)
+    label = domain.integers(SYNTHETIC_CLASSES, size=t).astype(np.int64)
+    if cfg.feldman_inputs == "onehot":
+        points = np.eye(t, dtype=np.float32)
+    else:
+        points = domain.standard_normal((t, cfg.dim)).astype(np.float32)
+    n_train = cfg.n_train or DEFAULT_N_TRAIN["feldman"]
+    n_test = cfg.n_test or DEFAULT_N_TEST_SYNTHETIC
+    g_tr = _rng(cfg.seed, "feldman_train").choice(t, size=n_train, p=prob).astype(np.int64)
+    g_te = _rng(cfg.seed, "feldman_test").choice(t, size=n_test, p=prob).astype(np.int64)
+    counts = np.bincount(g_tr, minlength=t)
+    info = dict(source="Feldman's discrete long-tail model", n_train=int(n_train), n_test=int(n_test),
+                n_subgroups=int(t), prior=cfg.feldman_prior, zipf_a=float(cfg.zipf_a), inputs=cfg.feldman_inputs,
+                dim=int(points.shape[1]), n_classes=SYNTHETIC_CLASSES, subgroup_rank=ranks.tolist(),
+                point_probability=prob.tolist(), point_train_count=counts.tolist(),
+                singletons=int((counts == 1).sum()), label_noise=0.0, canaries=0,
+                standardisation="none", seed=int(cfg.seed))
+    dim = points.shape[1]
+    return Dataset(
+        name="feldman",
+        x_train=points[g_tr], y_train=label[g_tr], g_train=g_tr,
+        x_test=points[g_te], y_test=label[g_te], g_test=g_te,
+        n_classes=SYNTHETIC_CLASSES, subgroup_label=label,
+        is_canary=np.zeros(n_train, bool), label_noisy=np.zeros(n_train, bool),
+        input_shape=(dim,), info=info,
+        x_mean=np.zeros(dim, np.float32), x_std=np.ones(dim, np.float32), centroids=points.copy(),
+    )
