@@ -286,7 +286,7 @@ def cmd_utility(args) -> int:
               file=sys.stderr)
         return 130
     table = utility.utility_table(cells)
-    utility.write_report(table, out)
+    utility.write_report(table, Path(args.report_out) if args.report_out else out)
     print(utility.markdown_summary(table))
     print(f"dpmem: utility study in {time.perf_counter() - t0:.1f} s; outputs in {out}", file=sys.stderr)
     return EXIT_OK
@@ -299,7 +299,8 @@ def _add_long_tail_studies(sub) -> None:
     ut.add_argument("--thresholds", default="0.25,0.5,0.75",
                     help="memorization thresholds (non-private estimates); examples at or above are removed")
     ut.add_argument("--models", type=int, default=100, help="models per (threshold, removal, variant) cell")
-    ut.add_argument("--out", help="study directory (default RUN_DIR/utility)")
+    ut.add_argument("--out", help="study directory: retrained models' arrays, resumable (default RUN_DIR/utility)")
+    ut.add_argument("--report-out", help="write tables and figures here instead of the study directory")
     ut.add_argument("--quiet", action="store_true")
     ut.set_defaults(func=cmd_utility)
     fe = sub.add_parser("feldman", help="Feldman's long-tail bound (Theorem 2.3) against the measured error "

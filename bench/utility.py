@@ -1,0 +1,374 @@
+"""The marginal utility of memorized examples (Feldman & Zhang), with the critique's distribution-shift control.
+
+For each memorization threshold, the training examples whose non-private memorization estimate (from the
+run) is at or above it are removed from the training set, and K models of every variant are retrained on
+the rest with the run's config (DP variants recalibrated by the accountant for the smaller set). Two
+controls remove as many examples:
+
+- ``random``: uniformly random training examples;
+- ``matched``: for each removed memorized example, a random not-memorized example of the same subgroup
+  (falling back to the same class, then to any example): the training distribution over subgroups and
+  classes shifts as it does when the memorized examples go (the critique's point), but the memorized
+  examples themselves stay.
+
+Each control model draws its own removal set, so intervals over models include the randomness of the
+draw. K reference models per variant train on the whole training set (the run's own models train on
+subsets of size q n, so they are not the reference). Every model trains on the whole training set minus
+its removed examples, as in Feldman & Zhang's experiment, expressed as a mask over the full set: model k
+of every cell shares its initialisation and batch coins with model k of the reference (it sees the
+reference's batches minus the removed examples), so accuracy drops are paired differences over models.
+
+Each cell (threshold, removal, variant) is a unit of the study store: its arrays are written atomically
+with a completion record, so an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from dpmem.bench import estimators, pipeline
+from dpmem.bench.data import load_dataset
+from dpmem.bench.errors import UsageError
+from dpmem.bench.store import RunStore, atomic_write_json, chunks_of, read_json
+from dpmem.bench.subgroups import mean_ci
+from dpmem.models import train_models
+from dpmem.models.spec import TrainRequest
+
+KINDS = ("memorized", "random", "matched")
+REFERENCE = "full"
+# Random stream of the study (its own, so its models are not the run's models).
+_STUDY_STREAM = 7_031
+
+
+# -- removal sets ----------------------------------------------------------------------------
+
+def matched_removal(removed: np.ndarray, g_train: np.ndarray, y_train: np.ndarray, candidates: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """One replacement per removed example: same subgroup, else same class, else any; never a removed one.
+
+    Returns the chosen indices (sorted) and how many came from the subgroup, the class, or anywhere.
+    """
+    removed = np.asarray(removed, np.int64)
+    pool = np.setdiff1d(candidates, removed)
+    taken = np.zeros(len(g_train), bool)
+    chosen, fallback = [], {"subgroup": 0, "class": 0, "any": 0}
+    for i in rng.permutation(removed):
+        free = pool[~taken[pool]]
+        if free.size == 0:
+            raise UsageError(f"cannot match {len(removed)} removed examples: too few examples remain; "
+                             "use a higher threshold")
+        for level, same in (("subgroup", g_train[free] == g_train[i]), ("class", y_train[free] == y_train[i]),
+                            ("any", np.ones(free.size, bool))):
+            if same.any():
+                j = int(rng.choice(free[same]))
+                fallback[level] += 1
+                break
+        taken[j] = True
+        chosen.append(j)
+    return np.sort(np.array(chosen, np.int64)), fallback
+
+
+def memorized_sets(mem: np.ndarray, candidates: np.ndarray, thresholds: list[float]) -> list[dict]:
+    """For each threshold that at least one candidate reaches: the candidates at or above it."""
+    out = []
+    for thr in thresholds:
+        memorized = candidates[mem[candidates] >= thr]
+        if memorized.size:
+            out.append({"threshold": float(thr), "memorized": memorized.tolist()})
+    return out
+
+
+def removal_masks(kind: str, memorized: np.ndarray, *, g_train: np.ndarray, y_train: np.ndarray,
+                  candidates: np.ndarray, models: range, seed: int, threshold: float) -> tuple[np.ndarray, dict]:
+    """bool [len(models), n]: the examples each model loses, and the matched draws' fallback counts.
+
+    The memorized removal is the same for every model. Each control model draws its own removal set of the
+    same size (from its own stream, so model k's draw does not depend on K): an interval over models then
+    covers the randomness of the control's draw, not only that of training.
+    """
+    n = len(g_train)
+    removed = np.zeros((len(models), n), bool)
+    fallback = {"subgroup": 0, "class": 0, "any": 0}
+    for row, k in enumerate(models):
+        if kind == "memorized":
+            removed[row, memorized] = True
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence(
+            [seed, _STUDY_STREAM, int(round(threshold * 1e6)), KINDS.index(kind), k]))
+        if kind == "random":
+            removed[row, rng.choice(candidates, size=len(memorized), replace=False)] = True
+        else:
+            chosen, fb = matched_removal(memorized, g_train, y_train, candidates, rng)
+            removed[row, chosen] = True
+            fallback = {key: fallback[key] + fb[key] for key in fallback}
+    return removed, fallback
+
+
+def high_influence(masks: np.ndarray, test_correct: np.ndarray, infl_threshold: float) -> np.ndarray:
+    """bool [n, m]: infl(i, j) >= infl_threshold (streamed in blocks; undefined influence counts as low)."""
+    return np.concatenate([np.nan_to_num(infl, nan=-np.inf) >= infl_threshold
+                           for _, infl in estimators.influence_blocks(masks, test_correct)], axis=0)
+
+
+def influenced_test(high: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """bool [K, m]: test examples on which some example removed from model k has high influence."""
+    return (np.asarray(removed, np.float32) @ high.astype(np.float32)) > 0
+
+
+# -- training --------------------------------------------------------------------------------
+
+def _supports_stream_ids() -> bool:
+    return "stream_ids" in {f.name for f in dataclasses.fields(TrainRequest)}
+
+
+def _train_unit(cfg, spec, *, x, y, masks, chunk, v_index: int, evals: dict) -> dict[str, np.ndarray]:
+    """Train models chunk.start..chunk.stop-1 of a cell; flat {split}_{array} dict (contract C2)."""
+    study = cfg.replace(seed=int(np.random.SeedSequence([cfg.seed, _STUDY_STREAM]).generate_state(1)[0]))
+    kwargs = dict(x_train=x, y_train=y, masks=masks, evals=evals)
+    if _supports_stream_ids():
+        # per-model streams: model k's randomness does not depend on how the models are chunked
+        kwargs.update(seed=study.seed, stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64),
+                      noise_seed=int(np.random.SeedSequence([study.seed, 1 + v_index]).generate_state(1)[0]))
+    else:
+        seed, noise_seed = pipeline.unit_seeds(study, chunk, v_index)
+        kwargs.update(seed=seed, noise_seed=noise_seed)
+    out = train_models(spec, TrainRequest(**kwargs), engine=cfg.engine)
+    if all(isinstance(v, np.ndarray) for v in out.values()):
+        return out
+    flat = {}
+    for split, o in out.items():   # engines that still return per-split Outputs
+        flat[f"{split}_correct"] = o.correct
+        flat[f"{split}_margin"] = o.margin
+    return flat
+
+
+def _cell_name(kind: str, threshold: float | None, variant: str) -> str:
+    return f"{REFERENCE}-{variant}" if threshold is None else f"t{threshold:g}-{kind}-{variant}"
+
+
+def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], models: int = 100,
+                progress: bool = True) -> dict:
+    """Train (or resume) every cell; returns the study: settings, influence, and each cell's arrays."""
+    cfg = store.config()
+    if models < 2:
+        raise UsageError(f"--models must be >= 2, got {models}")
+    ds = load_dataset(cfg)
+    data = store.data()
+    if not (np.array_equal(data["y_train"], ds.y_train) and np.array_equal(data["g_train"], ds.g_train)):
+        raise UsageError(f"{store.root}: stored training data differ from the data its config generates")
+    cells = RunStore(out)
+    meta_path = cells.root / "utility.json"
+    settings = {"run_config": cfg.to_dict(), "thresholds": [float(t) for t in thresholds], "models": int(models)}
+    masks = store.masks()
+    np_arrays = store.variant_arrays("nonprivate")
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        if {k: meta.get(k) for k in settings} != settings:
+            raise UsageError(f"{cells.root} holds a utility study with other settings; use another --out "
+                             "or the same settings to resume it")
+    else:
+        mem = estimators.memorization(masks, np_arrays["train_correct"]).mem
+        mem = np.nan_to_num(mem, nan=-np.inf)            # never out (or never in): not removable as memorized
+        sets = memorized_sets(mem, np.flatnonzero(~ds.is_canary), thresholds)
+        if not sets:
+            raise UsageError(f"no training example reaches memorization {min(thresholds):g} "
+                             f"(largest: {np.max(mem):.3f}); lower --thresholds")
+        cells.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {**settings, "run": str(store.root), "infl_threshold": cfg.infl_threshold,
+                                      "removals": sets, "skipped_thresholds": [
+                                          t for t in thresholds if t not in [s["threshold"] for s in sets]]})
+        meta = read_json(meta_path)
+    high = high_influence(masks, np_arrays["test_correct"], cfg.infl_threshold)
+
+    x_train = pipeline.model_inputs(cfg, ds, ds.x_train)
+    evals = {"test": (pipeline.model_inputs(cfg, ds, ds.x_test), ds.y_test)}
+    candidates = np.flatnonzero(~ds.is_canary)
+    jobs = [(None, REFERENCE, np.zeros(0, np.int64))]
+    jobs += [(s["threshold"], kind, np.array(s["memorized"], np.int64)) for s in meta["removals"] for kind in KINDS]
+    chunks = chunks_of(models, cfg.chunk_size)
+    total = len(jobs) * len(cfg.variants) * models
+    done_models = sum(models for thr, kind, _ in jobs for v, _ in cfg.variants
+                      if cells.variant_complete(_cell_name(kind, thr, v)))
+    bar = tqdm(total=total, initial=done_models, unit="model", desc="utility", disable=not progress,
+               dynamic_ncols=True)
+    result = {"meta": meta, "high_influence": high, "cells": []}
+    for thr, kind, memorized in jobs:
+        if kind == REFERENCE:
+            removed, fallback = np.zeros((models, ds.n_train), bool), None
+        else:
+            removed, fallback = removal_masks(kind, memorized, g_train=ds.g_train, y_train=ds.y_train,
+                                              candidates=candidates, models=range(models), seed=cfg.seed,
+                                              threshold=thr)
+        n_keep = ds.n_train - len(memorized)
+        for v_index, (variant, eps) in enumerate(cfg.variants):
+            name = _cell_name(kind, thr, variant)
+            if not cells.variant_complete(name):
+                plan = cells.plan(name)
+                if plan is None:
+                    sched = pipeline.schedule(cfg, n_keep, expected=float(n_keep))
+                    plan = {**pipeline.plan_variant(cfg, eps, sched), "n_train": int(n_keep)}
+                    cells.save_plan(name, plan)
+                spec = pipeline.train_spec(cfg, ds, plan)
+                for chunk in chunks:
+                    if cells.chunk_done(name, chunk):
+                        continue
+                    t0 = time.perf_counter()
+                    # every model trains on the whole training set minus its removed examples; the masks keep
+                    # the example positions, so a model shares its reference partner's batch coins
+                    arrays = _train_unit(cfg, spec, x=x_train, y=ds.y_train, masks=~removed[chunk.start:chunk.stop],
+                                         chunk=chunk, v_index=v_index, evals=evals)
+                    arrays["removed"] = removed[chunk.start:chunk.stop]
+                    cells.write_chunk(name, chunk, arrays, {"seconds": time.perf_counter() - t0,
+                                                            "models": chunk.size})
+                    bar.update(chunk.size)
+                cells.finalize_variant(name, chunks)
+            stored = cells.variant_arrays(name)
+            result["cells"].append({"threshold": thr, "kind": kind, "variant": variant, "epsilon": eps,
+                                    "removed": int(len(memorized)), "plan": cells.plan(name),
+                                    "removed_mask": stored["removed"].astype(bool), "fallback": fallback,
+                                    "memorized": memorized,
+                                    "test_correct": stored["test_correct"].astype(bool)})
+    bar.close()
+    return result
+
+
+# -- tables and figure -----------------------------------------------------------------------
+
+def _interval(values: np.ndarray, prefix: str) -> dict:
+    """Mean over models with a 95% t-interval; models where the quantity is undefined (NaN) are left out."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return {prefix: float(values.mean()) if values.size else np.nan, f"{prefix}_lo": np.nan,
+                f"{prefix}_hi": np.nan}
+    mean, lo, hi = mean_ci(values)
+    return {prefix: float(mean), f"{prefix}_lo": float(lo), f"{prefix}_hi": float(hi)}
+
+
+def _mean_on(correct: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """Per model k: accuracy on the test examples subset[k] (NaN where the subset is empty)."""
+    subset = np.broadcast_to(subset, correct.shape)
+    count = subset.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, (correct & subset).sum(1) / np.maximum(count, 1), np.nan)
+
+
+def utility_table(study: dict) -> pd.DataFrame:
+    """One row per (variant, threshold, removal), means over models with 95% intervals:
+
+    - ``test_acc`` and ``drop`` = accuracy of the full-data model k minus that of model k of the cell
+      (paired: same initialisation and batch coins);
+    - ``drop_infl_own``: the same on the test examples that the examples removed from model k influence
+      (infl >= the run's infl_threshold, non-private estimates), ``infl_test_own`` their mean number;
+    - ``drop_infl_mem``: on the test examples the memorized set influences, for every removal, so that the
+      three removals are compared on the same test examples.
+    """
+    high = study["high_influence"]
+    ref = {c["variant"]: c["test_correct"] for c in study["cells"] if c["kind"] == REFERENCE}
+    rows = []
+    for c in study["cells"]:
+        correct = c["test_correct"]
+        base = ref[c["variant"]]
+        k = min(len(correct), len(base))
+        correct, base = correct[:k], base[:k]
+        acc, base_acc = correct.mean(1), base.mean(1)
+        row = {"variant": c["variant"], "epsilon": c["epsilon"], "threshold": c["threshold"], "removal": c["kind"],
+               "removed": c["removed"], "n_train": c["plan"].get("n_train"),
+               "noise_multiplier": c["plan"].get("noise_multiplier"), "models": k}
+        row.update(_interval(acc, "test_acc"))
+        row.update(_interval(base_acc - acc, "drop"))
+        fb = c["fallback"]
+        row["matched_in_subgroup"] = (fb["subgroup"] / max(1, sum(fb.values()))) if c["kind"] == "matched" else np.nan
+        if c["kind"] == REFERENCE:
+            own = mem = np.zeros(correct.shape, bool)
+        else:
+            own = influenced_test(high, c["removed_mask"][:k])
+            mem_removed = np.zeros(high.shape[0], bool)
+            mem_removed[c["memorized"]] = True
+            mem = np.broadcast_to(influenced_test(high, mem_removed[None, :])[0], correct.shape)
+        for which, subset in (("own", own), ("mem", mem)):
+            row[f"infl_test_{which}"] = float(subset.sum(1).mean()) if c["kind"] != REFERENCE else np.nan
+            on_cell, on_base = _mean_on(correct, subset), _mean_on(base, subset)
+            row.update(_interval(on_cell, f"acc_infl_{which}"))
+            row.update(_interval(on_base - on_cell, f"drop_infl_{which}"))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = {k: i for i, k in enumerate((REFERENCE,) + KINDS)}
+    variants = list(dict.fromkeys(table["variant"]))
+    table["_v"] = table["variant"].map(variants.index)
+    table["_k"] = table["removal"].map(order)
+    table = table.sort_values(["_v", "threshold", "_k"], na_position="first").drop(columns=["_v", "_k"])
+    return table.reset_index(drop=True)
+
+
+def _ci(row, col: str) -> str:
+    if pd.isna(row[col]):
+        return ""
+    return f"{row[col]:.3f} [{row[f'{col}_lo']:.3f}, {row[f'{col}_hi']:.3f}]"
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader needs, intervals written as 'mean [lo, hi]'."""
+    return pd.DataFrame({
+        "variant": table["variant"], "mem >=": table["threshold"].map(lambda t: "" if pd.isna(t) else f"{t:g}"),
+        "removal": table["removal"], "removed": table["removed"],
+        "test acc": table.apply(lambda r: _ci(r, "test_acc"), axis=1),
+        "drop": table.apply(lambda r: _ci(r, "drop"), axis=1),
+        "influenced (own)": table["infl_test_own"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
+        "drop on own influenced": table.apply(lambda r: _ci(r, "drop_infl_own"), axis=1),
+        "drop on memorized' influenced": table.apply(lambda r: _ci(r, "drop_infl_mem"), axis=1)})
+
+
+def markdown_summary(table: pd.DataFrame) -> str:
+    return display_table(table).to_markdown(index=False) + "\n"
+
+
+def write_report(table: pd.DataFrame, out: str | Path) -> None:
+    """utility.{csv,parquet}, tables/utility.{md,tex} and figures/utility.{png,pdf}."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from dpmem.bench.report import _save, write_frame
+    from dpmem.bench.store import atomic_write_bytes
+    out = Path(out)
+    write_frame(table, out / "utility")
+    shown = display_table(table)
+    atomic_write_bytes(out / "tables" / "utility.md", markdown_summary(table).encode())
+    atomic_write_bytes(out / "tables" / "utility.tex", shown.to_latex(
+        index=False, escape=True, caption="Marginal utility of memorized examples: test accuracy drop (paired "
+        "with the full-data models, 95% intervals over models) after removing the examples with memorization "
+        "at or above the threshold, uniformly random examples, or subgroup-matched random examples.").encode())
+
+    sns.set_theme(style="whitegrid", context="paper")
+    variants = list(dict.fromkeys(table["variant"]))
+    rows = table.loc[table["removal"] != REFERENCE]
+    thresholds = sorted(rows["threshold"].unique())
+    fig, axes = plt.subplots(2, len(variants), figsize=(3.3 * len(variants), 6.2), squeeze=False, sharey="row")
+    width = 0.26
+    for col, variant in enumerate(variants):
+        for r, (metric, label) in enumerate((("drop", "drop in test accuracy"),
+                                             ("drop_infl_mem", "drop on test examples\ninfluenced by memorized"))):
+            ax = axes[r][col]
+            for k, kind in enumerate(KINDS):
+                sel = rows.loc[(rows["variant"] == variant) & (rows["removal"] == kind)].set_index("threshold")
+                sel = sel.reindex(thresholds)
+                x = np.arange(len(thresholds)) + (k - 1) * width
+                ax.bar(x, sel[metric], width, color=f"C{k}", label=kind,
+                       yerr=[sel[metric] - sel[f"{metric}_lo"], sel[f"{metric}_hi"] - sel[metric]], capsize=2)
+            ax.axhline(0, color="k", lw=0.8)
+            removed = rows.loc[rows["variant"] == variant].drop_duplicates("threshold").set_index("threshold")["removed"]
+            ax.set_xticks(np.arange(len(thresholds)), [f">= {t:g}\n({removed.get(t, 0)} ex.)" for t in thresholds])
+            if r == 0:
+                ax.set_title(variant)
+            if r == 1:
+                ax.set_xlabel("memorization threshold (examples removed)")
+            if col == 0:
+                ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=7, title="removed", title_fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "figures", "utility")
