@@ -91,8 +91,11 @@ def variant_rows(*, variant: str, epsilon: float | None, masks: np.ndarray, trai
     taus = {m: tau(probability, int(m)) for m in np.unique(sizes)}
     opts = {m: optimal_error(probability, int(m), n_classes) for m in np.unique(sizes)}
     singles, unfit = unfitted_singletons(masks, train_correct, g_train, t)
+    # the part of opt this subset realises: guessing on the mass of the points absent from T_k
+    unseen = (subset_counts(masks, g_train, t) == 0) @ np.asarray(probability, np.float64)
     frame = pd.DataFrame({"variant": variant, "epsilon": epsilon, "model": np.arange(len(sizes)), "n": sizes,
                           "tau": [taus[m] for m in sizes], "opt": [opts[m] for m in sizes],
+                          "opt_given_T": (1.0 - 1.0 / n_classes) * unseen,
                           "singletons": singles, "unfit_singletons": unfit,
                           "test_error": 1.0 - np.asarray(test_correct, bool).mean(1)})
     frame["bound"] = frame["opt"] + frame["tau"] * frame["unfit_singletons"]
@@ -103,6 +106,8 @@ def summary_table(per_model: pd.DataFrame, probability: np.ndarray, n_train: int
     """Per variant: means over models with 95% t-intervals, and how much of DP's extra error the bound explains.
 
     ``tau_S`` and ``opt_S`` are the values for the whole training set (n = n_train), for reference.
+    ``opt_given_T`` is (1 - 1/k) times the mass of the points absent from the model's own subset: what opt
+    becomes for the subsets this run drew (opt averages it over the draw of S, which the K models share).
     ``dp_excess_error`` = error(variant) - error(nonprivate) and ``dp_excess_bound`` the same difference of
     the bounds (= tau times the extra unfitted singletons, opt being shared); ``explained`` is their ratio.
     Both differences are paired by model index (same subsets and initialisations).
@@ -112,7 +117,8 @@ def summary_table(per_model: pd.DataFrame, probability: np.ndarray, n_train: int
     for variant, g in per_model.groupby("variant", sort=False):
         g = g.set_index("model")
         row = {"variant": variant, "epsilon": g["epsilon"].iloc[0], "models": len(g), "n_mean": g["n"].mean(),
-               "tau": g["tau"].mean(), "opt": g["opt"].mean(), "singletons": g["singletons"].mean()}
+               "tau": g["tau"].mean(), "opt": g["opt"].mean(), "opt_given_T": g["opt_given_T"].mean(),
+               "singletons": g["singletons"].mean()}
         for col in ("unfit_singletons", "test_error", "bound"):
             mean, lo, hi = mean_ci(g[col].to_numpy(float))
             row.update({col: float(mean), f"{col}_lo": float(lo), f"{col}_hi": float(hi)})
@@ -166,8 +172,8 @@ def analyse_run(store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     return per_model, summary, points, facts
 
 
-SUMMARY_COLUMNS = ["variant", "epsilon", "models", "n_mean", "tau", "opt", "singletons", "unfit_singletons",
-                   "test_error", "test_error_lo", "test_error_hi", "bound", "bound_lo", "bound_hi",
+SUMMARY_COLUMNS = ["variant", "epsilon", "models", "n_mean", "tau", "opt", "opt_given_T", "singletons",
+                   "unfit_singletons", "test_error", "test_error_lo", "test_error_hi", "bound", "bound_lo", "bound_hi",
                    "error_minus_bound", "dp_excess_error", "dp_excess_bound", "explained"]
 
 

@@ -361,7 +361,8 @@ def write_report(table: pd.DataFrame, out: str | Path) -> None:
                 ax.bar(x, sel[metric], width, color=f"C{k}", label=kind,
                        yerr=[sel[metric] - sel[f"{metric}_lo"], sel[f"{metric}_hi"] - sel[metric]], capsize=2)
             ax.axhline(0, color="k", lw=0.8)
-            removed = rows.loc[rows["variant"] == variant].drop_duplicates("threshold").set_index("threshold")["removed"]
+            removed = (rows.loc[rows["variant"] == variant].drop_duplicates("threshold")
+                       .set_index("threshold")["removed"])
             ax.set_xticks(np.arange(len(thresholds)), [f">= {t:g}\n({removed.get(t, 0)} ex.)" for t in thresholds])
             if r == 0:
                 ax.set_title(variant)

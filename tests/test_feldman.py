@@ -45,6 +45,11 @@ def test_singletons_are_counted_within_each_models_subset():
     n_single, unfit = feldman.unfitted_singletons(masks, correct, g, 4)
     assert n_single.tolist() == [2, 2]
     assert unfit.tolist() == [1, 1]           # model 0 misses example 0; model 1 misses example 4
+    prob = np.array([0.4, 0.3, 0.2, 0.1])
+    rows = feldman.variant_rows(variant="v", epsilon=None, masks=masks, train_correct=correct,
+                                test_correct=np.ones((2, 3), bool), g_train=g, probability=prob, n_classes=10)
+    assert rows["opt_given_T"].tolist() == pytest.approx([0.9 * 0.1, 0.9 * 0.3])   # T_0 lacks point 3, T_1 point 1
+    assert rows["bound"].tolist() == pytest.approx((rows["opt"] + rows["tau"] * np.array([1, 1])).tolist())
 
 
 def test_feldman_data_follow_the_prior_exactly():
