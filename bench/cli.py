@@ -260,7 +260,7 @@ def cmd_feldman(args) -> int:
     per_model, summary, points, facts = feldman.analyse_run(store)
     out = Path(args.out) if args.out else store.root / "feldman"
     feldman.write_report(per_model, summary, points, facts, out)
-    print(report.markdown(summary[["variant", "n_mean", "tau", "opt", "singletons", "unfit_singletons",
+    print(report.markdown(summary[["variant", "n_mean", "tau", "opt", "opt_given_T", "singletons", "unfit_singletons",
                                    "test_error", "bound", "error_minus_bound", "explained"]]))
     print(f"dpmem: t = {facts['points']} points, n = {facts['n_train']} ({facts['singletons_in_S']} singletons in S), "
           f"tau(n) = {facts['tau_S']:.4g}, opt(n) = {facts['opt_S']:.4g}; outputs in {out}", file=sys.stderr)

@@ -190,7 +190,8 @@ def write_report(per_model: pd.DataFrame, summary: pd.DataFrame, points: pd.Data
     write_frame(summary, out / "feldman_bound")
     write_frame(per_model, out / "feldman_per_model")
     write_frame(points, out / "feldman_points")
-    atomic_write_json(out / "feldman.json", {**facts, "variants": summary.to_dict(orient="records")})
+    records = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")   # NaN -> null
+    atomic_write_json(out / "feldman.json", {**facts, "variants": records})
     table = summary[SUMMARY_COLUMNS]
     atomic_write_bytes(out / "tables" / "feldman_bound.md", markdown(table).encode())
     atomic_write_bytes(out / "tables" / "feldman_bound.tex", latex(

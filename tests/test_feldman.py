@@ -97,6 +97,7 @@ def test_feldman_command_end_to_end(tmp_path, capsys):
         assert (out / name).is_file(), name
     facts = json.loads((out / "feldman.json").read_text())
     assert [v["variant"] for v in facts["variants"]] == ["nonprivate", "dp-eps4"]
+    assert facts["variants"][0]["epsilon"] is None and facts["variants"][0]["explained"] is None
     for v in facts["variants"]:
         assert v["opt"] <= v["bound"] and 0 <= v["unfit_singletons"] <= v["singletons"]
     points = pd.read_csv(out / "feldman_points.csv")
