@@ -163,7 +163,9 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
         raise UsageError(f"{store.root}: stored training data differ from the data its config generates")
     cells = RunStore(out)
     meta_path = cells.root / "utility.json"
-    settings = {"run_config": cfg.to_dict(), "thresholds": [float(t) for t in thresholds], "models": int(models)}
+    # the run's stored hash (not a recomputed one) identifies it even after new config keys appear
+    settings = {"run_hash": store.meta().get("hash"), "thresholds": [float(t) for t in thresholds],
+                "models": int(models)}
     masks = store.masks()
     np_arrays = store.variant_arrays("nonprivate")
     if meta_path.exists():
@@ -179,7 +181,8 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
             raise UsageError(f"no training example reaches memorization {min(thresholds):g} "
                              f"(largest: {np.max(mem):.3f}); lower --thresholds")
         cells.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(meta_path, {**settings, "run": str(store.root), "infl_threshold": cfg.infl_threshold,
+        atomic_write_json(meta_path, {**settings, "run": str(store.root), "run_config": cfg.to_dict(),
+                                      "infl_threshold": cfg.infl_threshold,
                                       "removals": sets, "skipped_thresholds": [
                                           t for t in thresholds if t not in [s["threshold"] for s in sets]]})
         meta = read_json(meta_path)
