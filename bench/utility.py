@@ -168,6 +168,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
                 "models": int(models)}
     masks = store.masks()
     np_arrays = store.variant_arrays("nonprivate")
+    candidates = np.flatnonzero(~ds.is_canary)       # canaries stay in every training set
     if meta_path.exists():
         meta = read_json(meta_path)
         if {k: meta.get(k) for k in settings} != settings:
@@ -176,10 +177,14 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
     else:
         mem = estimators.memorization(masks, np_arrays["train_correct"]).mem
         mem = np.nan_to_num(mem, nan=-np.inf)            # never out (or never in): not removable as memorized
-        sets = memorized_sets(mem, np.flatnonzero(~ds.is_canary), thresholds)
+        sets = memorized_sets(mem, candidates, thresholds)
         if not sets:
             raise UsageError(f"no training example reaches memorization {min(thresholds):g} "
                              f"(largest: {np.max(mem):.3f}); lower --thresholds")
+        for s in sets:   # the matched control draws each replacement from the examples that stay
+            if 2 * len(s["memorized"]) > len(candidates):
+                raise UsageError(f"--thresholds {s['threshold']:g}: {len(s['memorized'])} of {len(candidates)} "
+                                 "examples reach it, too many to match with as many others; use a higher threshold")
         cells.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {**settings, "run": str(store.root), "run_config": cfg.to_dict(),
                                       "infl_threshold": cfg.infl_threshold,
@@ -190,7 +195,6 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
 
     x_train = pipeline.model_inputs(cfg, ds, ds.x_train)
     evals = {"test": (pipeline.model_inputs(cfg, ds, ds.x_test), ds.y_test)}
-    candidates = np.flatnonzero(~ds.is_canary)
     jobs = [(None, REFERENCE, np.zeros(0, np.int64))]
     jobs += [(s["threshold"], kind, np.array(s["memorized"], np.int64)) for s in meta["removals"] for kind in KINDS]
     chunks = chunks_of(models, cfg.chunk_size)

@@ -122,3 +122,15 @@ def test_utility_interrupted_cell_resumes_to_identical_arrays(small_run, tmp_pat
 def test_utility_bad_arguments_exit_2(small_run, tmp_path, capsys, extra, needle):
     assert cli.main(["utility", str(small_run), "--out", str(tmp_path / "u"), "--quiet", *extra]) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()                  # refused before anything is written
+
+
+def test_utility_refuses_a_threshold_too_many_examples_reach(small_run, tmp_path, monkeypatch, capsys):
+    class Everyone:
+        def __init__(self, masks, correct):
+            self.mem = np.ones(masks.shape[1])
+
+    monkeypatch.setattr(utility.estimators, "memorization", Everyone)
+    assert cli.main(["utility", str(small_run), "--out", str(tmp_path / "u"), "--quiet", "--thresholds", "0.5"]) == 2
+    assert "too many to match" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
