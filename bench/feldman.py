@@ -8,8 +8,9 @@ random function f uniform over k classes) every learner A trained on n i.i.d. sa
 
 where errn_S(h, 1) is the number of examples that occur exactly once in S and that h gets wrong, and pi*
 is the distribution of the frequency D(x) of a uniformly random point x of the domain (the prior over
-frequencies induced on the t points). For the run's distribution D, pi* puts mass 1/t on each D(x), so
-tau is a finite sum and computed exactly.
+frequencies induced on the t points). The dataset assigns the t normalised prior frequencies to the points
+by a random permutation (Feldman draws each independently from the prior, then normalises), so pi* puts
+mass 1/t on each D(x) exactly, and tau is a finite sum, computed exactly.
 
 opt_n is the least expected error any learner can reach. Labels of points absent from S are uniform and
 independent of S, so every learner errs on them with probability 1 - 1/k, and a learner that returns the
