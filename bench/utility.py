@@ -23,7 +23,6 @@ with a completion record, so an interrupted study resumes where it stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -122,29 +121,14 @@ def influenced_test(high: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 # -- training --------------------------------------------------------------------------------
 
-def _supports_stream_ids() -> bool:
-    return "stream_ids" in {f.name for f in dataclasses.fields(TrainRequest)}
-
-
 def _train_unit(cfg, spec, *, x, y, masks, chunk, v_index: int, evals: dict) -> dict[str, np.ndarray]:
-    """Train models chunk.start..chunk.stop-1 of a cell; flat {split}_{array} dict (contract C2)."""
+    """Train models chunk.start..chunk.stop-1 of a cell, seeded as the pipeline seeds a run's units but from
+    the study's own seed; flat {split}_{array} arrays."""
     study = cfg.replace(seed=int(np.random.SeedSequence([cfg.seed, _STUDY_STREAM]).generate_state(1)[0]))
-    kwargs = dict(x_train=x, y_train=y, masks=masks, evals=evals)
-    if _supports_stream_ids():
-        # per-model streams: model k's randomness does not depend on how the models are chunked
-        kwargs.update(seed=study.seed, stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64),
-                      noise_seed=int(np.random.SeedSequence([study.seed, 1 + v_index]).generate_state(1)[0]))
-    else:
-        seed, noise_seed = pipeline.unit_seeds(study, chunk, v_index)
-        kwargs.update(seed=seed, noise_seed=noise_seed)
-    out = train_models(spec, TrainRequest(**kwargs), engine=cfg.engine)
-    if all(isinstance(v, np.ndarray) for v in out.values()):
-        return out
-    flat = {}
-    for split, o in out.items():   # engines that still return per-split Outputs
-        flat[f"{split}_correct"] = o.correct
-        flat[f"{split}_margin"] = o.margin
-    return flat
+    seed, noise_seed = pipeline.unit_seeds(study, chunk, v_index)
+    req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=seed, noise_seed=noise_seed, evals=evals,
+                       stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
+    return train_models(spec, req, engine=cfg.engine)
 
 
 def _cell_name(kind: str, threshold: float | None, variant: str) -> str:
