@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from tqdm.auto import tqdm
 
 from dpmem.bench import estimators, pipeline
 from dpmem.bench.data import load_dataset
 from dpmem.bench.errors import UsageError
 from dpmem.bench.store import RunStore, atomic_write_json, chunks_of, read_json
-from dpmem.bench.subgroups import mean_ci
+from dpmem.bench.subgroups import crossed_mean_ci
 from dpmem.models import train_models
 from dpmem.models.spec import TrainRequest
 
@@ -230,15 +231,28 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
 
 # -- tables and figure -----------------------------------------------------------------------
 
-def _interval(values: np.ndarray, prefix: str) -> dict:
-    """Mean over models with a 95% t-interval; models where the quantity is undefined (NaN) are left out."""
+def model_interval(values: np.ndarray, prefix: str, level: float = 0.95) -> dict:
+    """Mean over models with a t-interval over models; models where the value is undefined (NaN) are left out.
+
+    For per-model quantities with no test examples behind them (a bound, a count) or with a different set
+    of test examples per model."""
     values = np.asarray(values, np.float64)
     values = values[np.isfinite(values)]
-    if values.size < 2:
-        return {prefix: float(values.mean()) if values.size else np.nan, f"{prefix}_lo": np.nan,
-                f"{prefix}_hi": np.nan}
-    mean, lo, hi = mean_ci(values)
-    return {prefix: float(mean), f"{prefix}_lo": float(lo), f"{prefix}_hi": float(hi)}
+    k = values.size
+    if k < 2:
+        return {prefix: float(values.mean()) if k else np.nan, f"{prefix}_lo": np.nan, f"{prefix}_hi": np.nan}
+    half = stats.t.ppf(0.5 + level / 2, df=k - 1) * values.std(ddof=1) / np.sqrt(k)
+    mean = float(values.mean())
+    return {prefix: mean, f"{prefix}_lo": mean - half, f"{prefix}_hi": mean + half}
+
+
+def crossed_interval(values: np.ndarray, prefix: str, value_range: tuple[float, float]) -> dict:
+    """Mean of values[k, j] over models and test examples, with the crossed interval (both noise sources)."""
+    values = np.asarray(values, np.float32)
+    if values.shape[1] == 0:
+        return {prefix: np.nan, f"{prefix}_lo": np.nan, f"{prefix}_hi": np.nan}
+    mean, lo, hi = crossed_mean_ci(values, np.zeros(values.shape[1], np.int64), 1, value_range=value_range)
+    return {prefix: float(mean[0]), f"{prefix}_lo": float(lo[0]), f"{prefix}_hi": float(hi[0])}
 
 
 def _mean_on(correct: np.ndarray, subset: np.ndarray) -> np.ndarray:
@@ -250,14 +264,17 @@ def _mean_on(correct: np.ndarray, subset: np.ndarray) -> np.ndarray:
 
 
 def utility_table(study: dict) -> pd.DataFrame:
-    """One row per (variant, threshold, removal), means over models with 95% intervals:
+    """One row per (variant, threshold, removal), means with 95% intervals:
 
     - ``test_acc`` and ``drop`` = accuracy of the full-data model k minus that of model k of the cell
-      (paired: same initialisation and batch coins);
-    - ``drop_infl_own``: the same on the test examples that the examples removed from model k influence
-      (infl >= the run's infl_threshold, non-private estimates), ``infl_test_own`` their mean number;
-    - ``drop_infl_mem``: on the test examples the memorized set influences, for every removal, so that the
-      three removals are compared on the same test examples.
+      (paired: same initialisation and batch coins), over models and test examples, with the crossed
+      interval (which models were trained and which test examples were drawn);
+    - ``drop_infl_mem``: the same on the test examples the memorized set influences (infl >= the run's
+      infl_threshold, non-private estimates), for every removal, so that the three removals are compared on
+      the same test examples;
+    - ``drop_infl_own``: on the test examples that the examples removed from model k influence
+      (``infl_test_own``: their mean number); these differ between control models, so the interval is over
+      models only.
     """
     high = study["high_influence"]
     ref = {c["variant"]: c["test_correct"] for c in study["cells"] if c["kind"] == REFERENCE}
@@ -267,26 +284,29 @@ def utility_table(study: dict) -> pd.DataFrame:
         base = ref[c["variant"]]
         k = min(len(correct), len(base))
         correct, base = correct[:k], base[:k]
-        acc, base_acc = correct.mean(1), base.mean(1)
         row = {"variant": c["variant"], "epsilon": c["epsilon"], "threshold": c["threshold"], "removal": c["kind"],
                "removed": c["removed"], "n_train": c["plan"].get("n_train"),
                "noise_multiplier": c["plan"].get("noise_multiplier"), "models": k}
-        row.update(_interval(acc, "test_acc"))
-        row.update(_interval(base_acc - acc, "drop"))
+        row.update(crossed_interval(correct, "test_acc", (0.0, 1.0)))
+        paired = base.astype(np.float32) - correct
+        row.update(crossed_interval(paired, "drop", (-1.0, 1.0)))
         fb = c["fallback"]
         row["matched_in_subgroup"] = (fb["subgroup"] / max(1, sum(fb.values()))) if c["kind"] == "matched" else np.nan
         if c["kind"] == REFERENCE:
-            own = mem = np.zeros(correct.shape, bool)
+            own = np.zeros(correct.shape, bool)
+            mem_tests = np.zeros(0, np.int64)
         else:
             own = influenced_test(high, c["removed_mask"][:k])
             mem_removed = np.zeros(high.shape[0], bool)
             mem_removed[c["memorized"]] = True
-            mem = np.broadcast_to(influenced_test(high, mem_removed[None, :])[0], correct.shape)
-        for which, subset in (("own", own), ("mem", mem)):
-            row[f"infl_test_{which}"] = float(subset.sum(1).mean()) if c["kind"] != REFERENCE else np.nan
-            on_cell, on_base = _mean_on(correct, subset), _mean_on(base, subset)
-            row.update(_interval(on_cell, f"acc_infl_{which}"))
-            row.update(_interval(on_base - on_cell, f"drop_infl_{which}"))
+            mem_tests = np.flatnonzero(influenced_test(high, mem_removed[None, :])[0])
+        row["infl_test_own"] = float(own.sum(1).mean()) if c["kind"] != REFERENCE else np.nan
+        on_cell, on_base = _mean_on(correct, own), _mean_on(base, own)
+        row.update(model_interval(on_cell, "acc_infl_own"))
+        row.update(model_interval(on_base - on_cell, "drop_infl_own"))
+        row["infl_test_mem"] = len(mem_tests) if c["kind"] != REFERENCE else np.nan
+        row.update(crossed_interval(correct[:, mem_tests], "acc_infl_mem", (0.0, 1.0)))
+        row.update(crossed_interval(paired[:, mem_tests], "drop_infl_mem", (-1.0, 1.0)))
         rows.append(row)
     table = pd.DataFrame(rows)
     order = {k: i for i, k in enumerate((REFERENCE,) + KINDS)}
