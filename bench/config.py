@@ -23,6 +23,7 @@ from dpmem.privacy.faults import FAULTS
 # The names of datasets, architectures and samplings live in their registries (bench/data.py
 # DATASETS, models/nets.py ARCHITECTURES, privacy/audit.py SAMPLINGS); validate() looks them up
 # on first use, since those modules import this one or pull in heavy libraries.
+DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 FELDMAN_PRIORS = ("zipf", "uniform")
 FELDMAN_INPUTS = ("onehot", "embedding")
@@ -73,7 +74,8 @@ class Config:
     # execution
     seed: int = 0
     chunk_size: int = 250            # models per stored, resumable unit
-    threads: int = 0                 # torch threads (0: torch's default)
+    threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores)
+    device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
 
     def __post_init__(self) -> None:
         validate(self)
@@ -163,6 +165,7 @@ def validate(c: Config) -> None:
     _check(0.0 <= c.mem_threshold <= 1.0, "mem_threshold", f"must be in [0, 1], got {c.mem_threshold}")
     _check(0.0 <= c.infl_threshold <= 1.0, "infl_threshold", f"must be in [0, 1], got {c.infl_threshold}")
     _check(c.threads >= 0, "threads", f"must be >= 0, got {c.threads}")
+    _check(c.device in DEVICES, "device", f"unknown device {c.device!r}; choose from {', '.join(DEVICES)}")
 
 
 # -- loading ---------------------------------------------------------------------------------

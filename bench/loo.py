@@ -39,13 +39,14 @@ def choose_examples(mem: np.ndarray, *, count: int, seed: int) -> np.ndarray:
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
-def loo_masks(n: int, examples: np.ndarray, repeats: int) -> tuple[np.ndarray, np.ndarray]:
-    """Masks and groups for `repeats` blocks of [S, S minus e_1, ..., S minus e_E]."""
+def loo_masks(n: int, examples: np.ndarray, repeats: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Masks and stream ids for `repeats` blocks of [S, S minus e_1, ..., S minus e_E]: the models
+    of repeat r (counted from ``first``) share stream id r, so they share init, coins and noise."""
     block = np.ones((1 + len(examples), n), bool)
     block[1 + np.arange(len(examples)), examples] = False
     masks = np.tile(block, (repeats, 1))
-    groups = np.repeat(np.arange(repeats), 1 + len(examples))
-    return masks, groups
+    streams = np.repeat(np.arange(first, first + repeats, dtype=np.int64), 1 + len(examples))
+    return masks, streams
 
 
 def paired_mem(in_correct: np.ndarray, out_correct: np.ndarray, level: float = 0.95) -> pd.DataFrame:
@@ -74,6 +75,7 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
         raise UsageError(f"variant {variant!r} is not in this run ({', '.join(names)})")
     if repeats < 2:
         raise UsageError(f"--repeats must be >= 2, got {repeats}")
+    pipeline.set_threads(cfg.threads)
     ds = load_dataset(cfg)
     loo_store = RunStore(store.root / "loo" / variant)
     meta_path = loo_store.root / "loo.json"
@@ -107,11 +109,11 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
         bar = tqdm(total=repeats, initial=repeats - sum(c.size for c in todo), unit="repeat",
                    desc=f"LOO {variant}", disable=not progress, dynamic_ncols=True)
         for chunk in todo:
-            masks, groups = loo_masks(ds.n_train, examples, chunk.size)
+            masks, streams = loo_masks(ds.n_train, examples, chunk.size, first=chunk.start)
             seed, noise_seed = pipeline.unit_seeds(cfg.replace(seed=cfg.seed + 7919), chunk, v_index)
             req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks, seed=seed,
-                               noise_seed=noise_seed, evals=evals, groups=groups)
-            out = train_models(spec, req, engine=cfg.engine)
+                               noise_seed=noise_seed, evals=evals, stream_ids=streams)
+            out = train_models(spec, req, engine=cfg.engine, device=cfg.device)
             correct = out["chosen_correct"].reshape(chunk.size, per_block, len(examples))
             margin = out["chosen_margin"].reshape(chunk.size, per_block, len(examples))
             cols = np.arange(len(examples))

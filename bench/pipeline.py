@@ -155,13 +155,26 @@ def dataset_record(ds: Dataset) -> dict:
             **{k: ds.info[k] for k in keys if k in ds.info}}
 
 
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op thread count once, so that nothing oversubscribes the machine; 0 means
+    OMP_NUM_THREADS when the environment sets it, else the cores this process may use. Returns the count."""
+    import os
+
+    import torch
+    if not threads:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = (int(env) if env.isdigit() and int(env) > 0 else
+                   len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None) -> dict[str, float]:
     """Train every variant's unfinished units; returns training seconds per variant.
 
     ``ds``: the dataset if already loaded (``check_inputs``)."""
-    if cfg.threads:
-        import torch
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     ds, masks = prepare(store, cfg, ds)
     sched = schedule(cfg, ds.n_train)
     x_train = model_inputs(cfg, ds, ds.x_train)
@@ -195,7 +208,7 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | No
                 done[0] = target
 
             t0 = time.perf_counter()
-            arrays = train_models(spec, req, engine=plan.get("engine", cfg.engine), progress=advance)
+            arrays = train_models(spec, req, engine=plan.get("engine", cfg.engine), device=cfg.device, progress=advance)
             elapsed = time.perf_counter() - t0
             store.write_chunk(name, chunk, arrays, {"seconds": elapsed, "models": chunk.size})
             bar.update(chunk.size - done[0])

@@ -6,9 +6,11 @@ optimisation step per model for
   - Opacus DP-SGD with per-sample-gradient hooks (``GradSampleModule`` + ``DPOptimizer``),
   - Opacus DP-SGD with ghost clipping (``PrivacyEngine.make_private(grad_sample_mode="ghost")``),
   - the batched engine, non-private and DP, K models per step (time per model = step time / K),
-on MLPs 784-256-10 and 64-128-10 with batches of a fixed size (every batch is the same random
-batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's DP step
-(forward, backward, per-example norms, clipped product) next to a large float32 matmul.
+on MLPs 784-256-10 and 64-128-10 (batch 256, K=64) and the built-in CNN on 1x28x28 inputs
+(channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences with batches of a fixed size (every batch is the
+same random batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's
+MLP DP step (forward, backward, per-example norms, clipped product) next to a large float32
+matmul. ``--device cuda`` times everything on the GPU (synchronising around every step).
 Writes ``speed.csv`` and ``speed.md`` into the output folder.
 """
 from __future__ import annotations
@@ -24,18 +26,35 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dpmem.models.batched import BatchedTrainer, PoissonBatch
+from dpmem.models.batched import PoissonBatch, resolve_device, trainer_class
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, TrainSpec
 
-ARCHS = {"784-256-10": (784, (256,), 10), "64-128-10": (64, (128,), 10)}
+# name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
+ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
+         "cnn 1x28x28 16-32": ("cnn", (1, 28, 28), (16, 32), 10, "cnn"),
+         "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn")}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
-TARGETS = {  # ratio name -> (description, target as text)
-    "dp_vs_opacus_hooks": ("Opacus hooks time / engine DP time", ">= 25"),
-    "dp_vs_opacus_ghost": ("Opacus ghost time / engine DP time", ">= 10"),
-    "dp_over_nonprivate": ("engine DP time / engine non-private time", "<= 1.3"),
-    "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
+TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targets
+    "mlp": {
+        "dp_vs_opacus_hooks": ("Opacus hooks time / engine DP time", ">= 25"),
+        "dp_vs_opacus_ghost": ("Opacus ghost time / engine DP time", ">= 10"),
+        "dp_over_nonprivate": ("engine DP time / engine non-private time", "<= 1.3"),
+        "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
+    },
+    "cnn": {
+        "dp_over_nonprivate": ("engine DP time / engine non-private time", "<= 1.3"),
+        "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
+    },
 }
+
+
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_seconds(fn, *, warmup: int, reps: int) -> float:
@@ -43,14 +62,16 @@ def median_seconds(fn, *, warmup: int, reps: int) -> float:
         fn()
     times = []
     for _ in range(reps):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _spec(d, hidden, classes, dp):
-    return TrainSpec(arch="mlp", input_shape=(d,), n_classes=classes, hidden=hidden, steps=1,
+def _spec(arch, shape, hidden, classes, dp):
+    return TrainSpec(arch=arch, input_shape=shape, n_classes=classes, hidden=hidden, steps=1,
                      sample_rate=0.1, lr=LR, dp=dp)
 
 
@@ -63,24 +84,24 @@ def _step(model, optimizer, x, y):
     return step
 
 
-def plain_sgd_step(d, hidden, classes, x, y):
-    model = build_model(_spec(d, hidden, classes, None))
+def plain_sgd_step(arch, x, y):
+    model = build_model(_spec(*arch, None)).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     return _step(model, optimizer, x, y)
 
 
-def opacus_hooks_step(d, hidden, classes, x, y):
+def opacus_hooks_step(arch, x, y):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-    model = GradSampleModule(build_model(_spec(d, hidden, classes, None)))
+    model = GradSampleModule(build_model(_spec(*arch, None)).to(DEVICE))
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=NOISE,
                             max_grad_norm=CLIP, expected_batch_size=len(x))
     return _step(model, optimizer, x, y)
 
 
-def opacus_ghost_step(d, hidden, classes, x, y):
+def opacus_ghost_step(arch, x, y):
     from opacus import PrivacyEngine
-    model = build_model(_spec(d, hidden, classes, None))
+    model = build_model(_spec(*arch, None)).to(DEVICE)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     model, optimizer, criterion, _ = PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), criterion=nn.CrossEntropyLoss(),
@@ -93,17 +114,19 @@ def opacus_ghost_step(d, hidden, classes, x, y):
     return step
 
 
-def engine_trainer(d, hidden, classes, K, batch, private):
+def engine_trainer(arch, K, batch, private):
     dp = DPParams(noise_multiplier=NOISE, max_grad_norm=CLIP) if private else None
     g = torch.Generator().manual_seed(0)
     n = 4 * batch
-    x_train = torch.randn(n, d, generator=g)
+    _, shape, _, classes = arch
+    x_train = torch.randn(n, *shape, generator=g)
     y_train = torch.randint(0, classes, (n,), generator=g)
-    trainer = BatchedTrainer(_spec(d, hidden, classes, dp), x_train, y_train,
-                             torch.ones(K, n, dtype=torch.bool), seed=0, noise_seed=1)
+    spec = _spec(*arch, dp)
+    trainer = trainer_class(spec)(spec, x_train, y_train, torch.ones(K, n, dtype=torch.bool).numpy(), seed=0,
+                                  noise_seed=1, device=DEVICE)
     index = torch.randint(0, n, (K, batch), generator=g)
-    fixed = PoissonBatch(x=x_train[index], y=y_train[index], valid=torch.ones(K, batch, dtype=torch.bool),
-                         x_sq=x_train[index].square().sum(dim=2))
+    fixed = PoissonBatch(x=x_train[index].to(DEVICE), y=y_train[index].to(DEVICE),
+                         valid=torch.ones(K, batch, dtype=torch.bool, device=DEVICE))
     return trainer, (lambda: trainer.step_on(fixed))
 
 
@@ -119,35 +142,41 @@ def dp_step_flops(d, hidden, classes, K, batch) -> float:
 
 
 def matmul_gflops(size: int = 2048) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+    a, b = torch.randn(size, size, device=DEVICE), torch.randn(size, size, device=DEVICE)
+    out = torch.empty(size, size, device=DEVICE)
     seconds = median_seconds(lambda: torch.mm(a, b, out=out), warmup=2, reps=10)
     return 2 * size**3 / seconds / 1e9
 
 
-def run(threads: int, K: int, batch: int, reps: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
+        only: tuple[str, ...] = ("mlp", "cnn")) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``sizes``: kind ("mlp" / "cnn") -> (K models per engine step, batch)."""
     torch.set_num_threads(threads)
     rows, ratios, flops = [], [], {}
-    for name, (d, hidden, classes) in ARCHS.items():
+    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
+        if kind not in only:
+            continue
+        K, batch = sizes[kind]
+        arch = (arch_name, shape, hidden, classes)
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(batch, d, generator=g)
-        y = torch.randint(0, classes, (batch,), generator=g)
+        x = torch.randn(batch, *shape, generator=g).to(DEVICE)
+        y = torch.randint(0, classes, (batch,), generator=g).to(DEVICE)
         per_model = {}
         for method, make in [("plain SGD (1 model)", plain_sgd_step), ("Opacus hooks (1 model)", opacus_hooks_step),
                              ("Opacus ghost (1 model)", opacus_ghost_step)]:
-            seconds = median_seconds(make(d, hidden, classes, x, y), warmup=3, reps=reps)
+            seconds = median_seconds(make(arch, x, y), warmup=3, reps=reps)
             per_model[method] = seconds
             rows.append(dict(arch=name, method=method, models_per_step=1, batch=batch, threads=threads,
                              step_ms=seconds * 1e3, per_model_step_ms=seconds * 1e3, reps=reps))
         for method, private in [(f"engine non-private (K={K})", False), (f"engine DP (K={K})", True)]:
-            trainer, step = engine_trainer(d, hidden, classes, K, batch, private)
+            trainer, step = engine_trainer(arch, K, batch, private)
             seconds = median_seconds(step, warmup=3, reps=reps)
             trainer.close()
             per_model[method] = seconds / K
             rows.append(dict(arch=name, method=method, models_per_step=K, batch=batch, threads=threads,
                              step_ms=seconds * 1e3, per_model_step_ms=seconds / K * 1e3, reps=reps))
-            if private:
-                flops[name] = dp_step_flops(d, hidden, classes, K, batch) / seconds / 1e9
+            if private and kind == "mlp":
+                flops[name] = dp_step_flops(shape[0], hidden, classes, K, batch) / seconds / 1e9
         dp_time = per_model[f"engine DP (K={K})"]
         values = {
             "dp_vs_opacus_hooks": per_model["Opacus hooks (1 model)"] / dp_time,
@@ -156,10 +185,15 @@ def run(threads: int, K: int, batch: int, reps: int) -> tuple[pd.DataFrame, pd.D
             "dp_over_plain_sgd": dp_time / per_model["plain SGD (1 model)"],
         }
         for key, value in values.items():
-            description, target = TARGETS[key]
+            description, target = TARGETS[kind].get(key, (TARGETS["mlp"][key][0], "-"))
             ratios.append(dict(arch=name, ratio=description, value=value, target=target))
         print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in values.items()), file=sys.stderr)
     flops["matmul 2048x2048"] = matmul_gflops()
+    if DEVICE.type == "cuda":  # the GPU target: engine DP model-steps per second over Opacus's one at a time
+        for name in {r["arch"] for r in rows if r["arch"].startswith("cnn")}:
+            times = {r["method"].split(" (")[0]: r["per_model_step_ms"] for r in rows if r["arch"] == name}
+            ratios.append(dict(arch=name, ratio="Opacus hooks time / engine DP time (GPU)",
+                               value=times["Opacus hooks"] / times["engine DP"], target=">= 20 (K >= 256)"))
     return pd.DataFrame(rows), pd.DataFrame(ratios), flops
 
 
@@ -177,12 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmem.bench.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
-    parser.add_argument("--models", type=int, default=64, help="K models per engine step (default 64)")
-    parser.add_argument("--batch", type=int, default=256, help="examples per batch (default 256)")
+    parser.add_argument("--models", type=int, default=64, help="K MLPs per engine step (default 64)")
+    parser.add_argument("--batch", type=int, default=256, help="examples per MLP batch (default 256)")
+    parser.add_argument("--cnn-models", type=int, default=16, help="K CNNs per engine step (default 16)")
+    parser.add_argument("--cnn-batch", type=int, default=64, help="examples per CNN batch (default 64)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
+    parser.add_argument("--only", choices=["mlp", "cnn"], help="time only these rows")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus's secure-RNG and hook notices
-    times, ratios, flops = run(args.threads, args.models, args.batch, args.reps)
+    global DEVICE
+    DEVICE = resolve_device(args.device)
+    sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch)}
+    only = (args.only,) if args.only else ("mlp", "cnn")
+    times, ratios, flops = run(args.threads, sizes, args.reps, only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times.to_csv(out / "speed.csv", index=False)
@@ -191,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     text = [
         "# Training speed",
         "",
-        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (a fixed batch reused "
-        f"every step; no sampling in the timing), engine with K={args.models} models per step, "
-        f"median of {args.reps} steps after 3 warm-up steps.",
+        f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models} (a fixed batch reused "
+        f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps.",
         "",
         "## Time per model-step (ms)",
         "",

@@ -55,18 +55,26 @@ def resolve_engine(spec: TrainSpec, engine: str = "auto") -> str:
     from dpmem.models.nets import build_model
     module = build_model(spec)
     if engine == "auto":
-        return "batched" if engine_module("batched").supports(module) is None else "opacus"
-    reason = engine_module(engine).supports(module)
+        return "batched" if _supports("batched", module, spec) is None else "opacus"
+    reason = _supports(engine, module, spec)
     if reason is not None:
         raise ValueError(f"the {engine} engine cannot train {spec.arch!r}: {reason}")
     return engine
+
+
+def _supports(engine: str, module, spec: TrainSpec) -> str | None:
+    """The engine's ``supports``; the batched engine also traces the module on the spec's input shape."""
+    if engine == "batched":
+        return engine_module(engine).supports(module, spec.input_shape)
+    return engine_module(engine).supports(module)
 
 
 def train_models(spec: TrainSpec, req: TrainRequest, *, engine: str = "auto", device: str = "cpu",
                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Train the K models of ``req.masks`` and predict on every split of ``req.evals``.
 
-    Returns flat arrays, ``"{split}_correct"`` bool [K, m] and ``"{split}_margin"`` float16 [K, m].
+    Returns flat arrays, ``"{split}_correct"`` bool [K, m] and ``"{split}_margin"`` float16 [K, m],
+    plus ``"canary_score"`` float32 [K, m_c] when the spec has gradient canaries.
     ``progress``, if given, is called now and then with the running number of model-steps done
     (between 0 and K * spec.steps; K models advancing one step each count K)."""
     chosen = resolve_engine(spec, engine)

@@ -1,7 +1,7 @@
 """The architectures: a registry of built-in ones and user factories, as ``torch.nn`` modules.
 
 ``build_model(spec)`` is the one way to get a freshly initialised module for a ``TrainSpec``:
-``spec.arch`` is a name in ``ARCHITECTURES`` (logistic regression, MLP, a small GroupNorm CNN) or a
+``spec.arch`` is a name in ``ARCHITECTURES`` (logistic regression, MLP, a small GroupNorm CNN and its 1-D twin) or a
 user factory ``"package.module:factory"`` called as ``factory(input_shape, n_classes)``. Every
 module is checked with Opacus's ``ModuleValidator`` (BatchNorm and other layers that mix examples
 are refused with Opacus's reason), so no engine ever trains a module DP-SGD cannot handle.
@@ -102,6 +102,40 @@ def _fully_connected(spec: TrainSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+# The 1-D CNN's convolutions see this many positions; the head sees a fixed-length map.
+_KERNEL_1D = 5
+_HEAD_LENGTH_1D = 4
+
+
+def _build_cnn1d(spec: TrainSpec) -> nn.Module:
+    """Conv1d (kernel 5, same length) + GroupNorm + ReLU (+ MaxPool1d(2) while the sequence
+    stays at least 2 * head length) per width in ``hidden``, then an adaptive average pool to
+    length 4 and a linear head: for (C, L) sequences such as MNIST-1D's (1, 40)."""
+    from torch import nn
+    if len(spec.input_shape) != 2:
+        raise ValueError(f"cnn1d needs (C, L) inputs, got input_shape={spec.input_shape}")
+    if not spec.hidden:
+        raise ValueError("cnn1d needs at least one channel width in hidden")
+    channels, length = spec.input_shape
+    layers: list[nn.Module] = []
+    for out_channels in spec.hidden:
+        layers += [
+            nn.Conv1d(channels, out_channels, kernel_size=_KERNEL_1D, padding=_KERNEL_1D // 2),
+            nn.GroupNorm(group_count(out_channels), out_channels),
+            nn.ReLU(),
+        ]
+        if length // 2 >= 2 * _HEAD_LENGTH_1D:
+            layers.append(nn.MaxPool1d(2))
+            length //= 2
+        channels = out_channels
+    layers += [
+        nn.AdaptiveAvgPool1d(_HEAD_LENGTH_1D),
+        nn.Flatten(),
+        nn.Linear(channels * _HEAD_LENGTH_1D, spec.n_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
 def _build_cnn(spec: TrainSpec) -> nn.Module:
     from torch import nn
     if len(spec.input_shape) != 3:
@@ -133,4 +167,5 @@ ARCHITECTURES: dict[str, Callable[[TrainSpec], nn.Module]] = {
     "logreg": _fully_connected,
     "mlp": _fully_connected,
     "cnn": _build_cnn,
+    "cnn1d": _build_cnn1d,
 }

@@ -1,20 +1,25 @@
 """The per-model reference path: each of the K models trained on its own through Opacus.
 
-It is the only path for the CNN and the yardstick the batched engine is tested against. DP-SGD
-is Opacus's own machinery (``GradSampleModule`` in hooks mode + ``DPOptimizer``) fed by
-Opacus's ``DPDataLoader`` (Poisson sampling at exactly ``spec.sample_rate``); the noise
-multiplier and clipping norm are taken as given (calibration lives in privacy/accounting.py).
-The non-private variant takes plain SGD steps on Poisson batches drawn the same way, with the
-summed loss divided by the same expected batch size.
+It trains any module ``build_model(spec)`` returns and is the yardstick the batched engine is
+tested against. DP-SGD is Opacus's own machinery (``GradSampleModule`` in hooks mode +
+``DPOptimizer``) fed by Opacus's ``DPDataLoader`` (Poisson sampling at exactly
+``spec.sample_rate``); the noise multiplier and clipping norm are taken as given (calibration
+lives in privacy/accounting.py). The non-private variant takes plain SGD steps on Poisson
+batches drawn the same way, with the summed loss divided by the same expected batch size.
 
-Seeding: model k's Poisson batches and its DP noise come from generators seeded by
-``(seed, k)`` and ``(noise_seed, k)``. Logistic regression and MLP start from exactly the
-batched engine's initial weights for the same request (``init_params`` + ``export_params``);
-the CNN uses torch's default initialisation under a seed derived from ``(seed, k)``.
+Seeding (contract in models/spec.py): model k starts from exactly the batched engine's initial
+module for its stream id (``batched.initial_model``), its Poisson batches come from the same
+stream's coin generator (DPDataLoader draws over the model's own subset, so batches are not
+coin-for-coin the engine's) and its noise from ``(noise_seed, stream_id)``.
+
+Gradient canaries are a second, separate Opacus model per network: an ``nn.Embedding(m_c, 1)``
+(theta_c, initialised to 0) whose loss on canary j is ``-s * theta_c[j]``, so Opacus computes
+the per-example gradient ``-s e_j`` itself. Its own ``DPOptimizer`` (same clipping norm,
+expected batch size, lr, momentum and weight decay; the canary noise stream) clips, noises and
+steps it. Because a canary's gradient is zero on the network and a real example's is zero on
+theta_c, clipping each block on its own equals clipping the whole per-example gradient.
 """
 from __future__ import annotations
-
-import copy
 
 import math
 import warnings
@@ -25,38 +30,29 @@ import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from dpmem.models.batched import PROGRESS_EVERY, expected_batch_sizes, export_params, init_params
+from dpmem.models.batched import PROGRESS_EVERY, initial_model, resolve_device
 from dpmem.models.nets import build_model
-from dpmem.models.spec import Outputs, TrainRequest, TrainSpec
+from dpmem.models.spec import (CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
+                               expected_batch_sizes, model_streams, stream_seeds)
 
 # Evaluation forward passes keep the largest activation at about this many floats (64 MiB).
 EVAL_BLOCK_FLOATS = 1 << 24
 
 
-def _child_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1, dtype=np.uint32)[0])
+def supports(module: nn.Module) -> str | None:
+    """Opacus trains every module its GradSampleModule validates."""
+    from opacus.validators import ModuleValidator
+    errors = ModuleValidator.validate(module, strict=False)
+    return None if not errors else str(errors[0])
 
 
-def initial_models(spec: TrainSpec, K: int, seed: int) -> list[nn.Module]:
-    """The K initial models of a request; for logreg / mlp exactly the batched engine's."""
-    if spec.arch in ("logreg", "mlp"):
-        params = init_params(spec, K, torch.Generator().manual_seed(int(seed)))
-        models = []
-        for k in range(K):
-            model = build_model(spec)
-            model.load_state_dict(export_params(spec, params, k))
-            models.append(model)
-        return models
-    models = []
-    for k in range(K):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_child_seed(seed, k))
-            models.append(build_model(spec))
-    return models
+def initial_models(spec: TrainSpec, K: int, seed: int, stream_ids: np.ndarray | None = None) -> list[nn.Module]:
+    """The K initial models of a request, exactly the batched engine's."""
+    streams = np.arange(K) if stream_ids is None else np.asarray(stream_ids)
+    return [initial_model(spec, seed, int(s)) for s in streams]
 
 
 def _poisson_batches(x: Tensor, y: Tensor, spec: TrainSpec, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
@@ -75,50 +71,102 @@ def _poisson_batches(x: Tensor, y: Tensor, spec: TrainSpec, generator: torch.Gen
                 return
 
 
-def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_seed: int,
-              noise_seed: int, progress: Callable[[int], None] | None = None) -> nn.Module:
-    """Train one model on (x, y) = its own subset for ``spec.steps`` steps; returns the model."""
-    expected_batch_size = expected_batch_sizes(np.ones((1, len(x)), dtype=bool), spec.sample_rate)[0]
-    batch_generator = torch.Generator().manual_seed(batch_seed)
-    model.train()
-    for p in model.parameters():
-        # a zero gradient rather than None, so an empty batch still takes an SGD step
-        # (torch.optim.SGD skips parameters without a gradient, momentum included)
-        p.grad = torch.zeros_like(p)
-    if spec.dp is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-        for s, (xb, yb) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
-            optimizer.zero_grad(set_to_none=False)
-            if len(xb):
-                loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / expected_batch_size
-                loss.backward()
-            optimizer.step()
-            _report(progress, s + 1, spec.steps)
-        return model
+class CanaryBlock(nn.Module):
+    """theta_c as an Embedding(m_c, 1) (initialised to 0); canary j's loss is ``-s * theta_c[j]``."""
 
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    optimizer = DPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay),
+    def __init__(self, count: int, grad_norm: float):
+        super().__init__()
+        self.theta = nn.Embedding(count, 1)
+        nn.init.zeros_(self.theta.weight)
+        self.grad_norm = grad_norm
+
+    def forward(self, j: Tensor) -> Tensor:
+        """The summed canary loss of a batch of canary ids."""
+        return -self.grad_norm * self.theta(j).sum()
+
+
+def _dp_optimizer(spec: TrainSpec, params, expected_batch_size: int, generator: torch.Generator) -> DPOptimizer:
+    return DPOptimizer(
+        torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay),
         noise_multiplier=spec.dp.noise_multiplier,
         max_grad_norm=spec.dp.max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",  # the optimizer divides the noisy clipped sum by expected_batch_size
-        generator=torch.Generator().manual_seed(noise_seed),
+        generator=generator,
     )
+
+
+@torch.no_grad()
+def _zero_grads(module: nn.Module) -> None:
+    for p in module.parameters():
+        # a zero gradient rather than None, so an empty batch still takes an SGD step
+        # (torch.optim.SGD skips parameters without a gradient, momentum included)
+        p.grad = torch.zeros_like(p)
+
+
+def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_seed: int,
+              noise_seed: int, device: torch.device = torch.device("cpu"),
+              canary_members: np.ndarray | None = None, canary_seeds: tuple[int, int] = (0, 0),
+              progress: Callable[[int], None] | None = None) -> tuple[nn.Module, Tensor | None]:
+    """Train one model on (x, y) = its own subset (real examples) for ``spec.steps`` steps.
+
+    ``canary_members`` (bool [m_c]) are its gradient canaries, ``canary_seeds`` the seeds of
+    their coins and noise. Returns the model and theta_c (None without canaries)."""
+    expected_batch_size = expected_batch_sizes(np.ones((1, len(x)), dtype=bool), spec.sample_rate)[0]
+    batch_generator = torch.Generator().manual_seed(batch_seed)
+    model.to(device).train()
+    _zero_grads(model)
+    dp = spec.dp
+    canaries = None
+    if spec.canaries:
+        members = torch.as_tensor(np.zeros(spec.canaries, bool) if canary_members is None else canary_members).to(device)
+        canaries = CanaryBlock(spec.canaries, canary_grad_norm(spec)).to(device)
+        _zero_grads(canaries)
+        canary_coins = torch.Generator(device=device).manual_seed(canary_seeds[0])
+        canary_ids = torch.arange(spec.canaries, device=device)
+    if dp is None:
+        network = model
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        canary_net = canaries
+        if canaries is not None:
+            canary_opt = torch.optim.SGD(canaries.parameters(), lr=spec.lr, momentum=spec.momentum,
+                                         weight_decay=spec.weight_decay)
+    else:
+        network = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        optimizer = _dp_optimizer(spec, network.parameters(), expected_batch_size,
+                                  torch.Generator(device=device).manual_seed(noise_seed))
+        if canaries is not None:
+            canary_net = GradSampleModule(canaries, batch_first=True, loss_reduction="sum")
+            canary_opt = _dp_optimizer(spec, canary_net.parameters(), expected_batch_size,
+                                       torch.Generator(device=device).manual_seed(canary_seeds[1]))
     with warnings.catch_warnings():
         # Opacus's backward hooks make torch note that the input needs no gradient; expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for s, (xb, yb) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
             optimizer.zero_grad(set_to_none=False)
             if len(xb):
-                loss = nn.functional.cross_entropy(gsm(xb), yb, reduction="sum")
-                loss.backward()
-            else:
+                loss = nn.functional.cross_entropy(network(xb.to(device)), yb.to(device), reduction="sum")
+                (loss if dp is not None else loss / expected_batch_size).backward()
+            elif dp is not None:
                 _empty_grad_samples(optimizer)
             optimizer.step()
+            if canaries is not None:
+                coins = torch.rand(spec.canaries, generator=canary_coins, device=device)
+                picked = canary_ids[(coins < spec.sample_rate) & members]
+                canary_opt.zero_grad(set_to_none=False)
+                if len(picked):
+                    loss = canary_net(picked)
+                    (loss if dp is not None else loss / expected_batch_size).backward()
+                elif dp is not None:
+                    _empty_grad_samples(canary_opt)
+                canary_opt.step()
             _report(progress, s + 1, spec.steps)
-    gsm.remove_hooks()
-    return model
+    if dp is not None:
+        network.remove_hooks()
+        if canaries is not None:
+            canary_net.remove_hooks()
+    theta = None if canaries is None else canaries.theta.weight.detach().reshape(-1).cpu()
+    return model, theta
 
 
 def _report(progress: Callable[[int], None] | None, done: int, total: int) -> None:
@@ -131,29 +179,37 @@ def _empty_grad_samples(optimizer: DPOptimizer) -> None:
     Opacus, whose collate yields zero-length batches; done here directly because not every
     layer accepts a zero-length input)."""
     for p in optimizer.params:
-        p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
+        p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
         if p.grad is None:
             p.grad = torch.zeros_like(p)
 
 
-def eval_rows(spec: TrainSpec) -> int:
-    """Rows per evaluation forward pass, so the widest activation stays near EVAL_BLOCK_FLOATS."""
-    widest = max((*spec.hidden, spec.n_classes, 1))
-    spatial = math.prod(spec.input_shape[1:]) if len(spec.input_shape) == 3 else 1  # conv maps keep H x W
-    per_row = max(math.prod(spec.input_shape), widest * spatial)
-    return max(1, EVAL_BLOCK_FLOATS // per_row)
+def widest_activation(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The most floats one example occupies in any layer's output (or the input)."""
+    sizes = [math.prod(input_shape)]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, y: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(correct bool [m], margin float16 [m]) of one model in eval mode, ``rows`` at a time."""
     model.eval()
+    device = next(model.parameters()).device
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
     correct = np.empty(len(xt), dtype=bool)
     margin = np.empty(len(xt), dtype=np.float16)
     for start in range(0, len(xt), rows):
-        logits = model(xt[start:start + rows])
+        logits = model(xt[start:start + rows].to(device)).cpu()
         yb = yt[start:start + rows].unsqueeze(1)
         true_logit = logits.gather(1, yb).squeeze(1)
         best_other = logits.scatter(1, yb, -torch.inf).amax(dim=1)
@@ -162,49 +218,40 @@ def predict(model: nn.Module, x: np.ndarray, y: np.ndarray, rows: int = 1024) ->
     return correct, margin
 
 
-def train_opacus(spec: TrainSpec, req: TrainRequest,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Outputs]:
+def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "cpu",
+          progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Train the K models of ``req.masks`` one by one; ``progress(model_steps_done)`` gets the
     running count of model-steps (out of K * spec.steps)."""
+    device = resolve_device(device)
+    layout = canary_layout(spec, req)
     masks = np.asarray(req.masks, dtype=bool)
     K = masks.shape[0]
     x_all = torch.as_tensor(np.asarray(req.x_train, dtype=np.float32))
     y_all = torch.as_tensor(np.asarray(req.y_train, dtype=np.int64))
     if len(x_all) != masks.shape[1] or len(y_all) != masks.shape[1]:
         raise ValueError(f"masks cover {masks.shape[1]} examples, x_train has {len(x_all)}, y_train {len(y_all)}")
-    # Models of one group (leave-one-out pairs) start from the same weights and seed their Poisson
-    # coins alike; DPDataLoader draws over each model's own subset, so the pairing of batches is
-    # close but not coin-for-coin as in the batched engine.
-    groups = (np.arange(K) if req.groups is None
-              else np.unique(np.asarray(req.groups), return_inverse=True)[1].reshape(-1))
-    if groups.shape != (K,):
-        raise ValueError(f"groups must have shape ({K},), got {groups.shape}")
-    group_models = initial_models(spec, int(groups.max()) + 1, req.seed)
-    models = [group_models[g] if req.groups is None else copy.deepcopy(group_models[g]) for g in groups]
-    results = {name: (np.empty((K, len(y)), dtype=bool), np.empty((K, len(y)), dtype=np.float16))
-               for name, (_, y) in req.evals.items()}
+    streams = model_streams(req)
+    out = {}
+    for name, (_, y) in req.evals.items():
+        out[f"{name}_correct"] = np.empty((K, len(y)), dtype=bool)
+        out[f"{name}_margin"] = np.empty((K, len(y)), dtype=np.float16)
+    if spec.canaries:
+        out["canary_score"] = np.empty((K, spec.canaries), dtype=np.float32)
+    rows = None
     for k in range(K):
-        subset = torch.from_numpy(np.flatnonzero(masks[k]))
+        sid = int(streams[k])
+        subset = torch.from_numpy(layout.real[masks[k, layout.real]])
         report = None if progress is None else (lambda s, base=k * spec.steps: progress(base + s))
-        model = train_one(spec, models[k], x_all[subset], y_all[subset],
-                          batch_seed=_child_seed(req.seed, int(groups[k])), noise_seed=_child_seed(req.noise_seed, k),
-                          progress=report)
+        model, theta = train_one(
+            spec, initial_model(spec, req.seed, sid), x_all[subset], y_all[subset],
+            batch_seed=stream_seeds(req.seed, sid, count=2)[1], noise_seed=stream_seeds(req.noise_seed, sid)[0],
+            device=device, canary_members=layout.members[k],
+            canary_seeds=(stream_seeds(req.seed, sid, CANARY_STREAM)[0], stream_seeds(req.noise_seed, sid, CANARY_STREAM)[0]),
+            progress=report)
+        if rows is None:
+            rows = max(1, EVAL_BLOCK_FLOATS // widest_activation(model, spec.input_shape))
         for name, (x, y) in req.evals.items():
-            results[name][0][k], results[name][1][k] = predict(model, x, y, rows=eval_rows(spec))
-        models[k] = None  # free as we go
-    return {name: Outputs(correct=c, margin=m) for name, (c, m) in results.items()}
-
-
-def supports(module: nn.Module) -> str | None:
-    """None when Opacus can train ``module`` (its ModuleValidator finds nothing), else the reason."""
-    problems = ModuleValidator.validate(module, strict=False)
-    return str(problems[0]) if problems else None
-
-
-def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
-          progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """The engine registry's entry point (``models.ENGINES``): flat ``{split}_{correct,margin}`` arrays."""
-    if device != "cpu":
-        raise ValueError(f"the Opacus path runs on the CPU here, not {device!r}")
-    return {f"{split}_{key}": getattr(out, key) for split, out in train_opacus(spec, req, progress=progress).items()
-            for key in ("correct", "margin")}
+            out[f"{name}_correct"][k], out[f"{name}_margin"][k] = predict(model, x, y, rows=rows)
+        if theta is not None:
+            out["canary_score"][k] = theta.numpy()
+    return out

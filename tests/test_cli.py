@@ -38,6 +38,7 @@ def test_run_writes_the_output_contract(small_run):
     assert dp["epsilon"] == 2.0 and dp["noise_multiplier"] > 0 and dp["accountant"]
     assert dp["epsilon_reported"] <= 2.0 + 1e-6 and dp["models"] == 24
     assert summary["variants"]["nonprivate"]["noise_multiplier"] is None
+    assert {v["engine"] for v in summary["variants"].values()} == {"batched"}  # an MLP: the many-model engine
     mem = pd.read_parquet(small_run / "memorization.parquet")
     assert {"variant", "epsilon", "index", "label", "subgroup", "subgroup_count", "p_in", "p_out", "n_in",
             "n_out", "mem", "mem_se", "bound", "violation", "eps_lb"} <= set(mem.columns)

@@ -201,6 +201,26 @@ def test_mnist5k_loads():
     assert np.bincount(ds.y_test).tolist() == [200] * 10    # stratified split of 500 per class
 
 
+def test_mnist1d_is_generated_locally_with_a_long_tail(monkeypatch):
+    import random
+
+    import mnist1d.data
+    monkeypatch.setattr(mnist1d.data, "get_dataset", lambda *a, **k: pytest.fail("get_dataset downloads"))
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.random(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    ds = load_dataset(Config(dataset="mnist1d", model="cnn1d"))
+    assert (np.random.random(), random.random()) == before        # global generators left alone
+    assert ds.input_shape == (1, 40) and ds.x_train.shape[1:] == (1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.n_classes == 10 and ds.n_subgroups == 100 and 350 <= ds.n_train <= 400
+    c = ds.subgroup_counts
+    assert (c == 1).sum() >= 10 and c.max() > 5 * np.median(c)
+    assert_labels_match_subgroups(ds)
+    assert_same(ds, load(dataset="mnist1d", model="cnn1d"))
+
+
 def test_zipf_counts_choose_the_largest_fitting_scale():
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 30, size=50)

@@ -13,10 +13,10 @@ def test_choose_examples_takes_extremes_and_random():
 
 
 def test_loo_masks_pair_each_model_with_its_partner_on_s():
-    masks, groups = loo.loo_masks(5, np.array([1, 3]), repeats=2)
+    masks, streams = loo.loo_masks(5, np.array([1, 3]), repeats=2, first=4)
     assert masks.shape == (6, 5)
     assert masks[0].all() and not masks[1, 1] and masks[1].sum() == 4 and not masks[2, 3]
-    assert groups.tolist() == [0, 0, 0, 1, 1, 1]
+    assert streams.tolist() == [4, 4, 4, 5, 5, 5]
 
 
 def test_paired_mem_and_interval():

@@ -49,12 +49,12 @@ def test_loo_of_converged_logreg_equals_the_direct_computation():
     x, y = _problem()
     c = 3
     examples = np.arange(8)                   # the four mislabeled ones and four clean ones
-    masks, groups = loo.loo_masks(len(y), examples, repeats=3)
+    masks, streams = loo.loo_masks(len(y), examples, repeats=3)
     spec = TrainSpec(arch="logreg", input_shape=(x.shape[1],), n_classes=c, steps=3000, sample_rate=1.0,
                      lr=1.0, momentum=0.9, weight_decay=WD)
-    req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=1, noise_seed=2, groups=groups,
+    req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=1, noise_seed=2, stream_ids=streams,
                        evals={"chosen": (x[examples], y[examples])})
-    out = train_models(spec, req)
+    out = train_models(spec, req, device="cpu")
     correct = out["chosen_correct"].reshape(3, 1 + len(examples), len(examples))
     cols = np.arange(len(examples))
     table = loo.paired_mem(correct[:, 0, :], correct[:, 1 + cols, cols])
@@ -72,29 +72,7 @@ def test_loo_of_converged_logreg_equals_the_direct_computation():
     assert (expected == 1).any() and (expected == 0).any()                      # the check has teeth
 
 
-def test_groups_share_init_and_batches_minus_the_left_out_example():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 4)).astype(np.float32)
-    y = rng.integers(0, 3, 50)
-    masks = np.ones((4, 50), bool)
-    masks[1, 7] = False                       # model 1 = model 0 without example 7 (group 0)
-    masks[3, 9] = False                       # model 3 = model 2 without example 9 (group 1)
-    spec = TrainSpec(arch="mlp", input_shape=(4,), n_classes=3, hidden=(8,), steps=1, sample_rate=0.3, lr=0.1)
-    tr = BatchedTrainer(spec, x, y, masks, seed=3, noise_seed=4, groups=np.array([5, 5, 8, 8]))
-    for w, b in tr.params:
-        assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3]) and not torch.equal(w[0], w[2])
-    rows = lambda batch, k: {tuple(r) for r in batch.x[k][batch.valid[k]].numpy().round(6)}  # noqa: E731
-    for _ in range(20):
-        batch = tr.sample_batch()
-        a, b_ = rows(batch, 0), rows(batch, 1)
-        assert b_ <= a and a - b_ <= {tuple(x[7].round(6))}
-        c_, d_ = rows(batch, 2), rows(batch, 3)
-        assert d_ <= c_ and c_ - d_ <= {tuple(x[9].round(6))}
-    tr.close()
-
-
 def test_weight_decay_matches_torch_sgd():
-    from dpmem.models.batched import export_params
     from dpmem.models.nets import build_model
     rng = np.random.default_rng(1)
     x = rng.normal(size=(20, 5)).astype(np.float32)
@@ -103,7 +81,7 @@ def test_weight_decay_matches_torch_sgd():
                      lr=0.3, momentum=0.5, weight_decay=0.1)
     tr = BatchedTrainer(spec, x, y, np.ones((1, 20), bool), seed=0, noise_seed=0)
     model = build_model(spec)
-    model.load_state_dict(export_params(spec, tr.params, 0))
+    model.load_state_dict(tr.model_state(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5, weight_decay=0.1)
     for _ in range(3):
         tr.step()
@@ -111,6 +89,6 @@ def test_weight_decay_matches_torch_sgd():
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y), reduction="sum") / 20
         loss.backward()
         opt.step()
-    for name, value in export_params(spec, tr.params, 0).items():
+    for name, value in tr.model_state(0).items():
         torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-5, atol=1e-6)
     tr.close()

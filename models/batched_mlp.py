@@ -1,0 +1,233 @@
+"""The hand-written fast path of the batched engine for multilayer perceptrons (and logistic
+regression): ``Flatten`` (optional), then ``Linear`` layers with ``ReLU`` between them.
+
+It trains the same models with the same randomness as the general engine (``BatchedTrainer``:
+same initialisation, Poisson coins, noise, canaries and SGD semantics), but writes forward and
+backward out by hand (ReLU, softmax cross-entropy), which is what makes DP-SGD cheap here: for a
+linear layer the per-example gradient is the outer product ``delta_i a_i^T`` (plus ``delta_i``
+for the bias), so
+
+    ||g_i||^2 = sum_l (||a_i^{l-1}||^2 + 1) * ||delta_i^l||^2
+
+needs no per-example gradient in memory, and the clipped, normalised sum, the noise and the
+SGD step are fused into one batched product per layer written straight into the weights. It is
+1.3-1.7x faster per model-step than the general engine on these networks (README).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dpmem.models.batched import CLIP_EPS, BatchedTrainer, PoissonBatch, leaf_layers
+
+# Probabilities below this are treated as zero in the output error (see _output_error).
+PROB_FLOOR = 1e-10
+
+Layer = tuple[Tensor, Tensor]
+Params = list[Layer]
+
+
+def is_mlp(module: nn.Module) -> bool:
+    """Flatten(1, -1)? then Linear (ReLU Linear)*, every Linear with a bias."""
+    layers = leaf_layers(module) if isinstance(module, nn.Sequential) else [module]
+    if layers and isinstance(layers[0], nn.Flatten) and (layers[0].start_dim, layers[0].end_dim) == (1, -1):
+        layers = layers[1:]
+    if not layers or len(layers) % 2 == 0:
+        return False
+    for j, layer in enumerate(layers):
+        wanted = nn.Linear if j % 2 == 0 else nn.ReLU
+        if type(layer) is not wanted or (wanted is nn.Linear and layer.bias is None):
+            return False
+    return True
+
+
+# -- forward / backward ------------------------------------------------------------------------
+# Activations and errors are [K, B, width]. The output layer is computed transposed ([K, C, B]
+# in memory, returned as a [K, B, C] view): with C ~ 10 classes, a product whose last output
+# dimension is C runs 3-4x slower than its transpose.
+
+class Workspace:
+    """Reused flat buffers for a step's large intermediates. Writing into memory that the last
+    step used (still in cache, already mapped) instead of fresh allocations saves ~20% of a step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return buffer[:size].view(shape)
+
+
+def _forward(params: Params, x: Tensor, work: Workspace | None = None) -> list[Tensor]:
+    """Inputs of every layer and the logits: ``[x, a_1, ..., a_{L-1}, logits]``."""
+    acts = [x]
+    last = len(params) - 1
+    K, B = x.shape[:2]
+    for j, (weight, bias) in enumerate(params):
+        if j < last:
+            out = None if work is None else work.get(f"act{j}", (K, B, weight.shape[1]))
+            acts.append(torch.baddbmm(bias.unsqueeze(1), acts[-1], weight.transpose(1, 2), out=out).relu_())
+        else:
+            acts.append(torch.baddbmm(bias.unsqueeze(2), weight, acts[-1].transpose(1, 2)).transpose(1, 2))
+    return acts
+
+
+def _output_error(logits: Tensor, y: Tensor, valid: Tensor | None) -> Tensor:
+    """d(sum of per-example cross-entropies)/d logits = softmax - onehot; zero on padded rows.
+
+    ``logits`` is the transposed view from ``_forward``; so is the result."""
+    delta = logits.transpose(1, 2).softmax(dim=1)  # [K, C, B], contiguous
+    # Confident models put probabilities far below float32's normal range (< 1e-38) on wrong
+    # classes; arithmetic on such subnormal numbers is many times slower on x86 CPUs. Zeroing
+    # probabilities below PROB_FLOOR moves each gradient coordinate by less than float32
+    # already rounds the true-class term p - 1 (by up to 6e-8), so the update is unchanged.
+    delta.masked_fill_(delta < PROB_FLOOR, 0.0)
+    label = y.unsqueeze(1)
+    delta.scatter_(1, label, delta.gather(1, label).sub_(1.0))
+    if valid is not None:
+        delta.mul_(valid.unsqueeze(1).to(delta.dtype))
+    return delta.transpose(1, 2)
+
+
+def _backward(params: Params, acts: list[Tensor], delta_out: Tensor, work: Workspace | None = None) -> list[Tensor]:
+    """Output errors ``delta_l`` ([K, B, out]) of every layer, first layer first."""
+    deltas = [delta_out]
+    K, B = delta_out.shape[:2]
+    for j in range(len(params) - 1, 0, -1):
+        weight = params[j][0]
+        out = None if work is None else work.get(f"err{j}", (K, B, weight.shape[2]))
+        d = torch.bmm(deltas[0], weight, out=out)
+        # ReLU derivative, fused and in place: keep d where the post-ReLU activation is positive
+        deltas.insert(0, torch.ops.aten.threshold_backward.grad_input(d, acts[j], 0.0, grad_input=d))
+    return deltas
+
+
+def _row_sq_norms(t: Tensor) -> Tensor:
+    """||t[k, i, :]||^2 as [K, B]. A transposed view (the output layer's errors) is reduced in
+    its memory order: vector_norm over a strided dimension is ~30x slower than this."""
+    if t.stride(2) != 1 and t.stride(1) == 1:
+        return t.transpose(1, 2).square().sum(dim=1)
+    return torch.linalg.vector_norm(t, dim=2).square_()
+
+
+def _ghost_sq_norms(acts: list[Tensor], deltas: list[Tensor], input_sq: Tensor | None = None) -> Tensor:
+    """Per-example squared gradient norm over all layers, [K, B]:
+    sum_l (||a^{l-1}||^2 + 1) * ||delta^l||^2 (weight and bias together)."""
+    total = None
+    for j, (a, d) in enumerate(zip(acts[:-1], deltas)):
+        a_sq = input_sq if (j == 0 and input_sq is not None) else _row_sq_norms(a)
+        term = _row_sq_norms(d).mul_(a_sq + 1.0)
+        total = term if total is None else total.add_(term)
+    return total
+
+
+
+def _clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
+    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
+
+
+class MLPTrainer(BatchedTrainer):
+    """``BatchedTrainer`` with the hand-written step and evaluation for MLPs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not is_mlp(self.module):
+            raise ValueError("MLPTrainer trains Flatten? Linear (ReLU Linear)* modules only")
+        self.layers: Params = list(zip(self.params[0::2], self.params[1::2]))  # views of self.params
+        self._work = Workspace(self.device)
+        if self.spec.dp is not None:
+            self._noise_std = (self.spec.dp.noise_multiplier * self.spec.dp.max_grad_norm) * self.inv_ebs
+
+    def _noise_views(self, noise: Tensor) -> list[tuple[Tensor, Tensor]]:
+        views, offset = [], 0
+        for w, b in self.layers:
+            nw, nb = w[0].numel(), b[0].numel()
+            views.append((noise[:, offset:offset + nw].view_as(w), noise[:, offset + nw:offset + nw + nb].view_as(b)))
+            offset += nw + nb
+        return views
+
+    @torch.no_grad()
+    def step_on(self, batch: PoissonBatch) -> None:
+        spec = self.spec
+        dp = spec.dp
+        if dp is not None:
+            self.noise.begin()
+        x = batch.x.reshape(self.K, batch.x.shape[1], -1)
+        acts = _forward(self.layers, x, self._work)
+        delta_out = _output_error(acts[-1], batch.y, batch.valid)
+        if dp is None:
+            # Normalisation is linear, so it can scale the output error before backprop.
+            delta_out.mul_(self.inv_ebs.view(-1, 1, 1))
+            deltas = _backward(self.layers, acts, delta_out, self._work)
+        else:
+            deltas = _backward(self.layers, acts, delta_out, self._work)
+            scale = _clip_factors(_ghost_sq_norms(acts, deltas), dp.max_grad_norm)
+            scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
+            for d in deltas:
+                d.mul_(scale)
+            noise_views = self._noise_views(self.noise.take())
+        wd = spec.weight_decay
+        for j, ((weight, bias), a, d) in enumerate(zip(self.layers, acts[:-1], deltas)):
+            if self.momentum_bufs is None:
+                if wd:  # torch.optim.SGD: the step uses grad + wd * (pre-step weights)
+                    weight.mul_(1 - spec.lr * wd)
+                    bias.mul_(1 - spec.lr * wd)
+                weight.baddbmm_(d.transpose(1, 2), a, alpha=-spec.lr)
+                bias.add_(d.sum(dim=1), alpha=-spec.lr)
+                if dp is not None:
+                    noise_w, noise_b = noise_views[j]
+                    weight.addcmul_(noise_w, self._noise_std.view(-1, 1, 1), value=-spec.lr)
+                    bias.addcmul_(noise_b, self._noise_std.view(-1, 1), value=-spec.lr)
+            else:
+                buf_w, buf_b = self.momentum_bufs[2 * j], self.momentum_bufs[2 * j + 1]
+                buf_w.mul_(spec.momentum).baddbmm_(d.transpose(1, 2), a)
+                buf_b.mul_(spec.momentum).add_(d.sum(dim=1))
+                if wd:
+                    buf_w.add_(weight, alpha=wd)
+                    buf_b.add_(bias, alpha=wd)
+                if dp is not None:
+                    noise_w, noise_b = noise_views[j]
+                    buf_w.addcmul_(noise_w, self._noise_std.view(-1, 1, 1))
+                    buf_b.addcmul_(noise_b, self._noise_std.view(-1, 1))
+                weight.add_(buf_w, alpha=-spec.lr)
+                bias.add_(buf_b, alpha=-spec.lr)
+        if self.canaries is not None:
+            self.canaries.step(self)
+        self.steps_done += 1
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(correct bool [K, m], margin float16 [K, m]) of all K models, in row blocks of bounded size."""
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(len(y), -1)
+        y = torch.as_tensor(np.asarray(y, dtype=np.int64))
+        K, m = self.K, x.shape[0]
+        widest = max(w.shape[1] for w, _ in self.layers)
+        rows = max(1, EVAL_BLOCK_FLOATS // (K * widest))
+        last = len(self.layers) - 1
+        correct = np.empty((K, m), dtype=bool)
+        margin = np.empty((K, m), dtype=np.float16)
+        for start in range(0, m, rows):
+            stop = min(m, start + rows)
+            a = x[start:stop].to(self.device)  # the first layer's input is shared by all K models (broadcast)
+            for j, (weight, bias) in enumerate(self.layers):
+                if j < last:
+                    a = torch.matmul(a, weight.transpose(1, 2)).add_(bias.unsqueeze(1)).relu_()
+                else:  # transposed logits [K, C, rows], as in _forward
+                    a = torch.matmul(weight, a.transpose(-1, -2)).add_(bias.unsqueeze(2))
+            label = y[start:stop].to(self.device).view(1, 1, -1).expand(K, 1, -1)
+            true_logit = a.gather(1, label).squeeze(1)
+            best_other = a.scatter(1, label, -math.inf).amax(dim=1)
+            correct[:, start:stop] = (a.argmax(dim=1) == label.squeeze(1)).cpu().numpy()
+            margin[:, start:stop] = (true_logit - best_other).to(torch.float16).cpu().numpy()
+        return correct, margin
+
+
+# Evaluation keeps the largest activation block at about this many floats (64 MiB).
+EVAL_BLOCK_FLOATS = 1 << 24
