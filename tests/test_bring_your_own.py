@@ -59,7 +59,7 @@ def test_user_npz_with_a_user_convnet(digits_npz, tmp_path):
     assert s["run"]["subgroups"] == "derived" and s["run"]["data_fingerprint"].startswith("sha256:")
     assert s["run"]["n_train"] == 300 and s["run"]["n_test"] == 400      # zipf_a = 0: kept as given
     for variant in s["variants"].values():
-        assert variant["engine"] == "opacus" and variant["model"] == "my_models:small_convnet"
+        assert variant["engine"] == "batched" and variant["model"] == "my_models:small_convnet"
     assert s["variants"]["nonprivate"]["test_accuracy"] > 0.15             # it learned something (chance 0.1)
     store = RunStore.open(out)
     with np.load(digits_npz) as npz:
@@ -177,8 +177,8 @@ def test_bad_factory_is_refused_before_anything_is_written(digits_npz, tmp_path,
 
 
 def test_an_engine_that_cannot_train_the_module_is_refused(digits_npz, tmp_path, capsys):
-    refused(capsys, ["dataset=file", "zipf_a=0", f"data_path={digits_npz}", "model=my_models:small_convnet",
-                     "engine=batched"], tmp_path / "run", "'engine'", "layer 0 is Conv2d")
+    refused(capsys, ["dataset=file", "zipf_a=0", f"data_path={digits_npz}", "model=my_models:layernorm_mlp",
+                     "engine=batched"], tmp_path / "run", "'engine'", "LayerNorm is not supported")
 
 
 # -- your own training code ----------------------------------------------------------------------

@@ -24,3 +24,11 @@ def wide_mlp(input_shape, n_classes):
     for size in input_shape:
         width *= size
     return nn.Sequential(nn.Flatten(), nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, n_classes))
+
+
+def layernorm_mlp(input_shape, n_classes):
+    """LayerNorm is per-example (Opacus trains it) but not a layer of the many-model engine: Opacus path."""
+    width = 1
+    for size in input_shape:
+        width *= size
+    return nn.Sequential(nn.Flatten(), nn.Linear(width, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, n_classes))
