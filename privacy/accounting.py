@@ -17,6 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import opacus
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -65,7 +66,9 @@ def epsilon_of(*, noise_multiplier: float, sample_rate: float, steps: int, delta
     acct = cls()
     acct.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     try:
-        eps = float(acct.get_epsilon(delta=delta))
+        # at sample_rate 1 the PRV accountant compares with log(1 - q) = -inf, correctly, but numpy warns
+        with np.errstate(divide="ignore"):
+            eps = float(acct.get_epsilon(delta=delta))
     except (ValueError, ArithmeticError, RuntimeError) as e:
         raise ValueError(f"accountant failed for noise_multiplier={noise_multiplier:g}, "
                          f"{_describe(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)}: "
@@ -91,7 +94,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     try:
         # the search visits very large noise levels whose optimal RDP order is the grid's largest;
         # Opacus warns about each, which says nothing about the sigma finally returned
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
             warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
             sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                          sample_rate=sample_rate, steps=int(steps),

@@ -40,7 +40,7 @@ class AuditResult:
     adjacency: str                  # "add/remove" | "replace-one"
     epsilon_tested: float | None    # the claim in the adjacency tested (2 eps under replace-one)
     delta_tested: float | None      # (1 + e^eps) delta under replace-one
-    alpha: float                    # family-wise significance level
+    alpha: float                    # this audit's level, family-wise over its examples (a share of a verdict's alpha)
     level: float                    # level of each one-sided bound: alpha / (2 n)
     n_examples: int
     violations: int
