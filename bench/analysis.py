@@ -7,8 +7,12 @@ import numpy as np
 import pandas as pd
 
 from dpmem.bench import estimators, subgroups
-from dpmem.bench.store import RunStore, read_json
+from dpmem.bench.errors import UsageError
+from dpmem.bench.store import RunStore, load_npy, read_json
+from dpmem.bench.subsets import CANARY_MASKS_FILE
 from dpmem.privacy.audit import AuditResult, audit_variant
+from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
+from dpmem.privacy.family import bonferroni_share
 
 
 INTERVAL_LEVEL = 0.95
@@ -26,6 +30,7 @@ class Analysis:
     pairs: pd.DataFrame             # high-influence pairs that pass false-discovery control
     audits: dict[str, AuditResult]
     summary: dict = field(default_factory=dict)
+    canary_audits: dict[str, CanaryAudit] = field(default_factory=dict)   # runs with gradient canaries
 
 
 def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: float | None = None,
@@ -33,8 +38,16 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     """Estimators, DP-bound audit and subgroup tables for every finished variant of a run.
 
     ``claims`` audits a variant against a budget it was not trained for (variant -> epsilon).
+    ``alpha`` (default: the config's) is family-wise over every audit of every variant
+    (privacy/family.py): each (variant, audit kind) gets an equal share.
     """
     cfg = store.config()
+    alpha = cfg.alpha if alpha is None else alpha
+    canary_path = store.root / CANARY_MASKS_FILE
+    canary_masks = load_npy(canary_path) if canary_path.exists() else None
+    tests = len(cfg.variants) * (2 if canary_masks is not None else 1)
+    share = bonferroni_share(alpha, tests)
+    canary_audits = {}
     claims = claims or {}
     data = store.data()
     masks = store.masks()
@@ -55,8 +68,13 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         delta = plan.get("delta") if plan.get("delta") is not None else cfg.delta
         audit, per_example = audit_variant(variant=name, masks=masks, correct=arrays["train_correct"],
                                            epsilon=claimed, delta=delta,
-                                           alpha=cfg.alpha if alpha is None else alpha, sampling=cfg.sampling)
+                                           alpha=share, sampling=cfg.sampling)
         audits[name] = audit
+        if canary_masks is not None:
+            if "canary_score" not in arrays:
+                raise UsageError(f"run {store.root} has {CANARY_MASKS_FILE} but variant {name!r} has no canary_score.npy")
+            canary_audits[name] = canary_audit(variant=name, scores=arrays["canary_score"], masks=canary_masks,
+                                               epsilon=claimed, delta=delta, alpha=share)
         mem = estimators.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
         found = estimators.controlled_findings(
@@ -129,6 +147,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "models_needed_pairs": found.models_needed_pairs if with_pairs else None,
             **_finite(loss_trend.to_dict("acc_loss")), **_finite(mem_trend.to_dict("mem")),
             "train_seconds": store.variant_record(name).get("train_seconds"),
+            "canary_audit": canary_audits[name].to_dict() if name in canary_audits else None,
         }
     memorization = pd.concat(mem_rows, ignore_index=True)
     sub = pd.concat(sub_rows, ignore_index=True)
@@ -139,12 +158,13 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "sampling": cfg.sampling, "subgroups": data_record.get("subgroups"),
         "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
-        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": cfg.alpha if alpha is None else alpha,
+        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
+        "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
         "fdr": cfg.fdr, "null_permutations": estimators.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
         "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
     return Analysis(memorization=memorization, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
-                    summary=summary)
+                    summary=summary, canary_audits=canary_audits)
 
 
 def _finite(d: dict) -> dict:

@@ -87,6 +87,18 @@ def _parse_claims(items: list[str]) -> dict[str, float]:
     return claims
 
 
+def audit_failures(result) -> list[str]:
+    """Every claim refuted by an audit of ``result`` (an analysis.Analysis): the gate's failures."""
+    failures = [f"{a.variant}: {a.violations} example(s) violate the ({a.epsilon_tested:g}, {a.delta_tested:g}) "
+                f"bound; eps_lb = {a.eps_lb:.3f} > claimed {a.epsilon_claimed:g}"
+                for a in result.audits.values() if not a.consistent]
+    failures += [f"{c.variant}: gradient canaries refute the claim: eps_lb = {c.eps_lb:.3f} > claimed "
+                 f"{c.epsilon_claimed:g} (TPR >= {c.tpr_lo:.4f}, FPR <= {c.fpr_hi:.2e} over {c.evaluation_models} "
+                 f"models x {c.canaries} canaries)"
+                 for c in result.canary_audits.values() if not c.consistent]
+    return failures
+
+
 def cmd_check(args) -> int:
     from dpmem.bench import analysis
     from dpmem.bench.store import RunStore
@@ -102,17 +114,18 @@ def cmd_check(args) -> int:
         raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
     base = baseline_mod.load_baseline(args.baseline) if args.baseline else None
     result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False)
-    failures = [f"{a.variant}: {a.violations} example(s) violate the ({a.epsilon_tested:g}, {a.delta_tested:g}) "
-                f"bound; eps_lb = {a.eps_lb:.3f} > claimed {a.epsilon_claimed:g}"
-                for a in result.audits.values() if not a.consistent]
+    failures = audit_failures(result)
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
     if args.write_baseline:
         from dpmem.bench.store import atomic_write_json
         atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
-    verdict = {"consistent": not failures, "failures": failures, "alpha": result.summary["run"]["alpha"],
-               "canaries": result.summary["run"]["canaries"],
+    run = result.summary["run"]
+    verdict = {"consistent": not failures, "failures": failures, "alpha": run["alpha"],
+               "audit_tests": run["audit_tests"], "alpha_per_test": run["alpha_per_test"],
+               "canaries": run["canaries"], "gradient_canaries": run["gradient_canaries"],
                "variants": {n: a.to_dict() for n, a in result.audits.items()},
+               "canary_audits": {n: c.to_dict() for n, c in result.canary_audits.items()},
                "test_accuracy": {n: v["test_accuracy"] for n, v in result.summary["variants"].items()}}
     if args.json:
         print(json.dumps(verdict, indent=2, default=float))
@@ -126,15 +139,33 @@ def _print_audit(result, failures: list[str]) -> None:
     from dpmem.bench.report import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
-                     "eps_lb": a.eps_lb, "confidence": 1 - a.alpha, "violations": a.violations,
+                     "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
                      "verdict": "no claim" if a.epsilon_claimed is None else ("ok" if a.consistent else "VIOLATION"),
                      "test_acc": result.summary["variants"][name]["test_accuracy"]})
+        c = result.canary_audits.get(name)
+        if c is not None:
+            rows.append({"variant": name, "audit": "gradient canary", "claimed_eps": c.epsilon_claimed,
+                         "adjacency": "add/remove",
+                         "tested": None if c.epsilon_claimed is None else f"({c.epsilon_claimed:.3g}, {c.delta:.2g})",
+                         "eps_lb": c.eps_lb, "eps_gaussian_estimate": c.eps_gdp, "violations": None,
+                         "refutable_up_to": c.power_eps,
+                         "verdict": "no claim" if c.epsilon_claimed is None else ("ok" if c.consistent else "VIOLATION"),
+                         "test_acc": result.summary["variants"][name]["test_accuracy"]})
     print(markdown(pd.DataFrame(rows)))
-    canaries = result.summary["run"]["canaries"]
-    print("eps_lb: empirical epsilon lower bound (family-wise confidence shown); refutable_up_to: the largest "
+    run = result.summary["run"]
+    print(f"One family-wise alpha = {run['alpha']:g} for this verdict: {run['audit_tests']} tests (variant x audit), "
+          f"each at alpha/{run['audit_tests']} = {run['alpha_per_test']:.3g} (Bonferroni); with probability >= "
+          f"{1 - run['alpha']:g} every eps_lb above holds at once.")
+    if result.canary_audits:
+        c = next(iter(result.canary_audits.values()))
+        print(f"gradient canaries: {c.models} models x {c.canaries} canaries per variant; threshold chosen on "
+              f"{c.selection_models} models, bounds from the other {c.evaluation_models}. eps_gaussian_estimate "
+              f"assumes Gaussian scores (an estimate, not a bound).")
+    canaries = run["canaries"]
+    print("eps_lb: empirical epsilon lower bound; refutable_up_to: the largest "
           "claimed epsilon these model counts could have refuted.")
     print(f"audited {result.summary['run']['n_train']} training examples, {canaries} of them canaries "
           f"(mislabeled examples inserted to raise the audit's power).")

@@ -63,6 +63,8 @@ class Config:
     delta: float = 1e-5
     accountant: str = "rdp"
     fault: str = "none"              # privacy/faults.py FAULTS: plant a DP-SGD bug to test the audit
+    gradient_canaries: int = 0       # canaries per model whose gradient is chosen (white-box audit; 0: off)
+    canary_norm: float = 1.0         # their gradient norm, in units of the claimed max_grad_norm (of 1 without DP)
     # subsets and estimators
     models: int = 1000               # K models per variant
     sampling: str = "bernoulli"
@@ -147,6 +149,13 @@ def validate(c: Config) -> None:
     _check(c.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {c.max_grad_norm}")
     _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
     _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")
+    _check(c.gradient_canaries >= 0, "gradient_canaries", f"must be >= 0, got {c.gradient_canaries}")
+    _check(c.gradient_canaries == 0 or c.models >= 4, "gradient_canaries",
+           f"the canary audit holds out half the models to choose its threshold: needs models >= 4, got {c.models}")
+    _check(c.gradient_canaries == 0 or not c.trainer, "gradient_canaries",
+           "gradient canaries are planted by dpmem's own engines; a user trainer cannot carry them")
+    _check(c.canary_norm > 0 and math.isfinite(c.canary_norm), "canary_norm",
+           f"must be positive and finite, got {c.canary_norm}")
     _check(c.n_train >= 0, "n_train", f"must be >= 0, got {c.n_train}")
     _check(c.n_test >= 0, "n_test", f"must be >= 0, got {c.n_test}")
     _check(c.clusters_per_class >= 1, "clusters_per_class", f"must be >= 1, got {c.clusters_per_class}")

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
 from dpmem.bench.errors import ConfigError
-from dpmem.bench.store import Chunk, RunStore, atomic_write_json, chunks_of, read_json
-from dpmem.bench.subsets import make_masks
+from dpmem.bench.store import Chunk, RunStore, atomic_save_npy, atomic_write_json, chunks_of, load_npy, read_json
+from dpmem.bench.subsets import CANARY_MASK_STREAM, CANARY_MASKS_FILE, make_masks
 from dpmem.models import resolve_engine, train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 from dpmem.privacy import accounting, faults
@@ -67,9 +67,13 @@ def _trained_dp_params(plan: dict) -> DPParams | None:
 
 def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
     dp = _trained_dp_params(plan)
+    canary_norm = cfg.canary_norm
+    if dp is not None:  # the auditor sizes its canaries by the claimed clipping bound, not by a faulty one
+        canary_norm *= plan["max_grad_norm"] / dp.max_grad_norm
     return TrainSpec(arch=cfg.model, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,
                      hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp, trainer=cfg.trainer or None)
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp, trainer=cfg.trainer or None,
+                     canaries=cfg.gradient_canaries, canary_norm=canary_norm)
 
 
 def model_inputs(cfg: Config, ds: Dataset, x: np.ndarray) -> np.ndarray:
@@ -170,12 +174,43 @@ def set_threads(threads: int) -> int:
     return threads
 
 
+def gradient_canary_masks(store: RunStore, cfg: Config) -> np.ndarray | None:
+    """bool [K, m]: the gradient canaries' memberships (made once, stored as canary_masks.npy).
+
+    Always independent Bernoulli(q), from their own stream, whatever ``sampling`` the real
+    examples use: then each canary's in- and out-models are add/remove neighbours and the
+    (model, canary) observations are independent (privacy/canary_audit.py), and the real
+    examples' masks are the same with and without canaries."""
+    if not cfg.gradient_canaries:
+        return None
+    path = store.root / CANARY_MASKS_FILE
+    if path.exists():
+        return load_npy(path)
+    masks = make_masks(sampling="bernoulli", models=cfg.models, n=cfg.gradient_canaries, q=cfg.q, seed=cfg.seed,
+                       stream=CANARY_MASK_STREAM)
+    atomic_save_npy(path, masks)
+    return masks
+
+
+def with_gradient_canaries(x: np.ndarray, y: np.ndarray, masks: np.ndarray,
+                           canary_masks: np.ndarray | None) -> dict:
+    """Request fields with the canaries appended as placeholder rows (TrainRequest.canary)."""
+    if canary_masks is None:
+        return {"x_train": x, "y_train": y, "masks": masks}
+    m = canary_masks.shape[1]
+    return {"x_train": np.concatenate([x, np.zeros((m, *x.shape[1:]), dtype=x.dtype)]),
+            "y_train": np.concatenate([y, np.zeros(m, dtype=y.dtype)]),
+            "masks": np.concatenate([masks, canary_masks], axis=1),
+            "canary": np.concatenate([np.full(len(y), -1, dtype=np.int64), np.arange(m, dtype=np.int64)])}
+
+
 def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None) -> dict[str, float]:
     """Train every variant's unfinished units; returns training seconds per variant.
 
     ``ds``: the dataset if already loaded (``check_inputs``)."""
     set_threads(cfg.threads)
     ds, masks = prepare(store, cfg, ds)
+    canary_masks = gradient_canary_masks(store, cfg)
     sched = schedule(cfg, ds.n_train)
     x_train = model_inputs(cfg, ds, ds.x_train)
     evals = {"train": (x_train, ds.y_train), "test": (model_inputs(cfg, ds, ds.x_test), ds.y_test)}
@@ -197,8 +232,9 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | No
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} models [{elapsed}<{remaining}]")
         for chunk in todo:
             seed, noise_seed = unit_seeds(cfg, chunk, v_index)
-            req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks[chunk.start:chunk.stop],
-                               seed=seed, noise_seed=noise_seed, evals=evals,
+            rows = with_gradient_canaries(x_train, ds.y_train, masks[chunk.start:chunk.stop],
+                                          None if canary_masks is None else canary_masks[chunk.start:chunk.stop])
+            req = TrainRequest(**rows, seed=seed, noise_seed=noise_seed, evals=evals,
                                stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
             done = [0]
 

@@ -1,7 +1,8 @@
 """How often the audit catches planted DP-SGD bugs, and how often it alarms on correct DP-SGD.
 
-`python -m dpmem.bench.planted --seeds 10` trains the small audit configuration below once per seed and fault
-(512 models per variant, claimed (1, 1e-4)-DP) and writes results/planted_bugs.{csv,md}.
+`python -m dpmem.bench.planted --seeds 20` trains the small audit configuration below once per seed and fault
+(512 models per variant, claimed (1, 1e-4)-DP) and writes results/planted_bugs.{csv,md}. This is the
+black-box (memorization) audit; the gradient-canary audit's detection rates are bench/audit_power.py's.
 The same configuration backs tests/test_planted_bugs.py.
 """
 from __future__ import annotations
@@ -39,16 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--out", default="results")
+    p.add_argument("--faults", default=",".join(FAULTS),
+                   help="comma-separated faults to (re)run; the other faults' rows are kept from OUT/planted_bugs.csv")
     args = p.parse_args(argv)
+    faults = [f for f in args.faults.split(",") if f]
+    if set(faults) - set(FAULTS):
+        p.error(f"unknown fault(s) {', '.join(sorted(set(faults) - set(FAULTS)))}; choose from {', '.join(FAULTS)}")
+    out = Path(args.out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for fault in tqdm(FAULTS, desc="faults"):
+        for fault in tqdm(faults, desc="faults"):
             for seed in range(args.seeds):
                 _, audit, v = audit_once(Path(tmp), fault, seed)
                 rows.append({"fault": fault, "seed": seed, "flagged": not audit.consistent,
                              "violations": audit.violations, "eps_lb": audit.eps_lb, "power_eps": audit.power_eps,
                              "test_accuracy": v["test_accuracy"]})
     runs = pd.DataFrame(rows)
+    if (out / "planted_bugs.csv").exists() and set(faults) != set(FAULTS):
+        kept = pd.read_csv(out / "planted_bugs.csv")
+        runs = pd.concat([kept[~kept["fault"].isin(faults)], runs], ignore_index=True)
     table = runs.groupby("fault", sort=False).agg(runs=("flagged", "size"), flagged=("flagged", "sum"),
                                                   median_eps_lb=("eps_lb", "median"),
                                                   median_power_eps=("power_eps", "median"),
@@ -57,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     ci = [stats.binomtest(int(f), int(n)).proportion_ci(method="exact") for f, n in zip(table.flagged, table.runs)]
     table["rate_lo"] = [c.low for c in ci]
     table["rate_hi"] = [c.high for c in ci]
-    out = Path(args.out)
     atomic_write_bytes(out / "planted_bugs.csv", runs.to_csv(index=False).encode())
     atomic_write_bytes(out / "planted_bugs.md", markdown(table).encode())
     print(markdown(table))

@@ -18,9 +18,11 @@ from dpmem.bench.errors import ConfigError
 from dpmem.privacy.audit import SAMPLINGS
 
 _MASK_STREAM = 101   # distinct from the data's streams (bench/data.py) under the same seed
+CANARY_MASK_STREAM = 102   # the gradient canaries' memberships
+CANARY_MASKS_FILE = "canary_masks.npy"   # where a run stores them, beside masks.npy
 
 
-def make_masks(*, sampling: str, models: int, n: int, q: float, seed: int) -> np.ndarray:
+def make_masks(*, sampling: str, models: int, n: int, q: float, seed: int, stream: int = _MASK_STREAM) -> np.ndarray:
     """bool [models, n]. Raises ConfigError where some example could have no "in" or no "out" model."""
     if sampling not in SAMPLINGS:
         raise ConfigError("sampling", f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}")
@@ -28,7 +30,7 @@ def make_masks(*, sampling: str, models: int, n: int, q: float, seed: int) -> np
         raise ConfigError("q", f"must be in (0, 1), got {q}")
     if models < 1 or n < 0:
         raise ValueError(f"need models >= 1 and n >= 0, got models={models}, n={n}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**63, _MASK_STREAM]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**63, stream]))
     if sampling == "bernoulli":
         return rng.random((models, n)) < q
     if sampling == "fixed":

@@ -38,6 +38,8 @@ FAULTS: dict[str, Fault] = {
                          trained=lambda sigma, clip: (sigma * clip / NO_CLIP, NO_CLIP)),
     "wrong_sample_rate": Fault(description="the accountant is told a sampling rate 10x lower than the one used",
                                told_sample_rate=lambda rate: rate / 10),
+    "half_noise": Fault(description="the noise multiplier is half the calibrated one (the plan records the calibrated one)",
+                        trained=lambda sigma, clip: (sigma / 2, clip)),
 }
 
 

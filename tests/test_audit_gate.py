@@ -1,0 +1,98 @@
+"""`dpmem run` with gradient canaries and the `dpmem check` gate: stored arrays, one alpha per verdict."""
+import json
+
+import numpy as np
+import pytest
+
+from dpmem.bench import cli
+from dpmem.bench.audit_power import AUDIT_CONFIG
+from dpmem.bench.store import RunStore
+
+SMALL = ["dataset=synthetic", "n_train=120", "n_test=300", "n_subgroups=30", "dim=16", "models=24",
+         "chunk_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
+
+
+@pytest.fixture(scope="module")
+def paired_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    assert cli.main(["run", "--out", str(root / "plain"), "--quiet", *SMALL]) == 0
+    assert cli.main(["run", "--out", str(root / "canaries"), "--quiet", *SMALL, "gradient_canaries=50"]) == 0
+    return RunStore.open(root / "plain"), RunStore.open(root / "canaries")
+
+
+def test_canaries_are_stored_and_leave_the_real_arrays_unchanged(paired_runs):
+    plain, canaries = paired_runs
+    cm = np.load(canaries.root / "canary_masks.npy", allow_pickle=False)
+    assert cm.shape == (24, 50) and cm.dtype == np.bool_ and 0.5 < cm.mean() < 0.9
+    assert not (plain.root / "canary_masks.npy").exists()
+    np.testing.assert_array_equal(plain.masks(), canaries.masks())
+    for name in ("nonprivate", "dp-eps2", "dp-eps8"):
+        a, b = plain.variant_arrays(name), canaries.variant_arrays(name)
+        assert set(b) == set(a) | {"canary_score"}
+        assert b["canary_score"].shape == (24, 50) and b["canary_score"].dtype == np.float32
+        for key in a:   # stored across three units of 8 models each
+            np.testing.assert_array_equal(a[key], b[key])
+    scores = canaries.variant_arrays("nonprivate")["canary_score"]
+    assert np.all(scores[~cm] == 0) and np.all(scores[cm] >= 0) and scores[cm].mean() > 0
+
+
+def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys):
+    plain, canaries = paired_runs
+    assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 6
+    assert verdict["alpha_per_test"] == pytest.approx(0.01)
+    assert set(verdict["canary_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
+    for name, c in verdict["canary_audits"].items():
+        assert c["alpha"] == pytest.approx(0.01) and c["models"] == 24 and c["canaries"] == 50
+        assert verdict["variants"][name]["alpha"] == pytest.approx(0.01)
+    # the non-private variant's canaries separate perfectly: refuted once it claims a budget
+    assert cli.main(["check", str(canaries.root), "--claim", "nonprivate=1"]) == 1
+    assert "gradient canaries refute" in capsys.readouterr().out
+    # without canaries the family is the three black-box audits
+    assert cli.main(["check", str(plain.root), "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["audit_tests"] == 3 and verdict["canary_audits"] == {}
+
+
+@pytest.mark.slow
+def test_half_noise_is_refuted_by_the_audit_config(tmp_path):
+    # the documented audit: one run of bench/configs/audit.toml, then check (claimed eps 4 only, to be quick)
+    out = tmp_path / "half"
+    assert cli.main(["run", "--out", str(out), "--quiet", str(AUDIT_CONFIG), "epsilons=4", "fault=half_noise"]) == 0
+    assert cli.main(["check", str(out)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["variants"]["dp-eps4"]["canary_audit"]
+    assert c["eps_lb"] > 4.0 and c["models"] == 1000 and c["canaries"] == 1000
+    assert summary["variants"]["dp-eps4"]["noise_multiplier"] == pytest.approx(3.4277, abs=1e-3)  # as calibrated
+
+
+def test_canaries_are_sized_by_the_claimed_clipping_bound():
+    # under the no_clipping fault the engine clips at 1e12; the canary keeps the claimed norm 2 C
+    from dpmem.bench import config, pipeline
+    from dpmem.bench.data import load_dataset
+    for fault in ("none", "no_clipping", "half_noise"):
+        cfg = config.load(None, SMALL + ["gradient_canaries=5", "canary_norm=2", "max_grad_norm=0.5",
+                                         f"fault={fault}"])
+        ds = load_dataset(cfg)
+        sched = pipeline.schedule(cfg, ds.n_train)
+        plan = pipeline.plan_variant(cfg, 2.0, sched)
+        spec = pipeline.train_spec(cfg, ds, plan)
+        assert spec.canaries == 5
+        assert spec.canary_norm * spec.dp.max_grad_norm == pytest.approx(2 * 0.5)
+        sigma = spec.dp.noise_multiplier * spec.dp.max_grad_norm
+        assert sigma == pytest.approx(plan["noise_multiplier"] * 0.5 / (2 if fault == "half_noise" else 1))
+    nonprivate = pipeline.train_spec(cfg, ds, pipeline.plan_variant(cfg, None, sched))
+    assert nonprivate.dp is None and nonprivate.canary_norm == 2.0
+
+
+def test_canary_config_errors_name_their_field():
+    from dpmem.bench import config
+    from dpmem.bench.errors import ConfigError
+    for overrides, field in ((["gradient_canaries=-1"], "gradient_canaries"), (["canary_norm=0"], "canary_norm"),
+                             (["gradient_canaries=10", "models=3"], "gradient_canaries"),
+                             (["fault=quarter_noise"], "fault")):
+        with pytest.raises(ConfigError) as info:
+            config.load(None, overrides)
+        assert field in str(info.value)
+    assert config.load(None, ["fault=half_noise", "gradient_canaries=10"]).gradient_canaries == 10
