@@ -1,11 +1,14 @@
 """The `dpmem` command: run, report, check (and the studies built on them).
 
-Unusable input (bad config, missing or corrupt run directory) prints one line and exits 2.
+Unusable input (bad config, missing, damaged or corrupt run directory, an output path that cannot
+be written, a full disk) prints one line and exits 2.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,25 +32,39 @@ def default_out(cfg: config_mod.Config) -> Path:
     return Path("runs") / f"{cfg.dataset}-{model}-{cfg.hash()[:8]}"
 
 
+def _output_dir(path: Path, what: str) -> Path:
+    """An output directory that exists or can be made; refused with one line otherwise."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a directory")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write in {parent}")
+    return path
+
+
 def cmd_run(args) -> int:
-    from dpmem.bench import analysis, pipeline, report
-    from dpmem.bench.store import RunStore
+    from dpmem.bench import analysis, execution, pipeline, report
+    from dpmem.bench.store import RunStore, data_fingerprint
     path, overrides = _split_run_args(args.args)
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
     cfg = config_mod.load(path, overrides)
-    out = Path(args.out) if args.out else default_out(cfg)
-    ds = pipeline.check_inputs(cfg)      # data, model, engine and trainer, before anything is written
-    store = RunStore.create_or_resume(out, cfg)
-    print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds)
-    except KeyboardInterrupt:
-        print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
-              file=sys.stderr)
-        return 130
-    train_wall = time.perf_counter() - t0
-    result = analysis.analyse(store)
-    report.write_all(result, out)
+    out = _output_dir(Path(args.out) if args.out else default_out(cfg), "--out")
+    # Everything that can be wrong with the config or the data is found before anything is written.
+    ds = pipeline.check_inputs(cfg)      # data, model, engine and trainer
+    execution.check_available(cfg, args.ray_address)
+    with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
+        print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, ray_address=args.ray_address)
+        except KeyboardInterrupt:
+            print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
+                  file=sys.stderr)
+            return 130
+        train_wall = time.perf_counter() - t0
+        result = analysis.analyse(store)
+        report.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
@@ -65,9 +82,13 @@ def cmd_report(args) -> int:
     from dpmem.bench import analysis, report
     from dpmem.bench.store import RunStore
     store = RunStore.open(args.run_dir)
+    out = _output_dir(Path(args.out) if args.out else store.root, "--out")
     result = analysis.analyse(store)
-    out = Path(args.out) if args.out else store.root
-    report.write_all(result, out)
+    if out.resolve() == store.root.resolve():
+        with store.acquire():          # the run's one writer writes its reports too
+            report.write_all(result, out)
+    else:
+        report.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
     return EXIT_OK
@@ -186,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--workers", type=int, metavar="N",
+                   help="train on N Ray workers (a local Ray runtime; same arrays as a serial run)")
+    r.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join the Ray cluster at ADDRESS (default: $RAY_ADDRESS if set)")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="regenerate tables and figures from a run directory without training")
     rp.add_argument("run_dir")
@@ -230,16 +255,17 @@ def cmd_loo(args) -> int:
         raise UsageError(f"--qs values must be in (0, 1), got {args.qs}")
     if any(k < 2 for k in ks):
         raise UsageError(f"--ks values must be >= 2, got {args.ks}")
-    table = loo.run_loo(store, variant=args.variant, count=args.examples, repeats=args.repeats,
-                        progress=not args.quiet)
-    errors = loo.estimator_error(store, table, ks=ks, qs=qs, progress=not args.quiet)
+    out = _output_dir(Path(args.out) if args.out else store.root / "loo", "--out")
+    with store.acquire():              # the LOO models and subset runs are stored inside the run
+        table = loo.run_loo(store, variant=args.variant, count=args.examples, repeats=args.repeats,
+                            progress=not args.quiet)
+        errors = loo.estimator_error(store, table, ks=ks, qs=qs, progress=not args.quiet)
     masks, correct = store.masks(), store.variant_arrays(args.variant)["train_correct"]
     est = estimators.memorization(masks, correct).mem[table["index"].to_numpy()]
     import pandas as pd
     at_default = pd.DataFrame({"est": est, "loo": table["mem_loo"], "loo_lo": table["mem_loo_lo"],
                                "loo_hi": table["mem_loo_hi"]})
     at_default.attrs["title"] = f"K = {cfg.models}, q = {cfg.q:g} ({args.variant})"
-    out = Path(args.out) if args.out else store.root / "loo"
     report.write_loo(table, errors, at_default, out)
     print(report.markdown(errors[["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson",
                                   "spearman"]]))
@@ -355,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UsageError as e:
         print(f"dpmem: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:   # unwritable directory, full disk, a path that is a file, ...
+        what = os.strerror(e.errno) if e.errno else str(e)
+        hint = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        where = f": {e.filename}" if e.filename else ""
+        print(f"dpmem: error: {what}{where}{hint}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -27,6 +27,13 @@ DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 FELDMAN_PRIORS = ("zipf", "uniform")
 FELDMAN_INPUTS = ("onehot", "embedding")
+# How a run executes, not what it computes: excluded from the config hash, so a run can be resumed
+# with other values (every split of the work gives the same arrays; DESIGN.md "Identity versus
+# execution").
+EXECUTION = ("chunk_size", "threads", "workers", "device")
+# Version of the run directory layout. Format 1 (no marker in config.json) hashed every field,
+# execution settings included, and drew seeds per unit.
+STORE_FORMAT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,10 +80,11 @@ class Config:
     infl_threshold: float = 0.15
     alpha: float = 0.05              # audit significance level (family-wise, Bonferroni)
     fdr: float = 0.1                 # false-discovery rate of the listed high-mem examples and influence pairs
-    # execution
     seed: int = 0
-    chunk_size: int = 250            # models per stored, resumable unit
-    threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores)
+    # execution (EXECUTION: not part of the run's identity)
+    chunk_size: int = 250            # models per stored, resumable unit (and per Ray task)
+    threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
+    workers: int = 0                 # 0: train in this process; N: N Ray workers (local runtime or cluster)
     device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
 
     def __post_init__(self) -> None:
@@ -86,9 +94,16 @@ class Config:
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def identity(self) -> dict:
+        """The fields that change a run's numbers (everything but EXECUTION)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION}
+
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def execution(self) -> dict:
+        return {k: getattr(self, k) for k in EXECUTION}
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -175,6 +190,7 @@ def validate(c: Config) -> None:
     _check(0.0 <= c.infl_threshold <= 1.0, "infl_threshold", f"must be in [0, 1], got {c.infl_threshold}")
     _check(c.threads >= 0, "threads", f"must be >= 0, got {c.threads}")
     _check(c.device in DEVICES, "device", f"unknown device {c.device!r}; choose from {', '.join(DEVICES)}")
+    _check(c.workers >= 0, "workers", f"must be >= 0, got {c.workers}")
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dpmem.bench import estimators, pipeline
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
 from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, atomic_write_json, chunks_of, read_json
+from dpmem.bench.store import RunStore, atomic_write_json, data_fingerprint, read_json
 from dpmem.models import train_models
 from dpmem.models.spec import TrainRequest
 
@@ -77,6 +77,7 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
         raise UsageError(f"--repeats must be >= 2, got {repeats}")
     pipeline.set_threads(cfg.threads)
     ds = load_dataset(cfg)
+    store.check_fingerprint(data_fingerprint(ds), "the dataset built now")
     loo_store = RunStore(store.root / "loo" / variant)
     meta_path = loo_store.root / "loo.json"
     if meta_path.exists():
@@ -102,18 +103,18 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
     evals = {"chosen": (x_train[examples], ds.y_train[examples])}
     per_block = 1 + len(examples)
     chunk_repeats = chunk_repeats or max(1, cfg.chunk_size // per_block)
-    chunks = chunks_of(repeats, chunk_repeats)
-    v_index = [n for n, _ in cfg.variants].index(variant)
-    if not loo_store.variant_complete("loo"):
-        todo = [c for c in chunks if not loo_store.chunk_done("loo", c)]
-        bar = tqdm(total=repeats, initial=repeats - sum(c.size for c in todo), unit="repeat",
-                   desc=f"LOO {variant}", disable=not progress, dynamic_ncols=True)
+    # LOO models draw from streams of their own seed, apart from the main run's models
+    loo_cfg = cfg.replace(seed=cfg.seed + 7919)
+    seed, noise_seed = pipeline.run_seed(loo_cfg), pipeline.noise_seed(loo_cfg, variant)
+    todo = loo_store.pending_units("loo", repeats, chunk_repeats)
+    bar = tqdm(total=repeats, initial=repeats - sum(c.size for c in todo), unit="repeat",
+               desc=f"LOO {variant}", disable=not progress, dynamic_ncols=True)
+    while todo:
         for chunk in todo:
-            masks, streams = loo_masks(ds.n_train, examples, chunk.size, first=chunk.start)
-            seed, noise_seed = pipeline.unit_seeds(cfg.replace(seed=cfg.seed + 7919), chunk, v_index)
+            masks, stream_ids = loo_masks(ds.n_train, examples, chunk.size, first=chunk.start)
             req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks, seed=seed,
-                               noise_seed=noise_seed, evals=evals, stream_ids=streams)
-            out = train_models(spec, req, engine=cfg.engine, device=cfg.device)
+                               noise_seed=noise_seed, evals=evals, stream_ids=stream_ids)
+            out = pipeline.flat_outputs(train_models(spec, req, engine=cfg.engine, device=cfg.device))
             correct = out["chosen_correct"].reshape(chunk.size, per_block, len(examples))
             margin = out["chosen_margin"].reshape(chunk.size, per_block, len(examples))
             cols = np.arange(len(examples))
@@ -121,8 +122,10 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
                 "in_correct": correct[:, 0, :], "out_correct": correct[:, 1 + cols, cols],
                 "in_margin": margin[:, 0, :], "out_margin": margin[:, 1 + cols, cols]}, {"models": chunk.size * per_block})
             bar.update(chunk.size)
-        bar.close()
-        loo_store.finalize_variant("loo", chunks)
+        todo = ([] if loo_store.variant_complete("loo") or not loo_store.finalize_variant("loo", repeats)
+                else loo_store.pending_units("loo", repeats, chunk_repeats))
+        bar.update(-sum(c.size for c in todo))
+    bar.close()
     arrays = loo_store.variant_arrays("loo")
     table = paired_mem(arrays["in_correct"], arrays["out_correct"])
     table.insert(0, "index", examples)
@@ -162,7 +165,8 @@ def subset_run(store: RunStore, q: float, variant: str, models: int, *, progress
         return store.masks(), store.variant_arrays(variant)["train_correct"]
     eps = dict(cfg.variants)[variant]
     sub_cfg = cfg.replace(q=q, models=models, epsilons=() if eps is None else (eps,))
-    sub = RunStore.create_or_resume(store.root / "loo" / f"q{q:g}-{variant}-K{models}", sub_cfg)
+    sub = RunStore.create_or_resume(store.root / "loo" / f"q{q:g}-{variant}-K{models}", sub_cfg,
+                                    fingerprint=store.fingerprint())
     pipeline.run(sub, sub_cfg, progress=progress)
     return sub.masks(), sub.variant_arrays(variant)["train_correct"]
 

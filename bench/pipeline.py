@@ -3,20 +3,29 @@
 Each variant trains the same K models (same subsets, initialisations and batches) and differs only
 by DP-SGD's clipping and noise. Training proceeds in units of ``chunk_size`` models; each finished
 unit is stored atomically, so an interrupted run picks up at the first unfinished unit.
+
+Model k of every unit draws its randomness from its own streams (k is its stream id, the seed is
+the run's, the noise seed the variant's), so the arrays do not depend on how the models are split
+into units, on the number of threads or workers, or on the order in which units finish.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from dpmem.bench import execution
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
-from dpmem.bench.errors import ConfigError
-from dpmem.bench.store import Chunk, RunStore, atomic_save_npy, atomic_write_json, chunks_of, load_npy, read_json
+from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.bench.store import Chunk, RunStore, atomic_save_npy, atomic_write_json, data_fingerprint, load_npy, read_json
 from dpmem.bench.subsets import CANARY_MASK_STREAM, CANARY_MASKS_FILE, make_masks
 from dpmem.models import resolve_engine, train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
@@ -121,15 +130,21 @@ def provenance(cfg: Config, spec: TrainSpec) -> dict:
             "trainer": cfg.trainer or None}
 
 
-def unit_seeds(cfg: Config, chunk: Chunk, variant_index: int) -> tuple[int, int]:
-    """(seed, noise_seed) of a unit: the first is shared by all variants, the second is not."""
-    seed = int(np.random.SeedSequence([cfg.seed, chunk.start]).generate_state(1)[0])
-    noise = int(np.random.SeedSequence([cfg.seed, chunk.start, 1 + variant_index]).generate_state(1)[0])
-    return seed, noise
+def run_seed(cfg: Config) -> int:
+    """Initialisation and Poisson coins: one seed for the run, shared by every variant, so the
+    non-private and DP models of one index start alike and see the same batches."""
+    return int(cfg.seed)
+
+
+def noise_seed(cfg: Config, variant: str) -> int:
+    """DP noise: one seed per variant, derived from its name (not its position in a list)."""
+    digest = hashlib.sha256(f"dpmem-noise\0{cfg.seed}\0{variant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def prepare(store: RunStore, cfg: Config, ds: Dataset | None = None) -> tuple[Dataset, np.ndarray]:
-    """Load the data and the shared masks (made once, then read back so a resumed run reuses them)."""
+    """Load the data and the shared masks (made once; masks and data arrays that are missing or
+    damaged are written again, they depend only on the config and the data)."""
     ds = load_dataset(cfg) if ds is None else ds
     info_path = store.root / "data" / "dataset.json"
     if info_path.exists():
@@ -139,16 +154,18 @@ def prepare(store: RunStore, cfg: Config, ds: Dataset | None = None) -> tuple[Da
                                            f"stored, {ds.info.get('fingerprint')} now); use another --out")
     else:
         atomic_write_json(info_path, dataset_record(ds))
-    if not store.has_data():
-        store.save_data({"y_train": ds.y_train, "g_train": ds.g_train, "y_test": ds.y_test,
-                         "g_test": ds.g_test, "subgroup_label": ds.subgroup_label,
-                         "is_canary": ds.is_canary, "label_noisy": ds.label_noisy})
-    masks = store.masks()
-    if masks is None:
+    fingerprint = data_fingerprint(ds)
+    store.check_fingerprint(fingerprint, "the dataset built now")
+    store.record_fingerprint(fingerprint)
+    if store.run_arrays_intact():
+        masks = store.masks()
+        if masks.shape != (cfg.models, ds.n_train):
+            raise UsageError(f"stored masks have shape {masks.shape}, expected {(cfg.models, ds.n_train)}")
+    else:
         masks = make_masks(sampling=cfg.sampling, models=cfg.models, n=ds.n_train, q=cfg.q, seed=cfg.seed)
-        store.save_masks(masks)
-    elif masks.shape != (cfg.models, ds.n_train):
-        raise ValueError(f"stored masks have shape {masks.shape}, expected {(cfg.models, ds.n_train)}")
+        store.save_run_arrays(masks, {"y_train": ds.y_train, "g_train": ds.g_train, "y_test": ds.y_test,
+                                      "g_test": ds.g_test, "subgroup_label": ds.subgroup_label,
+                                      "is_canary": ds.is_canary, "label_noisy": ds.label_noisy})
     return ds, masks
 
 
@@ -204,51 +221,92 @@ def with_gradient_canaries(x: np.ndarray, y: np.ndarray, masks: np.ndarray,
             "canary": np.concatenate([np.full(len(y), -1, dtype=np.int64), np.arange(m, dtype=np.int64)])}
 
 
-def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None) -> dict[str, float]:
+def flat_outputs(outs: dict) -> dict[str, np.ndarray]:
+    """An engine's outputs as flat arrays ("{split}_correct", "{split}_margin", ...)."""
+    flat = {}
+    for key, value in outs.items():
+        if isinstance(value, np.ndarray):
+            flat[key] = value
+        else:
+            flat[f"{key}_correct"], flat[f"{key}_margin"] = value.correct, value.margin
+    return flat
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unit:
+    """One unit of work: models chunk.start..chunk.stop-1 of one variant."""
+    variant: str
+    chunk: Chunk
+    seed: int
+    noise_seed: int
+    engine: str       # the engine the variant's plan names
+
+
+def train_unit(spec: TrainSpec, inputs: dict, masks: np.ndarray, unit: Unit, *, device: str,
+               threads: int = 0, progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Train one unit (in this process or a worker): its arrays and seconds."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    req = TrainRequest(x_train=inputs["x_train"], y_train=inputs["y_train"], masks=masks, canary=inputs["canary"],
+                       seed=unit.seed, noise_seed=unit.noise_seed, evals=inputs["evals"],
+                       stream_ids=np.arange(unit.chunk.start, unit.chunk.stop, dtype=np.int64))
+    t0 = time.perf_counter()
+    outs = train_models(spec, req, engine=unit.engine, device=device, progress=progress)
+    return flat_outputs(outs), time.perf_counter() - t0
+
+
+def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None,
+        ray_address: str | None = None) -> dict[str, float]:
     """Train every variant's unfinished units; returns training seconds per variant.
 
-    ``ds``: the dataset if already loaded (``check_inputs``)."""
+    Units run here one after the other, or as Ray tasks (``cfg.workers`` or ``ray_address``); either
+    way this process alone writes the store."""
     set_threads(cfg.threads)
     ds, masks = prepare(store, cfg, ds)
     canary_masks = gradient_canary_masks(store, cfg)
     sched = schedule(cfg, ds.n_train)
     x_train = model_inputs(cfg, ds, ds.x_train)
-    evals = {"train": (x_train, ds.y_train), "test": (model_inputs(cfg, ds, ds.x_test), ds.y_test)}
-    chunks = chunks_of(cfg.models, cfg.chunk_size)
-    seconds = {}
-    for v_index, (name, epsilon) in enumerate(cfg.variants):
+    # gradient canaries (if any) are placeholder rows after the real ones, members by their own masks
+    rows = with_gradient_canaries(x_train, ds.y_train, masks, canary_masks)
+    masks = rows["masks"]
+    inputs = {"x_train": rows["x_train"], "y_train": rows["y_train"], "canary": rows.get("canary"),
+              "evals": {"train": (x_train, ds.y_train), "test": (model_inputs(cfg, ds, ds.x_test), ds.y_test)}}
+    specs, todo = {}, []
+    for name, epsilon in cfg.variants:
         plan = store.plan(name)
         if plan is None:
             plan = plan_variant(cfg, epsilon, sched)
             plan.update(provenance(cfg, train_spec(cfg, ds, plan)))
             store.save_plan(name, plan)
-        if store.variant_complete(name):
-            seconds[name] = store.variant_record(name)["train_seconds"]
-            continue
-        spec = train_spec(cfg, ds, plan)
-        todo = [c for c in chunks if not store.chunk_done(name, c)]
-        bar = tqdm(total=cfg.models, initial=cfg.models - sum(c.size for c in todo), unit="model",
-                   desc=f"{name:>12}", disable=not progress, dynamic_ncols=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} models [{elapsed}<{remaining}]")
-        for chunk in todo:
-            seed, noise_seed = unit_seeds(cfg, chunk, v_index)
-            rows = with_gradient_canaries(x_train, ds.y_train, masks[chunk.start:chunk.stop],
-                                          None if canary_masks is None else canary_masks[chunk.start:chunk.stop])
-            req = TrainRequest(**rows, seed=seed, noise_seed=noise_seed, evals=evals,
-                               stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
-            done = [0]
-
-            def advance(model_steps: int, done=done) -> None:
-                target = model_steps / spec.steps      # models' worth of steps done in this unit
-                bar.update(target - done[0])
-                done[0] = target
-
-            t0 = time.perf_counter()
-            arrays = train_models(spec, req, engine=plan.get("engine", cfg.engine), device=cfg.device, progress=advance)
-            elapsed = time.perf_counter() - t0
-            store.write_chunk(name, chunk, arrays, {"seconds": elapsed, "models": chunk.size})
-            bar.update(chunk.size - done[0])
+        specs[name] = train_spec(cfg, ds, plan)
+        if store.variant_complete(name) and store.damaged_files(name):
+            store.discard_variant(name)   # repair: a damaged finished array is trained again
+        pending = store.pending_units(name, cfg.models, cfg.chunk_size)
+        if not pending and not store.variant_complete(name) and store.finalize_variant(name, cfg.models):
+            pending = store.pending_units(name, cfg.models, cfg.chunk_size)   # killed before finalising
+        todo += [Unit(variant=name, chunk=c, seed=run_seed(cfg), noise_seed=noise_seed(cfg, name),
+                      engine=plan.get("engine", cfg.engine)) for c in pending]
+    total = cfg.models * len(cfg.variants)
+    bar = tqdm(total=total, initial=total - sum(u.chunk.size for u in todo), unit="model", desc="training",
+               disable=not progress, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} models [{elapsed}<{remaining}]")
+    executor = execution.executor(cfg, ray_address)
+    try:
+        while todo:
+            outstanding = Counter(unit.variant for unit in todo)
+            retry = []
+            for unit, arrays, seconds in executor.map(specs, inputs, masks, todo, bar):
+                store.write_chunk(unit.variant, unit.chunk, arrays, {"seconds": seconds, "models": unit.chunk.size})
+                outstanding[unit.variant] -= 1
+                # a variant is finalised as soon as its last unit is stored
+                if not outstanding[unit.variant] and store.finalize_variant(unit.variant, cfg.models):
+                    # a unit damaged since it was written: train what is missing again
+                    again = store.pending_units(unit.variant, cfg.models, cfg.chunk_size)
+                    bar.update(-sum(c.size for c in again))
+                    retry += [dataclasses.replace(unit, chunk=c) for c in again]
+            todo = retry
+    finally:
+        executor.close()
         bar.close()
-        store.finalize_variant(name, chunks)
-        seconds[name] = store.variant_record(name)["train_seconds"]
-    return seconds
+    return {name: store.variant_record(name)["train_seconds"] for name, _ in cfg.variants}

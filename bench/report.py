@@ -111,6 +111,9 @@ def write_tables(analysis: Analysis, out: Path) -> None:
     write_frame(_ordered(analysis.bins, BIN_COLUMNS), out / "frequency_bins")
     if len(analysis.pairs.columns):     # written even when empty, so no earlier list survives a report
         write_frame(analysis.pairs, out / "influence_pairs")
+    else:  # never leave an earlier report's pairs next to this report's tables
+        for ext in (".csv", ".parquet"):
+            (out / f"influence_pairs{ext}").unlink(missing_ok=True)
     atomic_write_json(out / "summary.json", analysis.summary)
     tables = out / "tables"
     summ = summary_frame(analysis.summary)

@@ -1,24 +1,34 @@
-"""The run store: a directory of JSON and .npy files that survives interruption.
+"""The run store: a directory of JSON and .npy files that survives interruption, power cuts and
+a second writer.
 
 Layout (DESIGN.md "Run store and outputs")::
 
-    RUN/config.json                      resolved config, its hash, package versions
+    RUN/config.json                      format, resolved config, its hash, data fingerprint, versions
+    RUN/.lock                            held by the one process that writes the directory
     RUN/masks.npy                        bool [K, n_train], shared by every variant
     RUN/data/*.npy                       labels, subgroups and flags of the examples
+    RUN/arrays.json                      sha256 of masks.npy and data/*.npy
     RUN/variants/NAME/plan.json          noise multiplier, sample rate, steps, accountant
     RUN/variants/NAME/chunks/A-B/        one finished unit of models A..B-1 (while training)
-    RUN/variants/NAME/chunks/A-B.json    its completion record
+    RUN/variants/NAME/chunks/A-B.json    its completion record, with each array's sha256
     RUN/variants/NAME/{split}_{array}.npy  per-model arrays, once every unit is done
+    RUN/variants/NAME/complete.json      the variant's completion record, with each array's sha256
 
-Every file is written to a temporary name and renamed into place, and a unit counts as done
-only once its completion record exists, so a run killed at any moment resumes where it stopped
-and never redoes a finished unit.
+Every file is written to a temporary name, flushed to disk (file and directory) and renamed into
+place, and a record is written only after the files it names are durable. A unit counts as done
+only once its record exists and its files match the record's checksums, so a run killed at any
+moment resumes where it stopped, never redoes a finished unit and never uses a damaged one.
+Units may have any size: a resume with another ``chunk_size`` keeps the finished units and splits
+what is left (every split gives the same arrays, see pipeline.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,21 +38,64 @@ from pathlib import Path
 import numpy as np
 
 from dpmem.bench import config as config_mod
-from dpmem.bench.config import Config
+from dpmem.bench.config import STORE_FORMAT, Config
 from dpmem.bench.errors import UsageError
 
 ARRAYS = ("correct", "margin")
 SPLITS = ("train", "test")
 DATA_ARRAYS = ("y_train", "g_train", "y_test", "g_test", "subgroup_label", "is_canary", "label_noisy")
 PACKAGES = ("dpmem", "torch", "opacus", "numpy", "scipy", "pandas", "scikit-learn")
+# The arrays a run's data fingerprint covers.
+FINGERPRINTED = ("x_train", "y_train", "x_test", "y_test")
+LOCK_NAME = ".lock"
+# How long a second writer waits for the lock before it gives up with a clear message.
+LOCK_WAIT_S = 5.0
+TMP_SUFFIX = ".tmp"
+_UNIT = re.compile(r"^(\d{6,})-(\d{6,})$")
 
 
-# -- atomic primitives -----------------------------------------------------------------------
+# -- atomic, durable primitives ---------------------------------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@functools.cache
+def _umask() -> int:
+    # Read without changing it where the kernel says it (os.umask can only set it, racing threads).
     try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plainly created file gets (mkstemp's are 0600 whatever the umask)."""
+    return 0o666 & ~_umask()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_temporary(name: str) -> bool:
+    """Names of the temporaries an atomic write leaves behind when it is killed."""
+    return name.startswith(".") and TMP_SUFFIX in name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically and durably; returns its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,35 +104,70 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+def atomic_write_json(path: Path, obj) -> str:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    import io
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def load_npy(path: Path) -> np.ndarray:
+def atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    return atomic_write_bytes(path, npy_bytes(array))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def array_fingerprint(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and values (independent of memory layout)."""
+    a = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(ds) -> dict[str, str]:
+    """Fingerprint of a dataset's training and test arrays (inputs and labels)."""
+    return {name: array_fingerprint(getattr(ds, name)) for name in FINGERPRINTED}
+
+
+def load_npy(path: Path, sha256: str | None = None) -> np.ndarray:
+    """Read an array; with ``sha256``, first check the file against it (a damaged file is refused)."""
     try:
+        if sha256 is not None and sha256_file(path) != sha256:
+            raise UsageError(f"damaged file {path}: its checksum does not match the run's record; "
+                             "`dpmem run` with the same config on this directory retrains it")
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"missing file {path}") from None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, EOFError) as e:
         raise UsageError(f"corrupt file {path}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"missing file {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"corrupt file {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"corrupt file {path}: expected a JSON object")
+    return obj
 
 
 def _json_default(o):
@@ -102,9 +190,22 @@ def package_versions() -> dict:
     return out
 
 
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete what killed atomic writes left under ``root`` (only while holding its lock)."""
+    removed = []
+    for path in sorted(Path(root).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if is_temporary(path.name) and path.exists():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 # -- the store -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Chunk:
     start: int
     stop: int
@@ -118,33 +219,99 @@ class Chunk:
         return self.stop - self.start
 
 
-def chunks_of(models: int, chunk_size: int) -> list[Chunk]:
-    return [Chunk(s, min(s + chunk_size, models)) for s in range(0, models, chunk_size)]
+def chunks_of(models: int, chunk_size: int, start: int = 0) -> list[Chunk]:
+    return [Chunk(s, min(s + chunk_size, models)) for s in range(start, models, chunk_size)]
+
+
+def fill_gaps(models: int, chunk_size: int, done: list[Chunk]) -> list[Chunk]:
+    """Units of at most ``chunk_size`` models covering what ``done`` (disjoint, sorted) leaves of [0, models)."""
+    todo, at = [], 0
+    for unit in done + [Chunk(models, models)]:
+        todo += chunks_of(unit.start, chunk_size, start=at)
+        at = unit.stop
+    return todo
+
+
+class StoreBusy(UsageError):
+    """Another process holds the run directory's lock."""
 
 
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._lock = None
+
+    # -- the writer's lock -----------------------------------------------------------------
+    def acquire(self, wait: float | None = None) -> "RunStore":
+        """Become the directory's one writer (waiting up to ``wait`` seconds), or raise StoreBusy.
+
+        The lock is an OS file lock (filelock): a killed holder releases it with its process."""
+        from filelock import FileLock, Timeout
+        if self._lock is None:
+            self._lock = FileLock(self.root / LOCK_NAME, is_singleton=True, thread_local=False, mode=file_mode())
+        try:
+            self._lock.acquire(timeout=LOCK_WAIT_S if wait is None else wait)
+        except Timeout:
+            raise StoreBusy(f"{self.root} is being written by another dpmem process (lock {self.root / LOCK_NAME}); "
+                            "wait for it to finish or use another --out") from None
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None and self._lock.is_locked:
+            self._lock.release()
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, root: str | Path, cfg: Config) -> "RunStore":
-        """Open RUN for ``cfg``: new, or the same config resumed. A different config is refused."""
+    def create_or_resume(cls, root: str | Path, cfg: Config, *, fingerprint: dict | None = None) -> "RunStore":
+        """Open RUN for writing ``cfg`` (new, or the same run resumed) and hold its lock.
+
+        A different config, other data, a run of an older store format or a directory that is
+        not a run is refused. A directory killed while being created (nothing in it but the lock
+        and temporaries) is taken over."""
         store = cls(root)
         cfg_path = store.root / "config.json"
-        if cfg_path.exists():
-            stored = read_json(cfg_path)
-            if stored.get("hash") != cfg.hash():
-                raise UsageError(
-                    f"{store.root} holds a run with a different config (hash {stored.get('hash')} vs "
-                    f"{cfg.hash()}); use another --out or the same settings to resume it")
-            return store
-        if store.root.exists() and any(store.root.iterdir()):
+        if store.root.exists() and not store.root.is_dir():
+            raise UsageError(f"{store.root} is a file, not a run directory")
+        if store.root.is_dir() and not cfg_path.exists() and store._foreign_entries():
             raise UsageError(f"{store.root} exists, is not empty and is not a dpmem run directory")
         store.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_path, {"config": cfg.to_dict(), "hash": cfg.hash(),
-                                     "versions": package_versions()})
-        return store
+        store.acquire()
+        try:
+            remove_temporaries(store.root)
+            if cfg_path.exists():
+                store._check_resumable(cfg, fingerprint)
+                return store
+            if store._foreign_entries():
+                raise UsageError(f"{store.root} exists, is not empty and is not a dpmem run directory")
+            atomic_write_json(cfg_path, {"format": STORE_FORMAT, "config": cfg.to_dict(), "hash": cfg.hash(),
+                                         "execution": cfg.execution(), "data_fingerprint": fingerprint,
+                                         "versions": package_versions()})
+            return store
+        except BaseException:
+            store.release()
+            raise
+
+    def _foreign_entries(self) -> list[str]:
+        return [p.name for p in self.root.iterdir() if p.name != LOCK_NAME and not is_temporary(p.name)]
+
+    def _check_resumable(self, cfg: Config, fingerprint: dict | None) -> None:
+        stored = self.meta()
+        if stored.get("format", 1) != STORE_FORMAT:
+            raise UsageError(f"{self.root} was written by an older dpmem (store format {stored.get('format', 1)}, "
+                             f"seeds drawn per unit): `dpmem report` and `check` read it, but it cannot be resumed; "
+                             "use another --out")
+        if stored.get("hash") != cfg.hash():
+            raise UsageError(
+                f"{self.root} holds a run with a different config (hash {stored.get('hash')} vs "
+                f"{cfg.hash()}); use another --out or the same settings to resume it")
+        if fingerprint is not None:
+            self.check_fingerprint(fingerprint, "the dataset built now")
 
     @classmethod
     def open(cls, root: str | Path) -> "RunStore":
@@ -158,7 +325,7 @@ class RunStore:
         return store
 
     def config(self) -> Config:
-        raw = read_json(self.root / "config.json")
+        raw = self.meta()
         if "config" not in raw or not isinstance(raw["config"], dict):
             raise UsageError(f"corrupt file {self.root / 'config.json'}: no 'config' table")
         return config_mod.from_dict(raw["config"])
@@ -166,23 +333,83 @@ class RunStore:
     def meta(self) -> dict:
         return read_json(self.root / "config.json")
 
+    @property
+    def format(self) -> int:
+        return int(self.meta().get("format", 1))
+
+    # -- provenance: the data the run was trained on ---------------------------------------
+    def fingerprint(self) -> dict | None:
+        return self.meta().get("data_fingerprint")
+
+    def check_fingerprint(self, fingerprint: dict, what: str) -> None:
+        """Refuse to mix datasets: ``fingerprint`` (of ``what``) must equal the stored one."""
+        stored = self.fingerprint()
+        if stored is None:
+            return
+        for name, digest in fingerprint.items():
+            if name in stored and stored[name] != digest:
+                raise UsageError(f"{what} differs from the data {self.root} was trained on ({name} fingerprint "
+                                 f"{digest[:12]} vs {stored[name][:12]}; a changed package or data file?); "
+                                 "use another --out for a new run")
+
+    def record_fingerprint(self, fingerprint: dict) -> None:
+        """Store the fingerprint of a run created without one (callers that load the data later)."""
+        meta = self.meta()
+        if meta.get("data_fingerprint") is None:
+            meta["data_fingerprint"] = fingerprint
+            atomic_write_json(self.root / "config.json", meta)
+
     # -- run-level arrays ----------------------------------------------------------------
-    def save_masks(self, masks: np.ndarray) -> None:
-        atomic_save_npy(self.root / "masks.npy", masks.astype(bool))
+    def _array_record(self) -> dict:
+        path = self.root / "arrays.json"
+        return read_json(path).get("sha256", {}) if path.exists() else {}
+
+    def _checked(self, rel: str) -> str | None:
+        """The recorded sha256 of a run-level array; None for old runs, which recorded none."""
+        if self.format < 2:
+            return None
+        digest = self._array_record().get(rel)
+        if digest is None:
+            raise UsageError(f"{self.root / rel} is not recorded as complete; run `dpmem run` again to finish the run")
+        return digest
+
+    def save_run_arrays(self, masks: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Masks and data arrays, then the record of their checksums."""
+        sums = {"masks.npy": atomic_save_npy(self.root / "masks.npy", masks.astype(bool))}
+        for name in DATA_ARRAYS:
+            sums[f"data/{name}.npy"] = atomic_save_npy(self.root / "data" / f"{name}.npy", data[name])
+        atomic_write_json(self.root / "arrays.json", {"sha256": sums})
+
+    def run_arrays_intact(self) -> bool:
+        """Masks and data stored and matching their record (False: write them again)."""
+        record = self._array_record()
+        names = ["masks.npy"] + [f"data/{n}.npy" for n in DATA_ARRAYS]
+        try:
+            return all(name in record and sha256_file(self.root / name) == record[name] for name in names)
+        except OSError:
+            return False
 
     def masks(self) -> np.ndarray | None:
         path = self.root / "masks.npy"
-        return load_npy(path) if path.exists() else None
-
-    def save_data(self, arrays: dict[str, np.ndarray]) -> None:
-        for name in DATA_ARRAYS:
-            atomic_save_npy(self.root / "data" / f"{name}.npy", arrays[name])
+        if not path.exists() and self.format < 2:
+            return None
+        masks = load_npy(path, self._checked("masks.npy"))
+        models = self.config().models
+        if masks.ndim != 2 or masks.shape[0] != models or masks.dtype != bool:
+            raise UsageError(f"misshapen file {path}: expected bool [{models}, n_train], got {masks.dtype} {list(masks.shape)}")
+        return masks
 
     def data(self) -> dict[str, np.ndarray]:
-        return {name: load_npy(self.root / "data" / f"{name}.npy") for name in DATA_ARRAYS}
-
-    def has_data(self) -> bool:
-        return all((self.root / "data" / f"{n}.npy").exists() for n in DATA_ARRAYS)
+        out = {name: load_npy(self.root / "data" / f"{name}.npy", self._checked(f"data/{name}.npy"))
+               for name in DATA_ARRAYS}
+        for name in DATA_ARRAYS:
+            if out[name].ndim != 1:
+                raise UsageError(f"misshapen file {self.root / 'data' / f'{name}.npy'}: expected a vector")
+        fp = self.fingerprint()
+        if fp is not None:   # the stored labels are the ones the run's fingerprint describes
+            self.check_fingerprint({k: array_fingerprint(out[k]) for k in ("y_train", "y_test")},
+                                   f"the labels stored in {self.root / 'data'}")
+        return out
 
     # -- variants ------------------------------------------------------------------------
     def variant_dir(self, name: str) -> Path:
@@ -201,48 +428,149 @@ class RunStore:
     def _chunk_record(self, name: str, chunk: Chunk) -> Path:
         return self.variant_dir(name) / "chunks" / f"{chunk.name}.json"
 
-    def chunk_done(self, name: str, chunk: Chunk) -> bool:
-        return self.variant_complete(name) or (
-            self._chunk_record(name, chunk).exists() and self._chunk_dir(name, chunk).is_dir())
+    def _unit_intact(self, name: str, chunk: Chunk) -> bool:
+        try:
+            record = read_json(self._chunk_record(name, chunk))
+            sums = record.get("sha256")
+            if not isinstance(sums, dict) or not sums or (record.get("start"), record.get("stop")) != (chunk.start, chunk.stop):
+                return False
+            files = sorted(p.name for p in self._chunk_dir(name, chunk).glob("*.npy"))
+            return files == sorted(f"{k}.npy" for k in sums) and all(
+                sha256_file(self._chunk_dir(name, chunk) / f"{k}.npy") == v for k, v in sums.items())
+        except (UsageError, OSError):
+            return False
+
+    def _drop_unit(self, name: str, chunk: Chunk) -> None:
+        self._chunk_record(name, chunk).unlink(missing_ok=True)
+        shutil.rmtree(self._chunk_dir(name, chunk), ignore_errors=True)
+
+    def finished_units(self, name: str) -> list[Chunk]:
+        """The variant's units that are recorded and intact, sorted and disjoint. Anything else
+        (a unit without its record, a damaged or truncated unit, an overlapping one) is deleted so
+        that it is trained again."""
+        cdir = self.variant_dir(name) / "chunks"
+        if not cdir.is_dir():
+            return []
+        units = set()
+        for path in cdir.iterdir():
+            m = _UNIT.match(path.name.removesuffix(".json"))
+            if m and int(m[1]) < int(m[2]):
+                units.add(Chunk(int(m[1]), int(m[2])))
+        kept, at = [], 0
+        for unit in sorted(units):
+            if unit.start >= at and self._unit_intact(name, unit):
+                kept.append(unit)
+                at = unit.stop
+            else:
+                self._drop_unit(name, unit)
+        return kept
+
+    def pending_units(self, name: str, models: int, chunk_size: int) -> list[Chunk]:
+        """Units still to train for ``models`` models in pieces of at most ``chunk_size``."""
+        if self.variant_complete(name):
+            return []
+        return fill_gaps(models, chunk_size, [u for u in self.finished_units(name) if u.stop <= models])
 
     def write_chunk(self, name: str, chunk: Chunk, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Store one finished unit: arrays into a temporary directory renamed into place, then the record."""
+        """Store one finished unit: its arrays, durable, in a directory renamed into place, then the record."""
         final = self._chunk_dir(name, chunk)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{chunk.name}."))
-        digest = hashlib.sha256()
-        for key in sorted(arrays):
-            np.save(tmp / f"{key}.npy", np.ascontiguousarray(arrays[key]), allow_pickle=False)
-            digest.update((tmp / f"{key}.npy").read_bytes())
-        if final.exists():  # a unit written but not recorded before a crash: redo it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_json(self._chunk_record(name, chunk), {**record, "sha256": digest.hexdigest(),
-                                                             "start": chunk.start, "stop": chunk.stop})
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{chunk.name}.", suffix=TMP_SUFFIX))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            sums = {}
+            for key in sorted(arrays):
+                data = npy_bytes(arrays[key])
+                with open(tmp / f"{key}.npy", "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                sums[key] = hashlib.sha256(data).hexdigest()
+            fsync_dir(tmp)
+            if final.exists():  # a unit written but not recorded before a crash: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(final.parent)
+        atomic_write_json(self._chunk_record(name, chunk), {**record, "sha256": sums,
+                                                           "start": chunk.start, "stop": chunk.stop})
 
-    def finalize_variant(self, name: str, chunks: list[Chunk]) -> None:
-        """Concatenate the units into one [K, m] array per split, then drop the units."""
+    def finalize_variant(self, name: str, models: int) -> list[Chunk]:
+        """Concatenate the units into one [K, ...] array per key, record their checksums, drop the units.
+
+        Returns the model ranges that must be trained (again) first: those no unit covers and units
+        whose files no longer match their record (deleted here). An empty list means the variant is
+        complete; otherwise ``pending_units`` splits what is left into units."""
+        units = self.finished_units(name)
+        missing = fill_gaps(models, models, [u for u in units if u.stop <= models])
+        if missing:
+            return missing
         vdir = self.variant_dir(name)
-        keys = sorted(p.stem for p in self._chunk_dir(name, chunks[0]).glob("*.npy"))
-        records = [read_json(self._chunk_record(name, c)) for c in chunks]
+        records = [read_json(self._chunk_record(name, c)) for c in units]
+        keys = sorted(records[0]["sha256"])
+        if any(sorted(r["sha256"]) != keys for r in records):
+            for unit in units:
+                self._drop_unit(name, unit)
+            return units
+        sums = {}
         for key in keys:
-            atomic_save_npy(vdir / f"{key}.npy",
-                            np.concatenate([load_npy(self._chunk_dir(name, c) / f"{key}.npy") for c in chunks]))
+            parts = []
+            for unit, record in zip(units, records):
+                try:
+                    parts.append(load_npy(self._chunk_dir(name, unit) / f"{key}.npy", record["sha256"][key]))
+                except UsageError:   # damaged since it was checked: train it again
+                    self._drop_unit(name, unit)
+                    return [unit]
+            sums[key] = atomic_save_npy(vdir / f"{key}.npy", np.concatenate(parts))
         seconds = float(sum(r.get("seconds", 0.0) for r in records))
-        atomic_write_json(vdir / "complete.json", {"models": chunks[-1].stop, "units": len(chunks),
-                                                   "arrays": keys, "train_seconds": seconds})
+        atomic_write_json(vdir / "complete.json", {"models": models, "units": len(units), "arrays": keys,
+                                                   "sha256": sums, "train_seconds": seconds})
         shutil.rmtree(vdir / "chunks", ignore_errors=True)
+        return []
 
     def variant_complete(self, name: str) -> bool:
         return (self.variant_dir(name) / "complete.json").exists()
 
+    def damaged_files(self, name: str) -> list[Path]:
+        """Files of a complete variant that no longer match its completion record."""
+        vdir = self.variant_dir(name)
+        try:
+            sums = self.variant_record(name).get("sha256", {})
+        except UsageError:
+            return [vdir / "complete.json"]
+        bad = []
+        for key in self.variant_record(name).get("arrays", []):
+            try:
+                if key in sums and sha256_file(vdir / f"{key}.npy") != sums[key]:
+                    bad.append(vdir / f"{key}.npy")
+            except OSError:
+                bad.append(vdir / f"{key}.npy")
+        return bad
+
+    def discard_variant(self, name: str) -> None:
+        """Forget a variant's arrays so that it is trained again (its plan stays)."""
+        vdir = self.variant_dir(name)
+        (vdir / "complete.json").unlink(missing_ok=True)
+        for path in vdir.glob("*.npy"):
+            path.unlink()
+        shutil.rmtree(vdir / "chunks", ignore_errors=True)
+
     def variant_arrays(self, name: str) -> dict[str, np.ndarray]:
-        """Per-model arrays of a finished variant: {'train_correct': bool[K, n], ...}."""
+        """Per-model arrays of a finished variant ({'train_correct': bool[K, n], ...}), each checked
+        against the checksum in the completion record."""
         vdir = self.variant_dir(name)
         if not self.variant_complete(name):
             raise UsageError(f"variant {name!r} in {self.root} is not complete; run `dpmem run` again to finish it")
-        done = read_json(vdir / "complete.json")
-        return {key: load_npy(vdir / f"{key}.npy") for key in done["arrays"]}
+        done = self.variant_record(name)
+        sums = done.get("sha256", {})
+        out = {key: load_npy(vdir / f"{key}.npy", sums.get(key)) for key in done.get("arrays", [])}
+        for key, array in out.items():
+            if array.ndim < 1 or array.shape[0] != done.get("models", array.shape[0]):
+                raise UsageError(f"misshapen file {vdir / f'{key}.npy'}: expected {done.get('models')} rows, "
+                                 f"got shape {list(array.shape)}")
+        return out
 
     def variant_record(self, name: str) -> dict:
         return read_json(self.variant_dir(name) / "complete.json")

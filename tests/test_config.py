@@ -52,3 +52,11 @@ def test_hash_tracks_every_field():
     assert Config().hash() == Config().hash()
     assert Config(seed=1).hash() != Config().hash()
     assert config_mod.from_dict(Config(models=7).to_dict()) == Config(models=7)
+
+
+def test_execution_settings_are_no_part_of_the_identity():
+    base = Config()
+    for change in ({"chunk_size": 7}, {"threads": 3}, {"workers": 4}, {"device": "cuda"}):
+        assert base.replace(**change).hash() == base.hash(), change
+    assert set(config_mod.EXECUTION) == {"chunk_size", "threads", "workers", "device"}
+    assert not set(config_mod.EXECUTION) & set(base.identity())

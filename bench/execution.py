@@ -1,0 +1,123 @@
+"""Where units train: in this process, one after the other, or as Ray tasks on local workers or a cluster.
+
+Either way the driver (the `dpmem run` process) alone writes the store, so the store's guarantees
+(atomic units, one writer, checksums) do not depend on how many processes train. A unit's arrays
+do not depend on where it ran (per-model random streams, see pipeline.py).
+
+Threads: N workers on one machine each use ``max(1, cores // N)`` torch/OpenMP/MKL threads, so they
+never oversubscribe the cores (two 2-thread processes on 2 cores run a CNN step about 8x slower).
+On a cluster each task asks Ray for one CPU and uses one thread unless ``threads`` says otherwise.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from dpmem.bench.config import Config
+from dpmem.bench.errors import UsageError
+
+# A unit whose worker dies (killed, out of memory, node lost) is run again this many times.
+MAX_RETRIES = 3
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int, threads: int = 0) -> int:
+    """Threads each of ``workers`` processes on this machine may use without oversubscribing it."""
+    return threads or max(1, cores() // max(1, workers))
+
+
+def check_available(cfg: Config, ray_address: str | None = None) -> None:
+    """Refuse Ray execution without Ray installed, before anything is written."""
+    if cfg.workers or ray_address or os.environ.get("RAY_ADDRESS"):
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("workers / --ray-address need Ray: pip install 'dpmem[ray]'")
+
+
+def executor(cfg: Config, ray_address: str | None = None):
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if cfg.workers or address:
+        return RayExecutor(cfg, address)
+    return SerialExecutor(cfg)
+
+
+class SerialExecutor:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def map(self, specs: dict, inputs: dict, masks: np.ndarray, units: list, bar) -> Iterator[tuple]:
+        from dpmem.bench.pipeline import train_unit
+        for unit in units:
+            spec = specs[unit.variant]
+            done = [0.0]
+
+            def advance(model_steps: int, done=done, spec=spec) -> None:
+                target = model_steps / spec.steps      # models' worth of steps done in this unit
+                bar.update(target - done[0])
+                done[0] = target
+
+            arrays, seconds = train_unit(spec, inputs, masks[unit.chunk.start:unit.chunk.stop], unit,
+                                         device=self.cfg.device, progress=advance)
+            bar.update(unit.chunk.size - done[0])
+            yield unit, arrays, seconds
+
+    def close(self) -> None:
+        pass
+
+
+def _remote_unit(spec, inputs, masks, unit, device, threads):
+    from dpmem.bench.pipeline import train_unit
+    return train_unit(spec, inputs, masks, unit, device=device, threads=threads)
+
+
+class RayExecutor:
+    """Units as Ray tasks: a local runtime with ``cfg.workers`` workers, or the cluster at ``address``."""
+
+    def __init__(self, cfg: Config, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError("workers / --ray-address need Ray: pip install 'dpmem[ray]'") from None
+        self.ray, self.cfg = ray, cfg
+        if address:
+            self.threads = cfg.threads or 1
+        else:
+            self.threads = threads_per_worker(cfg.workers, cfg.threads)
+        env = {name: str(self.threads) for name in THREAD_ENV}
+        self.started = not ray.is_initialized()
+        if self.started:
+            options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                           runtime_env={"env_vars": env})
+            try:
+                if address:
+                    ray.init(address=address, **options)
+                else:
+                    ray.init(address="local", num_cpus=cfg.workers, **options)
+            except ConnectionError as e:
+                raise UsageError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        self.task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_remote_unit)
+
+    def map(self, specs: dict, inputs: dict, masks: np.ndarray, units: list, bar) -> Iterator[tuple]:
+        ray = self.ray
+        shared = ray.put(inputs)                 # the data travel once per node, not once per task
+        pending = {}
+        for unit in units:
+            ref = self.task.remote(specs[unit.variant], shared, masks[unit.chunk.start:unit.chunk.stop], unit,
+                                   self.cfg.device, self.threads)
+            pending[ref] = unit
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(done[0])
+            arrays, seconds = ray.get(done[0])
+            bar.update(unit.chunk.size)          # models finished, counted across all workers
+            yield unit, arrays, seconds
+
+    def close(self) -> None:
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
