@@ -5,7 +5,9 @@ uninterrupted run; and start two `dpmem run`s on one directory at once.
 
 Kill moments: uniform over the reference run's wall time, and moments picked by watching the
 directory (while config.json is being created, while a variant's units are concatenated, while
-the reports are written). A trial may be killed more than once before its final resume. A trial
+the reports are written). A trial may be killed twice before its final resume (the second kill at
+a random moment); a run that finishes before its kill is started again on a fresh directory with
+an earlier kill, so every trial is killed at least once. A trial
 is "identical" when the masks, every variant's arrays and memorization.csv equal the reference's
 byte for byte; "different" when they do not; "failed" when the resumed run does not finish (exit
 code other than 0). Writes reliability.csv (one row per trial) and reliability.md under --out.
@@ -54,8 +56,11 @@ def _watched(out: Path, mode: str) -> bool:
         # the temporaries of the concatenated arrays (.train_correct.npy.XXXX.tmp, ...)
         return vdirs.is_dir() and any(p.name.startswith((".train_", ".test_")) and ".tmp" in p.name
                                       for v in vdirs.iterdir() for p in v.iterdir())
-    if mode == "reports":
-        return (out / "memorization.csv").exists() or any(p.name.startswith(".memorization") for p in out.iterdir())
+    if mode == "reports":        # a report file's temporary exists
+        names = [p.name for p in out.iterdir()] + ([p.name for p in (out / "figures").iterdir()]
+                                                    if (out / "figures").is_dir() else [])
+        return any(n.startswith(".") and ".tmp" in n and not n.startswith((".config", ".masks", ".arrays"))
+                   for n in names)
     raise ValueError(mode)
 
 
@@ -105,13 +110,19 @@ def kill_trials(ref: Path, work: Path, trials: int, ref_seconds: float, rng: np.
         out = work / f"trial{t:02d}"
         mode = MODES[t % len(MODES)]
         kills, moments = 0, []
-        for _ in range(1 + int(rng.random() < 0.4)):          # some trials are killed twice
-            at = float(rng.uniform(0.5, ref_seconds))
+        at = float(rng.uniform(0.5, ref_seconds))
+        for attempt in range(4):                               # the first kill: retried until it lands
             status, when = run_until(out, mode, at, limit=3 * ref_seconds)
-            if status != "killed":
+            if status == "killed":
+                kills, moments = 1, [round(when, 2)]
                 break
-            kills += 1
-            moments.append(round(when, 2))
+            shutil.rmtree(out, ignore_errors=True)
+            at /= 2
+        if kills and rng.random() < 0.4:                       # some trials are killed a second time
+            status, when = run_until(out, "random", float(rng.uniform(0.5, ref_seconds)), limit=3 * ref_seconds)
+            if status == "killed":
+                kills += 1
+                moments.append(round(when, 2))
         rows.append({"trial": t, "mode": mode, "kills": kills, "kill_seconds": moments, "result": outcome(out, ref)})
         print(f"trial {t:2d} {mode:>13}: {kills} kill(s) at {moments} s -> {rows[-1]['result']}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
