@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from dpmem.bench import estimators, pipeline
 from dpmem.bench.data import load_dataset
 from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, atomic_write_json, chunks_of, read_json
+from dpmem.bench.store import RunStore, atomic_write_json, read_json
 from dpmem.bench.subgroups import crossed_mean_ci
 from dpmem.models import train_models
 from dpmem.models.spec import TrainRequest
@@ -122,11 +122,11 @@ def influenced_test(high: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 # -- training --------------------------------------------------------------------------------
 
-def _train_unit(cfg, spec, *, x, y, masks, chunk, v_index: int, evals: dict) -> dict[str, np.ndarray]:
+def _train_unit(cfg, spec, *, x, y, masks, chunk, variant: str, evals: dict) -> dict[str, np.ndarray]:
     """Train models chunk.start..chunk.stop-1 of a cell, seeded as the pipeline seeds a run's units but from
     the study's own seed; flat {split}_{array} arrays."""
     study = cfg.replace(seed=int(np.random.SeedSequence([cfg.seed, _STUDY_STREAM]).generate_state(1)[0]))
-    seed, noise_seed = pipeline.unit_seeds(study, chunk, v_index)
+    seed, noise_seed = pipeline.run_seed(study), pipeline.noise_seed(study, variant)
     req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=seed, noise_seed=noise_seed, evals=evals,
                        stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
     return train_models(spec, req, engine=cfg.engine)
@@ -182,7 +182,6 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
     evals = {"test": (pipeline.model_inputs(cfg, ds, ds.x_test), ds.y_test)}
     jobs = [(None, REFERENCE, np.zeros(0, np.int64))]
     jobs += [(s["threshold"], kind, np.array(s["memorized"], np.int64)) for s in meta["removals"] for kind in KINDS]
-    chunks = chunks_of(models, cfg.chunk_size)
     total = len(jobs) * len(cfg.variants) * models
     done_models = sum(models for thr, kind, _ in jobs for v, _ in cfg.variants
                       if cells.variant_complete(_cell_name(kind, thr, v)))
@@ -197,7 +196,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
                                               candidates=candidates, models=range(models), seed=cfg.seed,
                                               threshold=thr)
         n_keep = ds.n_train - len(memorized)
-        for v_index, (variant, eps) in enumerate(cfg.variants):
+        for variant, eps in cfg.variants:
             name = _cell_name(kind, thr, variant)
             if not cells.variant_complete(name):
                 plan = cells.plan(name)
@@ -206,19 +205,22 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
                     plan = {**pipeline.plan_variant(cfg, eps, sched), "n_train": int(n_keep)}
                     cells.save_plan(name, plan)
                 spec = pipeline.train_spec(cfg, ds, plan)
-                for chunk in chunks:
-                    if cells.chunk_done(name, chunk):
-                        continue
-                    t0 = time.perf_counter()
-                    # every model trains on the whole training set minus its removed examples; the masks keep
-                    # the example positions, so a model shares its reference partner's batch coins
-                    arrays = _train_unit(cfg, spec, x=x_train, y=ds.y_train, masks=~removed[chunk.start:chunk.stop],
-                                         chunk=chunk, v_index=v_index, evals=evals)
-                    arrays["removed"] = removed[chunk.start:chunk.stop]
-                    cells.write_chunk(name, chunk, arrays, {"seconds": time.perf_counter() - t0,
-                                                            "models": chunk.size})
-                    bar.update(chunk.size)
-                cells.finalize_variant(name, chunks)
+                todo = cells.pending_units(name, models, cfg.chunk_size)
+                while todo:
+                    for chunk in todo:
+                        t0 = time.perf_counter()
+                        # every model trains on the whole training set minus its removed examples; the masks
+                        # keep the example positions, so a model shares its reference partner's batch coins
+                        arrays = _train_unit(cfg, spec, x=x_train, y=ds.y_train,
+                                             masks=~removed[chunk.start:chunk.stop], chunk=chunk, variant=variant,
+                                             evals=evals)
+                        arrays["removed"] = removed[chunk.start:chunk.stop]
+                        cells.write_chunk(name, chunk, arrays, {"seconds": time.perf_counter() - t0,
+                                                                "models": chunk.size})
+                        bar.update(chunk.size)
+                    # units damaged since they were written come back to be trained again
+                    todo = (cells.pending_units(name, models, cfg.chunk_size)
+                            if cells.finalize_variant(name, models) else [])
             stored = cells.variant_arrays(name)
             result["cells"].append({"threshold": thr, "kind": kind, "variant": variant, "epsilon": eps,
                                     "removed": int(len(memorized)), "plan": cells.plan(name),
