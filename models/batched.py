@@ -73,6 +73,9 @@ CHANNELWISE = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Adapti
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
+# Batches are padded to a multiple of this many rows (see sample_batch).
+WIDTH_BLOCK = 16
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto": CUDA when a GPU is visible, else the CPU; "cuda" without a GPU is an error."""
     name = str(device)
@@ -581,7 +584,9 @@ class BatchedTrainer:
             torch.rand(self.n, generator=generator, out=self._uniform[k])
         draw = (self._uniform < self.spec.sample_rate).logical_and_(self.masks)
         counts = draw.sum(dim=1)
-        width = max(1, int(counts.max()))
+        # padded to a multiple of WIDTH_BLOCK rows: elementwise kernels treat a tensor's last partial
+        # vector differently from full ones, and the width depends on the other models of the call
+        width = -(-max(1, int(counts.max())) // WIDTH_BLOCK) * WIDTH_BLOCK
         rows, cols = draw.nonzero(as_tuple=True)  # row-major: each model's picks in order
         starts = counts.cumsum(0) - counts
         slots = rows * width + (torch.arange(rows.numel(), device=self.device) - starts[rows])
@@ -780,8 +785,15 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "c
     trainer = trainer_class(spec)(spec, np.asarray(req.x_train)[layout.real], np.asarray(req.y_train)[layout.real],
                              masks[:, layout.real], seed=req.seed, noise_seed=req.noise_seed,
                              stream_ids=model_streams(req), canary_members=layout.members, device=device)
+    # One model's batched products become single matrix products, which the BLAS splits across
+    # threads in a way that changes their rounding; a lone model trains on one thread, so its arrays
+    # equal those it gets as part of a larger unit (whose products split by model).
+    threads = torch.get_num_threads()
+    if trainer.K == 1:
+        torch.set_num_threads(1)
     try:
         trainer.train(spec.steps, progress)
         return trainer.evaluate(req.evals)
     finally:
         trainer.close()
+        torch.set_num_threads(threads)

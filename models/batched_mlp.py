@@ -82,18 +82,30 @@ def _forward(params: Params, x: Tensor, work: Workspace | None = None) -> list[T
 def _output_error(logits: Tensor, y: Tensor, valid: Tensor | None) -> Tensor:
     """d(sum of per-example cross-entropies)/d logits = softmax - onehot; zero on padded rows.
 
-    ``logits`` is the transposed view from ``_forward``; so is the result."""
-    delta = logits.transpose(1, 2).softmax(dim=1)  # [K, C, B], contiguous
+    ``logits`` is the transposed view from ``_forward``; the result is [K, B, C], contiguous. The
+    softmax runs over each example's contiguous row of C logits, so an example's values do not
+    depend on the batch width or the number of models (a softmax over a strided dimension
+    vectorises across examples and treats the last ones differently)."""
+    delta = logits.contiguous().softmax(dim=2)  # [K, B, C]
     # Confident models put probabilities far below float32's normal range (< 1e-38) on wrong
     # classes; arithmetic on such subnormal numbers is many times slower on x86 CPUs. Zeroing
     # probabilities below PROB_FLOOR moves each gradient coordinate by less than float32
     # already rounds the true-class term p - 1 (by up to 6e-8), so the update is unchanged.
     delta.masked_fill_(delta < PROB_FLOOR, 0.0)
-    label = y.unsqueeze(1)
-    delta.scatter_(1, label, delta.gather(1, label).sub_(1.0))
+    label = y.unsqueeze(2)
+    delta.scatter_(2, label, delta.gather(2, label).sub_(1.0))
     if valid is not None:
-        delta.mul_(valid.unsqueeze(1).to(delta.dtype))
-    return delta.transpose(1, 2)
+        delta.mul_(valid.unsqueeze(2).to(delta.dtype))
+    return delta
+
+
+def _column_sums(d: Tensor) -> Tensor:
+    """d.sum(dim=1) for [K, B, out] errors, as a product with ones: a batched matrix product is
+    unchanged by the zero rows that pad a batch, a reduction is not (its blocking depends on B),
+    and the padded width depends on the other models of the call. Two columns of ones, not one:
+    with one column and K = 1 the product becomes a matrix-vector product, blocked by B again."""
+    K, B, _ = d.shape
+    return torch.bmm(d.transpose(1, 2), torch.ones(K, B, 2, dtype=d.dtype, device=d.device))[:, :, 0]
 
 
 def _backward(params: Params, acts: list[Tensor], delta_out: Tensor, work: Workspace | None = None) -> list[Tensor]:
@@ -180,7 +192,7 @@ class MLPTrainer(BatchedTrainer):
                     weight.mul_(1 - spec.lr * wd)
                     bias.mul_(1 - spec.lr * wd)
                 weight.baddbmm_(d.transpose(1, 2), a, alpha=-spec.lr)
-                bias.add_(d.sum(dim=1), alpha=-spec.lr)
+                bias.add_(_column_sums(d), alpha=-spec.lr)
                 if dp is not None:
                     noise_w, noise_b = noise_views[j]
                     weight.addcmul_(noise_w, self._noise_std.view(-1, 1, 1), value=-spec.lr)
@@ -188,7 +200,7 @@ class MLPTrainer(BatchedTrainer):
             else:
                 buf_w, buf_b = self.momentum_bufs[2 * j], self.momentum_bufs[2 * j + 1]
                 buf_w.mul_(spec.momentum).baddbmm_(d.transpose(1, 2), a)
-                buf_b.mul_(spec.momentum).add_(d.sum(dim=1))
+                buf_b.mul_(spec.momentum).add_(_column_sums(d))
                 if wd:
                     buf_w.add_(weight, alpha=wd)
                     buf_b.add_(bias, alpha=wd)
