@@ -22,7 +22,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dpmem.models.spec import DPParams, Outputs, TrainRequest, TrainSpec
+from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 
 # engine name -> the module implementing it
 ENGINES: dict[str, str] = {
@@ -31,7 +31,7 @@ ENGINES: dict[str, str] = {
     "trainer": "dpmem.models.trainer",
 }
 
-__all__ = ["DPParams", "ENGINES", "Outputs", "TrainRequest", "TrainSpec", "engine_module", "resolve_engine",
+__all__ = ["DPParams", "ENGINES", "TrainRequest", "TrainSpec", "engine_module", "resolve_engine",
            "train_models"]
 
 

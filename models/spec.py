@@ -65,13 +65,6 @@ class TrainSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Outputs:
-    """Per-model predictions on one evaluation split, models in eval mode."""
-    correct: np.ndarray   # bool [K, m]: argmax prediction equals the label
-    margin: np.ndarray    # float16 [K, m]: true-label logit minus the largest other logit
-
-
-@dataclass(frozen=True, kw_only=True)
 class TrainRequest:
     """Everything a training call needs besides the spec."""
     x_train: np.ndarray                  # float32 [n, *input_shape]
