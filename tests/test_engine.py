@@ -404,6 +404,28 @@ def test_dp_noise_has_the_right_std_and_empty_batch_is_noise_only(momentum):
         trainer.close()
 
 
+def test_noise_drawn_ahead_in_the_background_equals_noise_drawn_inline(monkeypatch):
+    """Background threads draw step t+1's noise during step t, into the other buffer: every step
+    still gets exactly the numbers its models' generators give inline, in order."""
+    def generators():
+        return [batched._generator(7, s, device=torch.device("cpu")) for s in (0, 5, 9)]
+
+    gens = generators()
+    inline = [torch.stack([torch.empty(50).normal_(generator=g) for g in gens]) for _ in range(4)]
+    monkeypatch.setattr(batched, "_cpu_count", lambda: 2)
+    noise = batched.GaussianNoise(generators(), 50, torch.device("cpu"))
+    assert noise._pool is not None and len(noise.buffers) == 2
+    for step in range(4):
+        noise.begin()
+        torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
+    noise.close()
+    monkeypatch.setattr(batched, "_cpu_count", lambda: 1)
+    noise = batched.GaussianNoise(generators(), 50, torch.device("cpu"))
+    assert noise._pool is None
+    for step in range(4):
+        torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
+
+
 def test_poisson_batches_come_from_each_subset_at_the_sample_rate():
     K, n, q, steps = 4, 60, 0.3, 400
     rng = np.random.default_rng(0)
