@@ -376,7 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `dpmem run --out DIR key=value`: argparse stops collecting positionals at the first
+    # option, so config paths and overrides given after options are gathered here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "args") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = [*args.args, *extra]
     try:
         return args.func(args)
     except UsageError as e:

@@ -134,6 +134,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, small_run, tmp_path, cap
         assert not (tmp_path / "x").exists()          # nothing written for a refused config
 
 
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`dpmem run CONFIG --out DIR key=value` reads the override (here a bad one, refused by name);
+    commands without overrides still reject stray arguments."""
+    config = tmp_path / "c.toml"
+    config.write_text('dataset = "synthetic"\n')
+    assert run("run", str(config), "--out", str(tmp_path / "x"), "--quiet", "q=1.5") == 2
+    err = capsys.readouterr().err
+    assert "q" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit) as stop:
+        run("report", str(tmp_path), "q=1.5")
+    assert stop.value.code == 2 and "unrecognized arguments: q=1.5" in capsys.readouterr().err
+
+
 def test_corrupt_run_directory_is_refused_and_left_alone(small_run, tmp_path, capsys):
     import shutil
     bad = tmp_path / "bad"
