@@ -72,6 +72,18 @@ def _modules() -> dict[str, tuple[callable, tuple[int, ...]]]:
 
 MODULES = _modules()
 
+# The equality tests also run on a GPU where torch sees one (the engine on it, Opacus on the CPU).
+TEST_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def exact_cuda():
+    """cuDNN's convolutions use TensorFloat-32 by default; the equality tests need float32."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
 
 def _stacked(factory, K: int, seed: int = 0) -> tuple[list[nn.Module], list[torch.Tensor]]:
     torch.manual_seed(seed)
@@ -93,9 +105,10 @@ def opacus_clipped(module, x, y, max_grad_norm):
     return norms, grads
 
 
+@pytest.mark.parametrize("device", TEST_DEVICES)
 @pytest.mark.parametrize("rule", ["mixed", "per_example", "ghost"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_norms_and_clipped_sums_equal_opacus(name, rule, monkeypatch):
+def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, exact_cuda):
     monkeypatch.setattr(batched.ConvSampler, "rule", rule)
     factory, shape = MODULES[name]
     if rule != "mixed" and not any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in factory().modules()):
@@ -108,10 +121,14 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, monkeypatch):
     y = torch.randint(0, 5, (K, B), generator=g)
     valid = torch.rand(K, B, generator=g) < 0.8
     net = batched.WideNet(mods[0], K)
-    _, norms = batched.dp_gradients(net, params, x, y, valid, 1e9)
+    on = [t.to(device) for t in (x, y, valid)]
+    params_on = [p.to(device) for p in params]
+    _, norms = batched.dp_gradients(net, params_on, *on, 1e9)
+    norms = norms.cpu()
     assert torch.all(norms[~valid] == 0), "padded rows must have zero gradient"
     max_grad_norm = float(norms[valid].median())  # about half the examples get clipped
-    sums, _ = batched.dp_gradients(net, params, x, y, valid, max_grad_norm)
+    sums, _ = batched.dp_gradients(net, params_on, *on, max_grad_norm)
+    sums = [t.cpu() for t in sums]
     for k in range(K):
         ref_norms, ref_grads = opacus_clipped(mods[k], x[k][valid[k]], y[k][valid[k]], max_grad_norm)
         torch.testing.assert_close(norms[k][valid[k]], ref_norms, rtol=1e-4, atol=1e-6)
@@ -151,7 +168,8 @@ STEP_CASES = [("mlp", (16,), (24,)), ("cnn", (1, 12, 12), (8, 16)), ("cnn1d", (1
 
 @pytest.mark.parametrize(("arch", "shape", "hidden"), STEP_CASES, ids=[c[0] for c in STEP_CASES])
 @pytest.mark.parametrize("private", [False, True], ids=["sgd", "dpsgd"])
-def test_training_steps_equal_opacus_steps(arch, shape, hidden, private):
+@pytest.mark.parametrize("device", TEST_DEVICES)
+def test_training_steps_equal_opacus_steps(arch, shape, hidden, private, device, exact_cuda):
     """Two steps with momentum and weight decay from the same weights on the same batches (DP
     noise off): the engine's update equals Opacus's DPOptimizer (or plain SGD on summed loss /
     expected batch)."""
@@ -163,11 +181,12 @@ def test_training_steps_equal_opacus_steps(arch, shape, hidden, private):
     x_train = rng.normal(size=(n, *shape)).astype(np.float32) * 2
     y_train = rng.integers(0, 5, n)
     masks = rng.random((K, n)) < 0.6
-    trainer = batched.BatchedTrainer(spec, x_train, y_train, masks, seed=3, noise_seed=4)
+    trainer = batched.BatchedTrainer(spec, x_train, y_train, masks, seed=3, noise_seed=4, device=device)
     start = [trainer.model_state(k) for k in range(K)]
     draws = [trainer.sample_batch() for _ in range(2)]
     for batch in draws:
         trainer.step_on(batch)
+    draws = [batched.PoissonBatch(x=b.x.cpu(), y=b.y.cpu(), valid=b.valid.cpu()) for b in draws]
     ebs = models.spec.expected_batch_sizes(masks, spec.sample_rate)
     for k in range(K):
         model = build_model(spec)
