@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dpmem.models.batched import PoissonBatch, resolve_device, trainer_class
+from dpmem.models.batched import PoissonBatch, resolve_device, retain_freed_memory, trainer_class
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, TrainSpec
 
@@ -152,6 +152,7 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
         only: tuple[str, ...] = ("mlp", "cnn")) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``sizes``: kind ("mlp" / "cnn") -> (K models per engine step, batch)."""
     torch.set_num_threads(threads)
+    retain_freed_memory()  # as the trainers do, for every method alike (before anything is timed)
     rows, ratios, flops = [], [], {}
     for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
         if kind not in only:

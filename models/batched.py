@@ -38,6 +38,7 @@ drawn by its own generator, so its numbers do not depend on K or on its neighbou
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -88,6 +89,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name != "cpu":
         raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
     return torch.device("cpu")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MEMORY_RETAINED = False
+
+
+def retain_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse rather than return it to the system.
+
+    A training step frees and re-allocates the same large tensors every step; by default glibc
+    maps blocks above a moving threshold straight from the system and trims the heap's free top,
+    so each step page-faults its memory back in. Measured on a 2-core CPU, 1 thread, for the
+    built-in CNN (K=16, batch 64): DP step 47 -> 25 ms per model, non-private 25 -> 22, a plain
+    single-model step 30 -> 21. Process-wide and idempotent; nothing happens off glibc."""
+    global _MEMORY_RETAINED
+    if _MEMORY_RETAINED:
+        return
+    _MEMORY_RETAINED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)   # glibc's largest: blocks up to 32 MiB come from the heap
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)    # keep up to 1 GiB of free heap top
+    except (OSError, AttributeError):
+        pass
 
 
 # -- which modules the engine trains -----------------------------------------------------------
@@ -159,18 +184,71 @@ def _out_of_place(layer: nn.Module) -> nn.Module:
 
 @dataclass
 class Record:
-    """What a parametrised layer leaves for the DP step: its input and its output, whose
-    gradient autograd returns."""
+    """What a parametrised layer leaves for the DP step: its input (for GroupNorm, its
+    normalised input) and its output, whose gradient autograd returns."""
     layer: int
     saved: Tensor
     output: Tensor
 
 
+def _pairs_max_pool(layer: nn.Module) -> int | None:
+    """The window of a 1-D max pool whose windows tile the sequence (kernel = stride, no padding
+    or dilation): it runs as a reshape and a max over the window, 1.5x faster than PyTorch's
+    pooling kernel on the CPU with the same gradient (to the window's first maximum)."""
+    if not isinstance(layer, nn.MaxPool1d) or layer.ceil_mode:
+        return None
+    k, stride = (v[0] if isinstance(v, tuple) else v for v in (layer.kernel_size, layer.stride or layer.kernel_size))
+    pad, dil = (v[0] if isinstance(v, tuple) else v for v in (layer.padding, layer.dilation))
+    return k if (k == stride and pad == 0 and dil == 1) else None
+
+
+def _tiled_max_pool1d(a: Tensor, k: int) -> Tensor:
+    n = a.shape[-1] // k
+    return a[..., :n * k].unflatten(-1, (n, k)).max(dim=-1).values
+
+
+def _average_matrix(length: int, out: int, like: Tensor) -> Tensor:
+    """[length, out]: column j averages positions floor(j L / out) .. ceil((j + 1) L / out) - 1,
+    PyTorch's adaptive average pooling windows."""
+    m = torch.zeros(length, out, dtype=like.dtype, device=like.device)
+    for j in range(out):
+        start, end = (j * length) // out, -(-((j + 1) * length) // out)
+        m[start:end, j] = 1.0 / (end - start)
+    return m
+
+
+def _adaptive_avg_pool(layer: nn.Module, a: Tensor, cache: dict) -> Tensor:
+    """Adaptive average pooling as products with averaging matrices (one per pooled axis): far
+    faster on the CPU than PyTorch's kernel on the wide tensor, and differentiable as is."""
+    sizes = layer.output_size if isinstance(layer.output_size, tuple) else (layer.output_size,) * (a.dim() - 2)
+    mats = []
+    for axis, size in zip(range(2, a.dim()), sizes, strict=True):
+        size = a.shape[axis] if size is None else size
+        key = (a.shape[axis], size, a.dtype, a.device)
+        if key not in cache:
+            cache[key] = _average_matrix(a.shape[axis], size, a)
+        mats.append(cache[key])
+    if a.dim() == 3:
+        return torch.matmul(a, mats[0])
+    return torch.matmul(mats[0].T, torch.matmul(a, mats[1]))
+
+
 class WideNet:
-    """The layer sequence of one module, run as K copies at once on stacked parameters."""
+    """The layer sequence of one module, run as K copies at once on stacked parameters.
+
+    Two rewrites keep the numbers and save time: a ReLU directly before a max pool runs after it
+    (ReLU is monotone, so values and gradients are the same, ties included, on a quarter or half
+    of the elements), and some pooling layers run as cheaper equivalent operations
+    (``_pairs_max_pool``, ``_adaptive_avg_pool``)."""
 
     def __init__(self, module: nn.Module, K: int):
         self.layers = [_out_of_place(layer) for layer in leaf_layers(module)]
+        self.order = list(range(len(self.layers)))
+        for j in range(len(self.layers) - 1):
+            if (type(self.layers[j]) is nn.ReLU and isinstance(self.layers[j + 1], (nn.MaxPool1d, nn.MaxPool2d))
+                    and self.order[j] == j):
+                self.order[j], self.order[j + 1] = j + 1, j
+        self._matrices: dict = {}
         self.K = K
         # (layer index, parameter name) of every parameter, in module.parameters() order
         self.param_slots: list[tuple[int, str]] = []
@@ -202,7 +280,8 @@ class WideNet:
         by_layer = self.layer_params(params)
         a = self.to_wide(x)
         vector = x.dim() == 3
-        for j, layer in enumerate(self.layers):
+        for j in self.order:
+            layer = self.layers[j]
             p = by_layer.get(j)
             saved = a
             if isinstance(layer, nn.Linear):
@@ -220,7 +299,13 @@ class WideNet:
             elif isinstance(layer, nn.GroupNorm):
                 if vector:
                     raise ValueError("GroupNorm must act on channels, not on flattened vectors")
-                out = F.group_norm(a, K * layer.num_groups, p["weight"].reshape(-1), p["bias"].reshape(-1), layer.eps)
+                if records is None:
+                    out = F.group_norm(a, K * layer.num_groups, p["weight"].reshape(-1), p["bias"].reshape(-1),
+                                       layer.eps)
+                else:  # the DP rule needs the normalised input: keep it instead of computing it twice
+                    saved = F.group_norm(a, K * layer.num_groups, eps=layer.eps)
+                    shape = (1, -1) + (1,) * (a.dim() - 2)
+                    out = torch.addcmul(p["bias"].reshape(shape), saved, p["weight"].reshape(shape))
             elif isinstance(layer, nn.Flatten):
                 if not vector:
                     B = a.shape[0]
@@ -230,7 +315,13 @@ class WideNet:
             elif isinstance(layer, CHANNELWISE):
                 if vector:
                     raise ValueError(f"{type(layer).__name__} must act on channels, not on flattened vectors")
-                a = layer(a)
+                window = _pairs_max_pool(layer)
+                if window is not None and a.dim() == 3:
+                    a = _tiled_max_pool1d(a, window)
+                elif isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+                    a = _adaptive_avg_pool(layer, a, self._matrices)
+                else:
+                    a = layer(a)
                 continue
             else:  # elementwise
                 a = layer(a)
@@ -367,13 +458,13 @@ class ConvSampler:
 
 
 class GroupNormSampler:
-    """a (the input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule (normalised input * g)."""
+    """saved (the normalised input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule
+    (normalised input * g summed over positions for the weight, g for the bias)."""
 
     def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor):
         B = grad.shape[0]
         dims = tuple(range(2, grad.dim()))
-        normalised = F.group_norm(saved, K * layer.num_groups, eps=layer.eps)
-        self.gw = (normalised * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
+        self.gw = (saved * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
         self.gb = grad.sum(dim=dims).reshape(B, K, -1)
 
     def sq_norms(self) -> Tensor:
@@ -543,6 +634,7 @@ class BatchedTrainer:
                  canary_members: np.ndarray | None = None, device: str | torch.device = "cpu"):
         self.spec = spec
         self.device = resolve_device(device)
+        retain_freed_memory()
         module = build_model(spec)
         problem = supports(module, spec.input_shape)
         if problem is not None:

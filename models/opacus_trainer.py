@@ -33,7 +33,7 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from dpmem.models.batched import PROGRESS_EVERY, initial_model, resolve_device
+from dpmem.models.batched import PROGRESS_EVERY, initial_model, resolve_device, retain_freed_memory
 from dpmem.models.nets import build_model
 from dpmem.models.spec import (CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
                                expected_batch_sizes, model_streams, stream_seeds)
@@ -223,6 +223,7 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "c
     """Train the K models of ``req.masks`` one by one; ``progress(model_steps_done)`` gets the
     running count of model-steps (out of K * spec.steps)."""
     device = resolve_device(device)
+    retain_freed_memory()
     layout = canary_layout(spec, req)
     masks = np.asarray(req.masks, dtype=bool)
     K = masks.shape[0]

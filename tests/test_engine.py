@@ -136,6 +136,50 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, ex
             torch.testing.assert_close(mine[k], ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer, shape", [
+    (nn.AdaptiveAvgPool1d(3), (2, 3, 10)), (nn.AdaptiveAvgPool1d(4), (2, 3, 3)),
+    (nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 8)), (nn.AdaptiveAvgPool2d(5), (1, 2, 4, 9)),
+    (nn.AdaptiveAvgPool2d((None, 2)), (1, 2, 3, 7)),
+    (nn.MaxPool1d(2), (2, 3, 9)), (nn.MaxPool1d(3), (2, 3, 12)),
+])
+def test_pooling_rewrites_equal_the_layers(layer, shape):
+    """The wide network's matrix form of adaptive average pooling and reshape form of tiled max
+    pooling give the layer's values and input gradients (to the first maximum on ties)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).round()   # small integers: many ties
+    mine, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    window = batched._pairs_max_pool(layer)
+    out = (batched._tiled_max_pool1d(mine, window) if window else batched._adaptive_avg_pool(layer, mine, {}))
+    expected = layer(ref)
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn(expected.shape, generator=g)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, ref.grad)
+
+
+def test_relu_runs_after_the_max_pool_it_precedes_with_equal_gradients_on_ties():
+    """ReLU then max pool runs as max pool then ReLU (a quarter of the elements): per-example
+    norms and clipped sums still equal Opacus's on inputs with constant regions (ties at zero)."""
+    def factory():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    K, B = 2, 6
+    mods, params = _stacked(factory, K)
+    net = batched.WideNet(mods[0], K)
+    assert [type(net.layers[j]).__name__ for j in net.order][:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(K, B, 1, 8, 8)
+    x[..., 2:5, 3:6] = torch.randn(K, B, 1, 3, 3, generator=g)   # the rest is constant: ties everywhere
+    y = torch.randint(0, 5, (K, B), generator=g)
+    valid = torch.ones(K, B, dtype=torch.bool)
+    sums, norms = batched.dp_gradients(net, params, x, y, valid, 0.5)
+    for k in range(K):
+        ref_norms, ref_grads = opacus_clipped(mods[k], x[k], y[k], 0.5)
+        torch.testing.assert_close(norms[k], ref_norms, rtol=1e-4, atol=1e-6)
+        for mine, ref in zip(sums, ref_grads, strict=True):
+            torch.testing.assert_close(mine[k], ref, rtol=1e-4, atol=1e-6)
+
+
 def test_mixed_rule_uses_both_paths_on_the_cnn():
     """The built-in CNN's first conv (28x28 map) takes per-example gradients; a conv on a 2x2 map ghost norms."""
     seen = []
