@@ -697,16 +697,27 @@ class BatchedTrainer:
 
     # -- one step --
     def _chunks(self, batch: PoissonBatch):
-        """Groups of models (k0, k1) that a step computes together, each with its batch trimmed
-        to the group's largest Poisson batch."""
+        """Groups of models that a step computes together, as (index, x, y, valid) with ``index``
+        a slice or a tensor of model indices, each batch trimmed to the group's largest Poisson
+        batch. When a step takes several groups, models are grouped by batch size, so that little
+        of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
+        in index order compute 22% more rows than there are examples, in size order 2%. A
+        model's numbers do not depend on its group (tested), so the grouping changes only time."""
         B = batch.valid.shape[1]
         budget = CHUNK_FLOATS.get(self.device.type, CHUNK_FLOATS["cuda"])
         size = max(1, min(self.K, budget // max(1, B * self.widest)))
         counts = batch.valid.sum(dim=1).cpu()
-        for k0 in range(0, self.K, size):
-            k1 = min(self.K, k0 + size)
-            width = max(1, int(counts[k0:k1].max()))
-            yield k0, k1, batch.x[k0:k1, :width], batch.y[k0:k1, :width], batch.valid[k0:k1, :width]
+        if size >= self.K:
+            width = max(1, int(counts.max()))
+            yield slice(0, self.K), batch.x[:, :width], batch.y[:, :width], batch.valid[:, :width]
+            return
+        order = torch.argsort(counts, stable=True)
+        for start in range(0, self.K, size):
+            members = order[start:start + size]
+            width = max(1, int(counts[members].max()))
+            index = members.to(self.device)
+            yield (index, batch.x.index_select(0, index)[:, :width], batch.y.index_select(0, index)[:, :width],
+                   batch.valid.index_select(0, index)[:, :width])
 
     def _net(self, K: int) -> WideNet:
         if K not in self._nets:
@@ -719,15 +730,15 @@ class BatchedTrainer:
         if dp is not None:
             self.noise.begin()
         grads = [torch.empty_like(p) for p in self.params]
-        for k0, k1, x, y, valid in self._chunks(batch):
-            params = [p[k0:k1] for p in self.params]
-            net = self._net(k1 - k0)
+        for index, x, y, valid in self._chunks(batch):
+            params = [p[index] for p in self.params]
+            net = self._net(len(x))
             if dp is None:
-                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[k0:k1].unsqueeze(1))
+                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1))
             else:
                 part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm)
             for g, q in zip(grads, part, strict=True):
-                g[k0:k1] = q
+                g[index] = q
         if dp is None:
             return grads
         noise = self.noise.take()

@@ -204,3 +204,16 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert corr.scope.tolist() == ["all points", "nonprivate", "dp-eps2", "dp-eps8"]
     assert corr.pearson.between(-1, 1).all()
     assert (out / "figures" / "mem_vs_gen.pdf").is_file()
+
+
+def test_agreement_compares_per_model_accuracy(small_run, tmp_path, capsys):
+    from dpmem.bench import agreement
+    from dpmem.bench.store import RunStore
+    table = agreement.compare(RunStore.open(small_run), RunStore.open(small_run))
+    store = RunStore.open(small_run)
+    expected = store.variant_arrays("nonprivate")["test_correct"].mean(axis=1).mean()
+    row = table.set_index("variant").loc["nonprivate"]
+    assert row["models"] == 24 and row["mean_a"] == pytest.approx(expected) and row["welch_p"] == pytest.approx(1.0)
+    assert set(table["variant"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
+    assert agreement.main([str(small_run), str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
