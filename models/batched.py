@@ -202,6 +202,37 @@ def _pairs_max_pool(layer: nn.Module) -> int | None:
     return k if (k == stride and pad == 0 and dil == 1) else None
 
 
+class _MaxPool2dChannelsLast(torch.autograd.Function):
+    """``F.max_pool2d`` on a CPU tensor [B, C, H, W], computed in channels-last layout: PyTorch's
+    CPU kernel is several times faster there (per model of the built-in CNN, forward and
+    backward: 6.6 -> 3.0 ms for the first pool, 3.4 -> 1.7 ms for the second, the layout copies
+    included). The indices (positions within each H x W plane) mean the same in both layouts,
+    so the backward pass is the ordinary one, gradients to the same first maximum of each window."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                ceil_mode: bool) -> Tensor:
+        out, index = torch.ops.aten.max_pool2d_with_indices(a.contiguous(memory_format=torch.channels_last), kernel,
+                                                              stride, padding, dilation, ceil_mode)
+        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(a, index.contiguous())
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, index = ctx.saved_tensors
+        grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), a, *ctx.args, index)
+        return grad_a, None, None, None, None, None
+
+
+def _max_pool2d(layer: nn.MaxPool2d, a: Tensor) -> Tensor:
+    def pair(v):
+        return list(v) if isinstance(v, tuple) else [v, v]
+    kernel = pair(layer.kernel_size)
+    stride = pair(layer.stride if layer.stride is not None else layer.kernel_size)
+    return _MaxPool2dChannelsLast.apply(a, kernel, stride, pair(layer.padding), pair(layer.dilation), layer.ceil_mode)
+
+
 def _tiled_max_pool1d(a: Tensor, k: int) -> Tensor:
     n = a.shape[-1] // k
     return a[..., :n * k].unflatten(-1, (n, k)).max(dim=-1).values
@@ -239,7 +270,7 @@ class WideNet:
     Two rewrites keep the numbers and save time: a ReLU directly before a max pool runs after it
     (ReLU is monotone, so values and gradients are the same, ties included, on a quarter or half
     of the elements), and some pooling layers run as cheaper equivalent operations
-    (``_pairs_max_pool``, ``_adaptive_avg_pool``)."""
+    (``_pairs_max_pool``, ``_MaxPool2dChannelsLast`` on the CPU, ``_adaptive_avg_pool``)."""
 
     def __init__(self, module: nn.Module, K: int):
         self.layers = [_out_of_place(layer) for layer in leaf_layers(module)]
@@ -318,6 +349,8 @@ class WideNet:
                 window = _pairs_max_pool(layer)
                 if window is not None and a.dim() == 3:
                     a = _tiled_max_pool1d(a, window)
+                elif isinstance(layer, nn.MaxPool2d) and a.device.type == "cpu" and a.dim() == 4:
+                    a = _max_pool2d(layer, a)
                 elif isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
                     a = _adaptive_avg_pool(layer, a, self._matrices)
                 else:

@@ -141,15 +141,19 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, ex
     (nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 8)), (nn.AdaptiveAvgPool2d(5), (1, 2, 4, 9)),
     (nn.AdaptiveAvgPool2d((None, 2)), (1, 2, 3, 7)),
     (nn.MaxPool1d(2), (2, 3, 9)), (nn.MaxPool1d(3), (2, 3, 12)),
+    (nn.MaxPool2d(2), (2, 3, 8, 9)), (nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), (2, 3, 9, 7)),
+    (nn.MaxPool2d((2, 3), dilation=(1, 2)), (1, 4, 8, 12)),
 ])
 def test_pooling_rewrites_equal_the_layers(layer, shape):
-    """The wide network's matrix form of adaptive average pooling and reshape form of tiled max
-    pooling give the layer's values and input gradients (to the first maximum on ties)."""
+    """The wide network's matrix form of adaptive average pooling, reshape form of tiled max
+    pooling and channels-last 2-D max pooling give the layer's values and input gradients (to
+    the first maximum on ties)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).round()   # small integers: many ties
     mine, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     window = batched._pairs_max_pool(layer)
-    out = (batched._tiled_max_pool1d(mine, window) if window else batched._adaptive_avg_pool(layer, mine, {}))
+    out = (batched._tiled_max_pool1d(mine, window) if window else batched._max_pool2d(layer, mine)
+           if isinstance(layer, nn.MaxPool2d) else batched._adaptive_avg_pool(layer, mine, {}))
     expected = layer(ref)
     torch.testing.assert_close(out, expected)
     weights = torch.randn(expected.shape, generator=g)
