@@ -8,7 +8,7 @@ import pandas as pd
 
 from dpmem.bench import estimators, subgroups
 from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, load_npy, read_json
+from dpmem.bench.store import RunStore, read_json
 from dpmem.bench.subsets import CANARY_MASKS_FILE
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
@@ -43,8 +43,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     """
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
-    canary_path = store.root / CANARY_MASKS_FILE
-    canary_masks = load_npy(canary_path) if canary_path.exists() else None
+    canary_masks = store.canary_masks()
     tests = len(cfg.variants) * (2 if canary_masks is not None else 1)
     share = bonferroni_share(alpha, tests)
     canary_audits = {}

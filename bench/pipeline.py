@@ -25,8 +25,8 @@ from dpmem.bench import execution
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
 from dpmem.bench.errors import ConfigError, UsageError
-from dpmem.bench.store import Chunk, RunStore, atomic_save_npy, atomic_write_json, data_fingerprint, load_npy, read_json
-from dpmem.bench.subsets import CANARY_MASK_STREAM, CANARY_MASKS_FILE, make_masks
+from dpmem.bench.store import Chunk, RunStore, atomic_write_json, data_fingerprint, read_json
+from dpmem.bench.subsets import CANARY_MASK_STREAM, make_masks
 from dpmem.models import resolve_engine, train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 from dpmem.privacy import accounting, faults
@@ -200,12 +200,12 @@ def gradient_canary_masks(store: RunStore, cfg: Config) -> np.ndarray | None:
     examples' masks are the same with and without canaries."""
     if not cfg.gradient_canaries:
         return None
-    path = store.root / CANARY_MASKS_FILE
-    if path.exists():
-        return load_npy(path)
+    stored = store.canary_masks(repairable=True)
+    if stored is not None:
+        return stored
     masks = make_masks(sampling="bernoulli", models=cfg.models, n=cfg.gradient_canaries, q=cfg.q, seed=cfg.seed,
                        stream=CANARY_MASK_STREAM)
-    atomic_save_npy(path, masks)
+    store.save_canary_masks(masks)   # made anew (or repaired: the same seed gives the same masks)
     return masks
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import STORE_FORMAT, Config
 from dpmem.bench.errors import UsageError
+from dpmem.bench.subsets import CANARY_MASKS_FILE
 
 ARRAYS = ("correct", "margin")
 SPLITS = ("train", "test")
@@ -379,6 +380,23 @@ class RunStore:
         for name in DATA_ARRAYS:
             sums[f"data/{name}.npy"] = atomic_save_npy(self.root / "data" / f"{name}.npy", data[name])
         atomic_write_json(self.root / "arrays.json", {"sha256": sums})
+
+    def save_canary_masks(self, masks: np.ndarray) -> None:
+        """The gradient canaries' memberships, then their checksum beside the run's other arrays."""
+        digest = atomic_save_npy(self.root / CANARY_MASKS_FILE, masks.astype(bool))
+        atomic_write_json(self.root / "arrays.json", {"sha256": {**self._array_record(), CANARY_MASKS_FILE: digest}})
+
+    def canary_masks(self, *, repairable: bool = False) -> np.ndarray | None:
+        """The stored canary memberships checked against their record (None when the run has none).
+        ``repairable``: None also for a file that is unrecorded or damaged, so that the caller
+        makes it again; otherwise such a file is refused with exit 2."""
+        path = self.root / CANARY_MASKS_FILE
+        if not path.exists():
+            return None
+        digest = self._array_record().get(CANARY_MASKS_FILE)
+        if repairable and (digest is None or sha256_file(path) != digest):
+            return None
+        return load_npy(path, digest if digest is not None or self.format < 2 else self._checked(CANARY_MASKS_FILE))
 
     def run_arrays_intact(self) -> bool:
         """Masks and data stored and matching their record (False: write them again)."""

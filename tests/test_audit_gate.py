@@ -55,6 +55,28 @@ def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys
     assert verdict["audit_tests"] == 3 and verdict["canary_audits"] == {}
 
 
+def test_damaged_canary_masks_are_refused_then_repaired(paired_runs, tmp_path, capsys):
+    """canary_masks.npy has its checksum in arrays.json: `check` refuses a damaged copy in one
+    line (exit 2), `dpmem run` on the directory makes it again, identical."""
+    import shutil
+    _, canaries = paired_runs
+    root = tmp_path / "copy"
+    shutil.copytree(canaries.root, root)
+    path = root / "canary_masks.npy"
+    original = path.read_bytes()
+    assert "canary_masks.npy" in json.loads((root / "arrays.json").read_text())["sha256"]
+    damaged = bytearray(original)
+    damaged[-1] ^= 1                       # one membership flipped: still a valid .npy
+    path.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert cli.main(["check", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "canary_masks.npy" in err[0] and "damaged" in err[0]
+    assert cli.main(["run", "--out", str(root), "--quiet", *SMALL, "gradient_canaries=50"]) == 0
+    assert path.read_bytes() == original
+    assert cli.main(["check", str(root)]) == 0
+
+
 @pytest.mark.slow
 def test_half_noise_is_refuted_by_the_audit_config(tmp_path):
     # the documented audit: one run of bench/configs/audit.toml, then check (claimed eps 4 only, to be quick)
