@@ -22,7 +22,8 @@ second backward pass):
   ``bmm``;
 - Conv: per-example gradients from ``unfold`` (one batched GEMM) when ``2 T^2 > d p`` (T output
   positions, d = C_in/groups * kernel size, p = C_out/groups), else the ghost norm
-  ``<u u^T, g g^T>`` over positions and the clipped sum as a grouped-convolution weight gradient
+  ``<u u^T, g g^T>`` over positions (for Conv1d from the padded input's Gram matrix, without
+  unfolding) and the clipped sum as a grouped-convolution weight gradient
   (Bu et al. 2022's mixed rule);
 - GroupNorm: Opacus's rule, ``sum over positions of normalised input * g`` (weight) and of ``g``
   (bias).
@@ -440,6 +441,34 @@ class ConvSampler:
                          (0, layer.padding[0]), (1, layer.stride[0]))
         return u.view(a.shape[0], self.K, self.layer.groups, self.d, self.T)
 
+    def _padded_1d(self) -> Tensor:
+        """A Conv1d's zero-padded input as [B, K, G, C_in/G, L + 2 * padding]."""
+        pad = self.layer.padding[0]
+        a = F.pad(self.a, (pad, pad)) if pad else self.a
+        return a.view(a.shape[0], self.K, self.layer.groups, -1, a.shape[-1])
+
+    def _ghost_norms_1d(self) -> Tensor:
+        """<u u^T, g g^T> for a Conv1d without unfolding: u_t . u_t' is the sum over kernel taps j
+        of the padded input's own Gram matrix at (stride t + dil j, stride t' + dil j), so the
+        Gram matrix of the (C/G x L) input replaces the one of the (C/G * kernel x T) unfolded
+        one (3x faster for the second convolution of cnn1d)."""
+        (k,), (stride,), (dil,) = self.layer.kernel_size, self.layer.stride, self.layer.dilation
+        padded = self._padded_1d()
+        B, K = padded.shape[:2]
+        span = stride * (self.T - 1) + 1
+        per_row = K * self.layer.groups * padded.shape[-1] ** 2
+        rows = max(1, self.row_block_floats // per_row)
+        total = torch.empty(B, K, dtype=self.g.dtype, device=self.g.device)
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            a = padded[r0:r1]
+            gram = torch.matmul(a.transpose(3, 4), a)   # [rows, K, G, L_pad, L_pad]
+            uu = sum(gram[..., j * dil:j * dil + span:stride, j * dil:j * dil + span:stride] for j in range(k))
+            g = self.gk[r0:r1]
+            gg = torch.matmul(g.transpose(3, 4), g)      # [rows, K, G, T, T]
+            total[r0:r1] = (uu * gg).view(r1 - r0, K, -1).sum(dim=2)
+        return total
+
     def _row_blocks(self):
         B = self.gk.shape[0]
         per_row = self.K * self.layer.groups * self.d * self.T
@@ -460,6 +489,8 @@ class ConvSampler:
                 self.g.reshape(1, -1, *self.g.shape[2:]), layer.stride, layer.padding, layer.dilation, B * K * G,
             ).view(B, K, G, self.p, self.d)
             total = _sq_sum(self.per_example.view(B, K, -1), (2,))
+        elif isinstance(self.layer, nn.Conv1d):
+            total = self._ghost_norms_1d()
         else:
             total = torch.empty(B, K, dtype=self.g.dtype, device=self.g.device)
             for r0, r1 in self._row_blocks():

@@ -63,6 +63,9 @@ def _modules() -> dict[str, tuple[callable, tuple[int, ...]]]:
             nn.Conv1d(1, 8, 5, padding=2), nn.GroupNorm(4, 8), nn.ReLU(), nn.MaxPool1d(2),
             nn.Conv1d(8, 6, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(3),
             nn.AdaptiveMaxPool1d(2), nn.Flatten(), nn.Linear(12, 5)), (1, 40)),
+        "conv1d_dilated": (lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=2, dilation=2, bias=False), nn.ReLU(),
+            nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=3), nn.Flatten(), nn.Linear(42, 5)), (2, 17)),
         "cnn": (lambda: build_model(TrainSpec(arch="cnn", input_shape=(1, 28, 28), n_classes=5, hidden=(16, 32),
                                               steps=1, sample_rate=0.1, lr=0.1)), (1, 28, 28)),
         "cnn1d": (lambda: build_model(TrainSpec(arch="cnn1d", input_shape=(1, 40), n_classes=5, hidden=(16, 32),
