@@ -11,7 +11,9 @@ on MLPs 784-256-10 and 64-128-10 (batch 256, K=64) and the built-in CNN on 1x28x
 same random batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's
 MLP DP step (forward, backward, per-example norms, clipped product) next to a large float32
 matmul. ``--device cuda`` times everything on the GPU (synchronising around every step).
-Writes ``speed.csv`` and ``speed.md`` into the output folder.
+``--repeat N`` repeats the whole measurement N times and reports medians (and each ratio's range):
+timings on a shared machine move by 10-30% between runs. Writes ``speed.csv`` and ``speed.md`` into
+the output folder.
 """
 from __future__ import annotations
 
@@ -198,6 +200,23 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
     return pd.DataFrame(rows), pd.DataFrame(ratios), flops
 
 
+def median_of_runs(runs: list[tuple[pd.DataFrame, pd.DataFrame, dict]]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Medians over repeated measurements (times, ratios, GFLOP/s); ratios also get their range."""
+    if len(runs) == 1:
+        return runs[0]
+    times = pd.concat([t for t, _, _ in runs])
+    keys = ["arch", "method", "models_per_step", "batch", "threads", "reps"]
+    times = times.groupby(keys, sort=False, as_index=False)[["step_ms", "per_model_step_ms"]].median()
+    ratios = pd.concat([r for _, r, _ in runs])
+    grouped = ratios.groupby(["arch", "ratio", "target"], sort=False)["value"]
+    ratios = grouped.median().reset_index()
+    ratios.insert(3, "min", grouped.min().to_numpy())
+    ratios.insert(4, "max", grouped.max().to_numpy())
+    ratios = ratios[["arch", "ratio", "value", "min", "max", "target"]]
+    flops = {k: statistics.median(f[k] for _, _, f in runs) for k in runs[0][2]}
+    return times, ratios, flops
+
+
 def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
@@ -219,13 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
     parser.add_argument("--only", choices=["mlp", "cnn"], help="time only these rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure everything this many times, interleaved; report medians and the ratios' range")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus's secure-RNG and hook notices
     global DEVICE
     DEVICE = resolve_device(args.device)
     sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch)}
     only = (args.only,) if args.only else ("mlp", "cnn")
-    times, ratios, flops = run(args.threads, sizes, args.reps, only)
+    runs = [run(args.threads, sizes, args.reps, only) for _ in range(args.repeat)]
+    times, ratios, flops = median_of_runs(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times.to_csv(out / "speed.csv", index=False)
@@ -236,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
         f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models} (a fixed batch reused "
-        f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps.",
+        f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
+        + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1
+           else "") + ".",
         "",
         "## Time per model-step (ms)",
         "",
