@@ -393,10 +393,10 @@ class RunStore:
         path = self.root / CANARY_MASKS_FILE
         if not path.exists():
             return None
-        digest = self._array_record().get(CANARY_MASKS_FILE)
-        if repairable and (digest is None or sha256_file(path) != digest):
-            return None
-        return load_npy(path, digest if digest is not None or self.format < 2 else self._checked(CANARY_MASKS_FILE))
+        if repairable:
+            digest = self._array_record().get(CANARY_MASKS_FILE)
+            return load_npy(path) if digest is not None and sha256_file(path) == digest else None
+        return load_npy(path, self._checked(CANARY_MASKS_FILE))
 
     def run_arrays_intact(self) -> bool:
         """Masks and data stored and matching their record (False: write them again)."""

@@ -192,7 +192,7 @@ class Record:
     output: Tensor
 
 
-def _pairs_max_pool(layer: nn.Module) -> int | None:
+def _tiled_max_pool_window(layer: nn.Module) -> int | None:
     """The window of a 1-D max pool whose windows tile the sequence (kernel = stride, no padding
     or dilation): it runs as a reshape and a max over the window, 1.5x faster than PyTorch's
     pooling kernel on the CPU with the same gradient (to the window's first maximum)."""
@@ -271,7 +271,7 @@ class WideNet:
     Two rewrites keep the numbers and save time: a ReLU directly before a max pool runs after it
     (ReLU is monotone, so values and gradients are the same, ties included, on a quarter or half
     of the elements), and some pooling layers run as cheaper equivalent operations
-    (``_pairs_max_pool``, ``_MaxPool2dChannelsLast`` on the CPU, ``_adaptive_avg_pool``)."""
+    (``_tiled_max_pool_window``, ``_MaxPool2dChannelsLast`` on the CPU, ``_adaptive_avg_pool``)."""
 
     def __init__(self, module: nn.Module, K: int):
         self.layers = [_out_of_place(layer) for layer in leaf_layers(module)]
@@ -347,7 +347,7 @@ class WideNet:
             elif isinstance(layer, CHANNELWISE):
                 if vector:
                     raise ValueError(f"{type(layer).__name__} must act on channels, not on flattened vectors")
-                window = _pairs_max_pool(layer)
+                window = _tiled_max_pool_window(layer)
                 if window is not None and a.dim() == 3:
                     a = _tiled_max_pool1d(a, window)
                 elif isinstance(layer, nn.MaxPool2d) and a.device.type == "cpu" and a.dim() == 4:
@@ -431,6 +431,7 @@ class ConvSampler:
         self.direct = (self.rule == "per_example"
                        or self.rule == "mixed" and 2 * self.T * self.T > self.d * self.p)
         self.per_example: Tensor | None = None
+        self.bias_grads = self.gk.sum(dim=4).reshape(B, K, -1) if self.bias else None   # [B, K, C_out]
 
     def _unfold(self, a: Tensor) -> Tensor:
         layer = self.layer
@@ -441,39 +442,42 @@ class ConvSampler:
                          (0, layer.padding[0]), (1, layer.stride[0]))
         return u.view(a.shape[0], self.K, self.layer.groups, self.d, self.T)
 
-    def _padded_1d(self) -> Tensor:
-        """A Conv1d's zero-padded input as [B, K, G, C_in/G, L + 2 * padding]."""
+    def _padded_1d(self, a: Tensor) -> Tensor:
+        """Rows of a Conv1d's input, zero-padded, as [rows, K, G, C_in/G, L + 2 * padding]."""
         pad = self.layer.padding[0]
-        a = F.pad(self.a, (pad, pad)) if pad else self.a
+        a = F.pad(a, (pad, pad)) if pad else a
         return a.view(a.shape[0], self.K, self.layer.groups, -1, a.shape[-1])
 
-    def _ghost_norms_1d(self) -> Tensor:
-        """<u u^T, g g^T> for a Conv1d without unfolding: u_t . u_t' is the sum over kernel taps j
-        of the padded input's own Gram matrix at (stride t + dil j, stride t' + dil j), so the
-        Gram matrix of the (C/G x L) input replaces the one of the (C/G * kernel x T) unfolded
-        one (3x faster for the second convolution of cnn1d)."""
-        (k,), (stride,), (dil,) = self.layer.kernel_size, self.layer.stride, self.layer.dilation
-        padded = self._padded_1d()
-        B, K = padded.shape[:2]
-        span = stride * (self.T - 1) + 1
-        per_row = K * self.layer.groups * padded.shape[-1] ** 2
-        rows = max(1, self.row_block_floats // per_row)
-        total = torch.empty(B, K, dtype=self.g.dtype, device=self.g.device)
-        for r0 in range(0, B, rows):
-            r1 = min(B, r0 + rows)
-            a = padded[r0:r1]
+    def _position_gram(self, r0: int, r1: int) -> Tensor:
+        """u_t . u_t' between the unfolded input's positions, rows r0:r1: [rows, K, G, T, T].
+
+        For a Conv1d without unfolding: u_t . u_t' is the sum over kernel taps j of the padded
+        input's own Gram matrix at (stride t + dil j, stride t' + dil j), so the Gram matrix of the
+        (C/G x L) input replaces the one of the (C/G * kernel x T) unfolded one (3x faster for the
+        second convolution of cnn1d)."""
+        if isinstance(self.layer, nn.Conv1d):
+            (k,), (stride,), (dil,) = self.layer.kernel_size, self.layer.stride, self.layer.dilation
+            a = self._padded_1d(self.a[r0:r1])
             gram = torch.matmul(a.transpose(3, 4), a)   # [rows, K, G, L_pad, L_pad]
-            uu = sum(gram[..., j * dil:j * dil + span:stride, j * dil:j * dil + span:stride] for j in range(k))
-            g = self.gk[r0:r1]
-            gg = torch.matmul(g.transpose(3, 4), g)      # [rows, K, G, T, T]
-            total[r0:r1] = (uu * gg).view(r1 - r0, K, -1).sum(dim=2)
-        return total
+            span = stride * (self.T - 1) + 1
+            return sum(gram[..., j * dil:j * dil + span:stride, j * dil:j * dil + span:stride] for j in range(k))
+        u = self._unfold(self.a[r0:r1])
+        return torch.matmul(u.transpose(3, 4), u)
 
     def _row_blocks(self):
+        """Blocks of rows whose Gram matrices' inputs hold about ``row_block_floats`` floats."""
         B = self.gk.shape[0]
-        per_row = self.K * self.layer.groups * self.d * self.T
-        rows = max(1, self.row_block_floats // per_row)
+        if isinstance(self.layer, nn.Conv1d):
+            width = (self.a.shape[-1] + 2 * self.layer.padding[0]) ** 2
+        else:
+            width = self.d * self.T
+        rows = max(1, self.row_block_floats // (self.K * self.layer.groups * width))
         return [(r, min(B, r + rows)) for r in range(0, B, rows)]
+
+    def _weight_grad(self, a: Tensor, weight_shape: tuple[int, ...], grad: Tensor, groups: int) -> Tensor:
+        grad_fn = torch.nn.grad.conv2d_weight if isinstance(self.layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+        layer = self.layer
+        return grad_fn(a, weight_shape, grad, layer.stride, layer.padding, layer.dilation, groups)
 
     def sq_norms(self) -> Tensor:
         B, K, G = self.gk.shape[:3]
@@ -482,25 +486,19 @@ class ConvSampler:
             # one convolution whose groups are the B * K * G (example, model, group) triples, which
             # the convolution kernels compute 2.5-4x faster than unfold + batched matmul.
             layer = self.layer
-            weight_grad = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
-            self.per_example = weight_grad(
-                self.a.reshape(1, -1, *self.a.shape[2:]), (B * K * layer.out_channels, layer.in_channels // G,
-                                                           *layer.kernel_size),
-                self.g.reshape(1, -1, *self.g.shape[2:]), layer.stride, layer.padding, layer.dilation, B * K * G,
-            ).view(B, K, G, self.p, self.d)
+            self.per_example = self._weight_grad(
+                self.a.reshape(1, -1, *self.a.shape[2:]),
+                (B * K * layer.out_channels, layer.in_channels // G, *layer.kernel_size),
+                self.g.reshape(1, -1, *self.g.shape[2:]), B * K * G).view(B, K, G, self.p, self.d)
             total = _sq_sum(self.per_example.view(B, K, -1), (2,))
-        elif isinstance(self.layer, nn.Conv1d):
-            total = self._ghost_norms_1d()
         else:
             total = torch.empty(B, K, dtype=self.g.dtype, device=self.g.device)
             for r0, r1 in self._row_blocks():
-                u = self._unfold(self.a[r0:r1])
                 g = self.gk[r0:r1]
-                uu = torch.matmul(u.transpose(3, 4), u)   # [rows, K, G, T, T]
-                gg = torch.matmul(g.transpose(3, 4), g)
-                total[r0:r1] = (uu * gg).view(r1 - r0, K, -1).sum(dim=2)
+                gg = torch.matmul(g.transpose(3, 4), g)   # [rows, K, G, T, T]
+                total[r0:r1] = (self._position_gram(r0, r1) * gg).view(r1 - r0, K, -1).sum(dim=2)
         if self.bias:
-            total += _sq_sum(self.gk.sum(dim=4).reshape(B, K, -1), (2,))
+            total += _sq_sum(self.bias_grads, (2,))
         return total.transpose(0, 1)
 
     def clipped(self, c: Tensor) -> list[Tensor]:
@@ -512,12 +510,10 @@ class ConvSampler:
             dw = torch.einsum("bk,bkm->km", weights, self.per_example.view(B, K, -1)).reshape(shape)
         else:  # the weight gradient of the wide convolution with each row's output gradient scaled
             scaled = (self.gk * weights.reshape(B, K, 1, 1, 1)).view_as(self.g)
-            weight_grad = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
-            dw = weight_grad(self.a, (K * layer.out_channels, *shape[2:]), scaled, layer.stride, layer.padding,
-                             layer.dilation, K * layer.groups).view(shape)
+            dw = self._weight_grad(self.a, (K * layer.out_channels, *shape[2:]), scaled, K * layer.groups).view(shape)
         out = [dw]
         if self.bias:
-            out.append(torch.einsum("bk,bkm->km", weights, self.gk.sum(dim=4).reshape(B, K, -1)))
+            out.append(torch.einsum("bk,bkm->km", weights, self.bias_grads))
         return out
 
 

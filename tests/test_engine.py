@@ -154,7 +154,7 @@ def test_pooling_rewrites_equal_the_layers(layer, shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).round()   # small integers: many ties
     mine, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    window = batched._pairs_max_pool(layer)
+    window = batched._tiled_max_pool_window(layer)
     out = (batched._tiled_max_pool1d(mine, window) if window else batched._max_pool2d(layer, mine)
            if isinstance(layer, nn.MaxPool2d) else batched._adaptive_avg_pool(layer, mine, {}))
     expected = layer(ref)
