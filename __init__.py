@@ -51,7 +51,7 @@ class Run:
     """A run directory: its config, summary and tables, read lazily from what is stored."""
 
     def __init__(self, path: str | Path):
-        from dpmem.bench.store import RunStore
+        from dpmem.bench.store.run_store import RunStore
         self._store = RunStore.open(path)
         self.path = self._store.root
 
@@ -64,7 +64,7 @@ class Run:
 
     @cached_property
     def _analysis(self):
-        from dpmem.bench import analysis
+        from dpmem.bench.report import analysis
         return analysis.analyse(self._store, with_pairs=False)
 
     def _table(self, name: str, fallback: str) -> pd.DataFrame:
@@ -75,7 +75,7 @@ class Run:
     @cached_property
     def summary(self) -> dict:
         """summary.json: per variant epsilon, noise, engine, accuracy, memorization, audit; the run's provenance."""
-        from dpmem.bench.store import read_json
+        from dpmem.bench.store.run_store import read_json
         stored = self.path / "summary.json"
         return read_json(stored) if stored.is_file() else self._analysis.summary
 
@@ -105,15 +105,17 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     """Train (or resume) a benchmark into ``out``, write its tables and figures, and open it.
 
     ``config``: a config file, a dict of config keys or a ``Config`` (None: the defaults);
-    ``overrides``: config keys on top. A bad value raises ``dpmem.bench.errors.ConfigError``
+    ``overrides``: config keys on top. A bad value raises ``dpmem.ConfigError``
     naming the field before anything is written, as ``dpmem run`` does."""
-    from dpmem.bench import analysis, pipeline, report
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.report import analysis
+    from dpmem.bench.run import pipeline
+    from dpmem.bench.report import tables
+    from dpmem.bench.store.run_store import RunStore
     cfg = load_config(config, **overrides)
     ds = pipeline.check_inputs(cfg)
     store = RunStore.create_or_resume(out, cfg)
     pipeline.run(store, cfg, progress=False, ds=ds)
-    report.write_all(analysis.analyse(store), store.root)
+    tables.write_all(analysis.analyse(store), store.root)
     return Run(store.root)
 
 
@@ -126,15 +128,15 @@ def memorization(masks: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
     """Feldman & Zhang's subset-sampling memorization from bool ``masks`` [K, n] (model k trained on
     example i) and ``correct`` [K, n]: one row per example with p_in, p_out, n_in, n_out, mem and
     its standard error mem_se."""
-    from dpmem.bench import estimators
-    return estimators.memorization(masks, correct).frame()
+    from dpmem.bench.estimators import memorization
+    return memorization.memorization(masks, correct).frame()
 
 
 def influence(masks: np.ndarray, correct_test: np.ndarray) -> np.ndarray:
     """infl[i, j] = P(test example j correct | i trained on) - P(... | i not), float [n, m], from
     ``masks`` [K, n] and ``correct_test`` [K, m]."""
-    from dpmem.bench import estimators
-    return estimators.influence(masks, correct_test)
+    from dpmem.bench.estimators import memorization
+    return memorization.influence(masks, correct_test)
 
 
 def audit(masks: np.ndarray, correct: np.ndarray, *, epsilon: float | None, delta: float | None,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from dpmem.bench import config as config_mod
-from dpmem.bench.errors import UsageError
+from dpmem.privacy.errors import UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -43,8 +43,11 @@ def _output_dir(path: Path, what: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from dpmem.bench import analysis, execution, pipeline, report
-    from dpmem.bench.store import RunStore, data_fingerprint
+    from dpmem.bench.report import analysis
+    from dpmem.bench.run import execution
+    from dpmem.bench.run import pipeline
+    from dpmem.bench.report import tables
+    from dpmem.bench.store.run_store import RunStore, data_fingerprint
     path, overrides = _split_run_args(args.args)
     if args.workers is not None:
         overrides.append(f"workers={args.workers}")
@@ -64,7 +67,7 @@ def cmd_run(args) -> int:
             return 130
         train_wall = time.perf_counter() - t0
         result = analysis.analyse(store)
-        report.write_all(result, out)
+        tables.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
@@ -72,23 +75,24 @@ def cmd_run(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from dpmem.bench.report import fdr_warnings, markdown, summary_frame
+    from dpmem.bench.report.tables import fdr_warnings, markdown, summary_frame
     print(markdown(summary_frame(summary)))
     for line in fdr_warnings(summary):
         print(line, file=sys.stderr)
 
 
 def cmd_report(args) -> int:
-    from dpmem.bench import analysis, report
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.report import analysis
+    from dpmem.bench.report import tables
+    from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
     result = analysis.analyse(store)
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
-            report.write_all(result, out)
+            tables.write_all(result, out)
     else:
-        report.write_all(result, out)
+        tables.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
     return EXIT_OK
@@ -121,8 +125,8 @@ def audit_failures(result) -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from dpmem.bench import analysis
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.report import analysis
+    from dpmem.bench.store.run_store import RunStore
     from dpmem.privacy import baseline as baseline_mod
     store = RunStore.open(args.run_dir)
     cfg = store.config()
@@ -139,7 +143,7 @@ def cmd_check(args) -> int:
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
     if args.write_baseline:
-        from dpmem.bench.store import atomic_write_json
+        from dpmem.bench.store.run_store import atomic_write_json
         atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
     run = result.summary["run"]
     verdict = {"consistent": not failures, "failures": failures, "alpha": run["alpha"],
@@ -157,7 +161,7 @@ def cmd_check(args) -> int:
 
 def _print_audit(result, failures: list[str]) -> None:
     import pandas as pd
-    from dpmem.bench.report import markdown
+    from dpmem.bench.report.tables import markdown
     rows = []
     for name, a in result.audits.items():
         rows.append({"variant": name, "audit": "black-box", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
@@ -246,8 +250,10 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_loo(args) -> int:
     import numpy as np
-    from dpmem.bench import estimators, loo, report
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.estimators import memorization
+    from dpmem.bench.studies import loo
+    from dpmem.bench.report import tables
+    from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     cfg = store.config()
     ks, qs = _int_list(args.ks), _float_list(args.qs)
@@ -261,13 +267,13 @@ def cmd_loo(args) -> int:
                             progress=not args.quiet)
         errors = loo.estimator_error(store, table, ks=ks, qs=qs, progress=not args.quiet)
     masks, correct = store.masks(), store.variant_arrays(args.variant)["train_correct"]
-    est = estimators.memorization(masks, correct).mem[table["index"].to_numpy()]
+    est = memorization.memorization(masks, correct).mem[table["index"].to_numpy()]
     import pandas as pd
     at_default = pd.DataFrame({"est": est, "loo": table["mem_loo"], "loo_lo": table["mem_loo_lo"],
                                "loo_hi": table["mem_loo_hi"]})
     at_default.attrs["title"] = f"K = {cfg.models}, q = {cfg.q:g} ({args.variant})"
-    report.write_loo(table, errors, at_default, out)
-    print(report.markdown(errors[["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson",
+    tables.write_loo(table, errors, at_default, out)
+    print(tables.markdown(errors[["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson",
                                   "spearman"]]))
     print(f"dpmem: LOO on {len(table)} examples x {args.repeats} repeats; mean LOO mem "
           f"{np.mean(table['mem_loo']):.3f}; outputs in {out}", file=sys.stderr)
@@ -275,17 +281,18 @@ def cmd_loo(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from dpmem.bench import report, sweep
+    from dpmem.bench.report import tables
+    from dpmem.bench.studies import sweep
     path, overrides = _split_run_args(args.args)
     base = config_mod.load(path, overrides)
     out = Path(args.out)
     points = sweep.run_sweep(out, base, widths=_int_list(args.widths), n_trains=_int_list(args.n_trains),
                              progress=not args.quiet)
     corr = sweep.correlations(points)
-    report.write_sweep(points, corr, Path(args.report_out) if args.report_out else out)
-    print(report.markdown(points[["config", "variant", "n_train", "test_accuracy", "mean_mem"]]))
+    tables.write_sweep(points, corr, Path(args.report_out) if args.report_out else out)
+    print(tables.markdown(points[["config", "variant", "n_train", "test_accuracy", "mean_mem"]]))
     print("Correlation of mean memorization with test accuracy:")
-    print(report.markdown(corr[report.CORRELATION_COLUMNS]))
+    print(tables.markdown(corr[tables.CORRELATION_COLUMNS]))
     return EXIT_OK
 
 
@@ -311,13 +318,14 @@ def _add_studies(sub) -> None:
 
 
 def cmd_feldman(args) -> int:
-    from dpmem.bench import feldman, report
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.studies import feldman
+    from dpmem.bench.report import tables
+    from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     per_model, summary, points, facts = feldman.analyse_run(store)
     out = Path(args.out) if args.out else store.root / "feldman"
     feldman.write_report(per_model, summary, points, facts, out)
-    print(report.markdown(summary[["variant", "n_mean", "tau", "opt", "opt_given_T", "singletons", "unfit_singletons",
+    print(tables.markdown(summary[["variant", "n_mean", "tau", "opt", "opt_given_T", "singletons", "unfit_singletons",
                                    "test_error", "bound", "error_minus_bound", "explained"]]))
     print(f"dpmem: t = {facts['points']} points, n = {facts['n_train']} ({facts['singletons_in_S']} singletons in S), "
           f"tau(n) = {facts['tau_S']:.4g}, opt(n) = {facts['opt_S']:.4g}; outputs in {out}", file=sys.stderr)
@@ -325,8 +333,8 @@ def cmd_feldman(args) -> int:
 
 
 def cmd_utility(args) -> int:
-    from dpmem.bench import utility
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.studies import utility
+    from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     thresholds = _float_list(args.thresholds)
     if not thresholds or any(not 0 < t <= 1 for t in thresholds):

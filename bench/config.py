@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.models import ENGINES
 from dpmem.models.plugins import is_import_path
 from dpmem.privacy.faults import FAULTS

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
-from dpmem.bench.errors import ConfigError
+from dpmem.privacy.errors import ConfigError
 from dpmem.models.plugins import is_import_path, load_callable, one_line
 from dpmem.models.spec import TrainSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import re
 
-from dpmem.bench.errors import ConfigError
+from dpmem.privacy.errors import ConfigError
 
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 

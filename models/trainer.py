@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from dpmem.bench.errors import UsageError
+from dpmem.privacy.errors import UsageError
 from dpmem.models.plugins import load_callable, one_line
 from dpmem.models.spec import TrainRequest, TrainSpec
 

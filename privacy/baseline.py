@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from dpmem.bench.errors import UsageError
+from dpmem.privacy.errors import UsageError
 
 DEFAULT_TOLERANCES = {"test_accuracy": 0.02, "eps_lb": 0.5}
 

@@ -9,7 +9,7 @@ import pytest
 import dpmem
 from dpmem.bench import data
 from dpmem.bench.config import Config
-from dpmem.bench.errors import ConfigError
+from dpmem.privacy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(dataset="synthetic", n_train=80, n_test=120, n_subgroups=12, dim=8, models=12, chunk_size=6,
@@ -38,7 +38,7 @@ def test_run_from_a_dict_with_overrides_and_its_tables(small_run):
 def test_open_run_reads_the_same_run_and_the_estimators_agree(small_run):
     again = dpmem.open_run(small_run.path)
     assert again.summary == small_run.summary
-    from dpmem.bench.store import RunStore
+    from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(small_run.path)
     masks, arrays = store.masks(), store.variant_arrays("nonprivate")
     mem = dpmem.memorization(masks, arrays["train_correct"])

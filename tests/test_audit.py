@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dpmem.bench.errors import UsageError
+from dpmem.privacy.errors import UsageError
 from dpmem.privacy import bounds
 from dpmem.privacy.audit import AuditResult, audit_variant, per_example_counts
 from dpmem.privacy.baseline import compare_to_baseline, load_baseline, make_baseline, validate_baseline

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dpmem.bench import cli
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import RunStore
 
 EXAMPLES = Path(__file__).parent / "examples"
 TRAINER_RUN = ["dataset=synthetic", "n_train=60", "n_test=100", "n_subgroups=10", "dim=8", "models=8",

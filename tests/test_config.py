@@ -2,7 +2,7 @@ import pytest
 
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import Config
-from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.privacy.errors import ConfigError, UsageError
 
 
 def test_defaults_are_the_documented_benchmark():

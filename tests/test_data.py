@@ -8,7 +8,7 @@ from scipy import stats
 from dpmem.bench.config import Config
 from dpmem.bench.data import (CIFAR100_COARSE, load_dataset, nearest_own_class_centroid,
                         zipf_counts, zipf_counts_at)
-from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.privacy.errors import ConfigError, UsageError
 
 
 @lru_cache(maxsize=None)
@@ -73,7 +73,7 @@ def test_synthetic_determinism():
 
 
 def test_cnn_on_vectors_is_refused():
-    from dpmem.bench.pipeline import check_inputs
+    from dpmem.bench.run.pipeline import check_inputs
     with pytest.raises(ConfigError) as e:
         check_inputs(Config(dataset="synthetic", model="cnn"))
     assert e.value.field == "model" and "(C, H, W)" in str(e.value)

@@ -1,14 +1,12 @@
 import numpy as np
 import pytest
 
-from dpmem.bench import estimators
-
-
+from dpmem.bench.estimators import memorization
 def test_memorization_on_a_hand_computed_example():
     # 5 models, 2 examples. Example 0 is in models 0,1,2 (correct in 0,1) and out of 3,4 (correct in 3).
     masks = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [0, 0]], bool)
     correct = np.array([[1, 1], [1, 1], [0, 0], [1, 1], [0, 0]], bool)
-    m = estimators.memorization(masks, correct)
+    m = memorization.memorization(masks, correct)
     assert m.n_in.tolist() == [3, 2] and m.n_out.tolist() == [2, 3]
     np.testing.assert_allclose(m.p_in, [2 / 3, 1.0])
     np.testing.assert_allclose(m.p_out, [1 / 2, 1 / 3])
@@ -21,7 +19,7 @@ def test_normalised_by_in_and_out_counts_not_by_k():
     # a biased mask: example in 9 of 10 models; always correct when in, never when out -> mem = 1
     masks = np.array([[True]] * 9 + [[False]])
     correct = masks.copy()
-    m = estimators.memorization(masks, correct)
+    m = memorization.memorization(masks, correct)
     assert m.mem[0] == pytest.approx(1.0)
 
 
@@ -29,11 +27,11 @@ def test_influence_matches_direct_loop_and_blocks():
     rng = np.random.default_rng(0)
     masks = rng.random((40, 13)) < 0.6
     ctest = rng.random((40, 7)) < 0.5
-    infl = estimators.influence(masks, ctest)
+    infl = memorization.influence(masks, ctest)
     i, j = 4, 2
     direct = ctest[masks[:, i], j].mean() - ctest[~masks[:, i], j].mean()
     assert infl[i, j] == pytest.approx(direct)
-    blocks = np.concatenate([b for _, b in estimators.influence_blocks(masks, ctest, block=3)])
+    blocks = np.concatenate([b for _, b in memorization.influence_blocks(masks, ctest, block=3)])
     np.testing.assert_allclose(blocks, infl)
 
 
@@ -45,17 +43,17 @@ def test_high_influence_candidates_thresholds_cap_and_exact_count():
     ctest[:, 1] = masks[:, 0]
     ctrain = rng.random((200, 6)) < 0.5
     ctrain[:, 0] = masks[:, 0]
-    rows, z = estimators.high_mem_candidates(masks, ctrain, eligible=np.ones(6, bool), mem_threshold=0.25)
+    rows, z = memorization.high_mem_candidates(masks, ctrain, eligible=np.ones(6, bool), mem_threshold=0.25)
     assert rows.tolist() == [0] and z[0] > 10          # a perfect link is ~sqrt(K) null sds out
-    found = estimators.high_influence_candidates(masks, ctest, rows, infl_threshold=0.5)
+    found = memorization.high_influence_candidates(masks, ctest, rows, infl_threshold=0.5)
     assert list(zip(found.pairs.train_index, found.pairs.test_index)) == [(0, 1)]
     assert found.pairs.infl[0] == pytest.approx(1.0) and found.count == 1 and found.tests == 4
-    capped = estimators.high_influence_candidates(masks, ctest, np.arange(6), infl_threshold=-1.0,
+    capped = memorization.high_influence_candidates(masks, ctest, np.arange(6), infl_threshold=-1.0,
                                                   max_pairs=5, block=2)
     assert len(capped.pairs) == 5 and capped.pairs.z.is_monotonic_decreasing
     assert capped.count == 24                            # the count is exact though the list is capped
-    infl = estimators.influence(masks, ctest)
+    infl = memorization.influence(masks, ctest)
     np.testing.assert_allclose(capped.pairs.infl, infl[capped.pairs.train_index, capped.pairs.test_index],
                                rtol=1e-5)
-    best, arg = estimators.max_influence_per_test(masks, ctest, block=4)
+    best, arg = memorization.max_influence_per_test(masks, ctest, block=4)
     assert arg[1] == 0 and best[1] == pytest.approx(1.0)

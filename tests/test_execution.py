@@ -6,7 +6,7 @@ import torch
 
 from dpmem import models
 from dpmem.bench import cli
-from dpmem.bench.store import RunStore
+from dpmem.bench.store.run_store import RunStore
 from dpmem.models import train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 
@@ -43,7 +43,8 @@ def test_a_model_depends_only_on_its_stream_not_on_its_unit(engine):
 
 
 def test_a_lone_model_on_two_threads_equals_it_in_a_unit_on_one():
-    from dpmem.bench import config as config_mod, pipeline
+    from dpmem.bench import config as config_mod
+    from dpmem.bench.run import pipeline
     from dpmem.bench.data import load_dataset
     cfg = config_mod.load(None, ["dataset=digits", "models=16", "epochs=2", "epsilons=4", "hidden=16"])
     ds = load_dataset(cfg)
@@ -78,9 +79,9 @@ def test_units_of_any_size_and_a_resume_with_another_size_give_the_same_arrays(t
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("dpmem.bench.pipeline.train_models", dies_third)
+    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", dies_third)
     assert cli.main(["run", "--out", str(tmp_path / "mixed"), "chunk_size=5", *TINY]) == 130
-    monkeypatch.setattr("dpmem.bench.pipeline.train_models", real)
+    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", real)
     assert cli.main(["run", "--out", str(tmp_path / "mixed"), "chunk_size=3", "threads=1", *TINY]) == 0
     _same_run(tmp_path / "c8", tmp_path / "mixed")
 

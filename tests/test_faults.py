@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpmem.bench import analysis, cli
-from dpmem.bench.store import RunStore
+from dpmem.bench.report import analysis
+from dpmem.bench import cli
+from dpmem.bench.store.run_store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=80", "n_test=120", "n_subgroups=20", "dim=8", "models=12",
          "chunk_size=4", "epochs=2", "epsilons=4", "hidden=8"]
@@ -103,7 +104,7 @@ def test_an_old_format_run_is_read_but_not_resumed(ref, copy, capsys):
 
 
 def test_a_second_writer_waits_then_refuses_and_changes_nothing(copy, capsys, monkeypatch):
-    from dpmem.bench import store as store_mod
+    from dpmem.bench.store import run_store as store_mod
     monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.3)
     code = ("import sys, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); "
             "sys.stdin.read()")
@@ -149,7 +150,7 @@ def test_unusable_output_paths_are_one_line(tmp_path, capsys, ref, monkeypatch):
 def test_a_full_disk_is_one_line(ref, tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "rep" / "memorization.csv"))
-    monkeypatch.setattr("dpmem.bench.report.write_frame", full)
+    monkeypatch.setattr("dpmem.bench.report.tables.write_frame", full)
     assert run("report", str(ref), "--out", str(tmp_path / "rep")) == 2
     one_line_error(capsys, "disk is full")
 

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dpmem.bench import cli, feldman
+from dpmem.bench import cli
+from dpmem.bench.studies import feldman
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
-from dpmem.bench.errors import ConfigError
+from dpmem.privacy.errors import ConfigError
 
 
 def test_tau_two_frequency_prior_by_hand():

@@ -10,7 +10,7 @@ import torch
 from scipy import optimize
 from scipy.special import logsumexp
 
-from dpmem.bench import loo
+from dpmem.bench.studies import loo
 from dpmem.models import train_models
 from dpmem.models.batched import BatchedTrainer
 from dpmem.models.spec import TrainRequest, TrainSpec

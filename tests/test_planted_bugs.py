@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpmem.bench import cli
-from dpmem.bench.planted import audit_once
+from dpmem.bench.tools.planted import audit_once
 
 
 def _audit(tmp_path, fault: str, seed: int):

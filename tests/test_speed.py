@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from dpmem.bench.speed import median_of_runs
+from dpmem.bench.tools.speed import median_of_runs
 
 
 def _run(ms: float, ratio: float, gflops: float):

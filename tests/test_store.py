@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from dpmem.bench import store as store_mod
+from dpmem.bench.store import run_store as store_mod
 from dpmem.bench.config import Config
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import Chunk, RunStore, StoreBusy, chunks_of, fill_gaps
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import Chunk, RunStore, StoreBusy, chunks_of, fill_gaps
 
 FP = {"x_train": "a" * 64, "y_train": "b" * 64, "x_test": "c" * 64, "y_test": "d" * 64}
 

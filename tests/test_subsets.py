@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dpmem.bench.errors import ConfigError
-from dpmem.bench.subsets import make_masks, subset_sizes
+from dpmem.privacy.errors import ConfigError
+from dpmem.bench.run.subsets import make_masks, subset_sizes
 from dpmem.privacy.audit import adjacency_of, per_example_counts
 
 

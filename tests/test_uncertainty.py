@@ -5,8 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpmem.bench import analysis, config, estimators, pipeline, report, subgroups
-from dpmem.bench.store import RunStore
+from dpmem.bench.report import analysis
+from dpmem.bench import config
+from dpmem.bench.estimators import memorization
+from dpmem.bench.run import pipeline
+from dpmem.bench.report import tables
+from dpmem.bench.estimators import subgroups
+from dpmem.bench.store.run_store import RunStore
 
 
 def test_permutation_fdr_threshold_on_hand_counts():
@@ -15,10 +20,10 @@ def test_permutation_fdr_threshold_on_hand_counts():
     null = np.array([3.6, 2.0, 2.0, 1.6, 1.6])
     # expected null count per permutation / observed count: tau = 4: 0 / 2; tau = 3: 0.5 / 3;
     # tau = 2: 1.5 / 4; tau = 1: 2.5 / 5
-    assert estimators.permutation_fdr_threshold(obs, null, 2, 0.1) == 4.0
-    assert estimators.permutation_fdr_threshold(obs, null, 2, 0.2) == 3.0
-    assert estimators.permutation_fdr_threshold(obs, np.array([9.0] * 4), 2, 0.1) == np.inf
-    assert estimators.permutation_fdr_threshold(np.array([]), null, 2, 0.1) == np.inf
+    assert memorization.permutation_fdr_threshold(obs, null, 2, 0.1) == 4.0
+    assert memorization.permutation_fdr_threshold(obs, null, 2, 0.2) == 3.0
+    assert memorization.permutation_fdr_threshold(obs, np.array([9.0] * 4), 2, 0.1) == np.inf
+    assert memorization.permutation_fdr_threshold(np.array([]), null, 2, 0.1) == np.inf
 
 
 def _noise(k=96, n=400, m=300, seed=0):
@@ -31,7 +36,7 @@ def _noise(k=96, n=400, m=300, seed=0):
 
 
 def _control(masks, ctrain, ctest, **kw):
-    return estimators.controlled_findings(masks, ctrain, ctest, eligible=np.ones(masks.shape[1], bool),
+    return memorization.controlled_findings(masks, ctrain, ctest, eligible=np.ones(masks.shape[1], bool),
                                           mem_threshold=0.25, infl_threshold=0.15, fdr=0.1, seed=0, **kw)
 
 
@@ -155,7 +160,7 @@ def test_mean_memorization_skips_and_counts_examples_without_in_or_out(tmp_path)
                                  "models=3", "epochs=1", "epsilons=4", "model=logreg"])
     store = RunStore.create_or_resume(out, cfg)
     pipeline.run(store, cfg, progress=False)
-    report.write_tables(analysis.analyse(store), out)
+    tables.write_tables(analysis.analyse(store), out)
     summary = json.loads((out / "summary.json").read_text())
     mem = pd.read_csv(out / "memorization.csv")
     for name, v in summary["variants"].items():
@@ -180,7 +185,7 @@ def test_mean_memorization_skips_and_counts_examples_without_in_or_out(tmp_path)
 
 
 def test_report_warns_when_most_raw_findings_are_noise():
-    from dpmem.bench.report import fdr_warnings
+    from dpmem.bench.report.tables import fdr_warnings
     base = {"models": 128, "high_mem_examples_raw": 24, "expected_false_high_mem": 9.6,
             "models_needed_high_mem": 700, "high_influence_pairs_raw": 2310, "expected_false_pairs": 2192.1,
             "models_needed_pairs": 1285}

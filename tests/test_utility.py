@@ -5,8 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpmem.bench import cli, estimators, utility
-from dpmem.bench.errors import UsageError
+from dpmem.bench import cli
+from dpmem.bench.estimators import memorization
+from dpmem.bench.studies import utility
+from dpmem.privacy.errors import UsageError
 
 SMALL = ["dataset=synthetic", "n_train=100", "n_test=200", "n_subgroups=25", "dim=12", "models=24",
          "chunk_size=12", "epochs=3", "epsilons=8", "hidden=16"]
@@ -84,7 +86,7 @@ def test_utility_command_end_to_end_and_resume(small_run, tmp_path, monkeypatch,
     assert first["drop"] == pytest.approx(
         ref.loc[ref["variant"] == first["variant"], "test_acc"].iloc[0] - first["test_acc"], abs=1e-9)
     # a finished study resumes without training anything
-    from dpmem.bench import utility as mod
+    from dpmem.bench.studies import utility as mod
     monkeypatch.setattr(mod, "train_models", lambda *a, **k: pytest.fail("retrained a finished cell"))
     assert cli.main(argv) == 0
     assert pd.read_csv(report / "utility.csv").equals(table)

@@ -1,7 +1,7 @@
 """Reliability campaign: kill -9 a `dpmem run` at random moments, resume it, compare with an
 uninterrupted run; and start two `dpmem run`s on one directory at once.
 
-    python -m dpmem.bench.reliability [--trials 20] [--writers 3] [--out results] [--seed 0]
+    python -m dpmem.bench.tools.reliability [--trials 20] [--writers 3] [--out results] [--seed 0]
 
 Kill moments: uniform over the reference run's wall time, and moments picked by watching the
 directory (while config.json is being created, while a variant's units are concatenated, while
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpmem.bench.report import markdown
-from dpmem.bench.store import RunStore, atomic_write_bytes
+from dpmem.bench.report.tables import markdown
+from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
 
 CONFIG = ["dataset=digits", "models=96", "chunk_size=8", "epochs=2", "epsilons=4", "hidden=32"]
 MODES = ("random", "random", "random", "creation", "concatenation", "reports")

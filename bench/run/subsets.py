@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpmem.bench.errors import ConfigError
+from dpmem.privacy.errors import ConfigError
 from dpmem.privacy.audit import SAMPLINGS
 
 _MASK_STREAM = 101   # distinct from the data's streams (bench/data.py) under the same seed

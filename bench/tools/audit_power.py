@@ -1,6 +1,6 @@
 """Power, tightness and validity of the `dpmem check` audit on bench/configs/audit.toml.
 
-`python -m dpmem.bench.audit_power --seeds 20` runs the audit config once per seed and fault,
+`python -m dpmem.bench.tools.audit_power --seeds 20` runs the audit config once per seed and fault,
 exactly as `dpmem run bench/configs/audit.toml seed=S fault=F` followed by `dpmem check` would,
 and writes results/audit_power.{csv,md}:
 - power: DP-SGD with half the calibrated noise multiplier (fault ``half_noise``, the accountant
@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.bench import analysis, config, pipeline
+from dpmem.bench.report import analysis
+from dpmem.bench import config
+from dpmem.bench.run import pipeline
 from dpmem.bench.cli import audit_failures
-from dpmem.bench.report import markdown
-from dpmem.bench.store import RunStore, atomic_write_bytes
+from dpmem.bench.report.tables import markdown
+from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
 
 AUDIT_CONFIG = Path(__file__).parent / "configs" / "audit.toml"
 # fault -> overrides; the bugs other than half_noise are audited at claimed eps 1 only

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpmem.bench import execution
+from dpmem.bench.run import execution
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
-from dpmem.bench.errors import ConfigError, UsageError
-from dpmem.bench.store import Chunk, RunStore, atomic_write_json, data_fingerprint, read_json
-from dpmem.bench.subsets import CANARY_MASK_STREAM, make_masks
+from dpmem.privacy.errors import ConfigError, UsageError
+from dpmem.bench.store.run_store import Chunk, RunStore, atomic_write_json, data_fingerprint, read_json
+from dpmem.bench.run.subsets import CANARY_MASK_STREAM, make_masks
 from dpmem.models import resolve_engine, train_models
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 from dpmem.privacy import accounting, faults

@@ -31,11 +31,12 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from dpmem.bench import estimators, pipeline
+from dpmem.bench.estimators import memorization
+from dpmem.bench.run import pipeline
 from dpmem.bench.data import load_dataset
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, atomic_write_json, read_json
-from dpmem.bench.subgroups import crossed_mean_ci
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import RunStore, atomic_write_json, read_json
+from dpmem.bench.estimators.subgroups import crossed_mean_ci
 from dpmem.models import train_models
 from dpmem.models.spec import TrainRequest
 
@@ -112,7 +113,7 @@ def removal_masks(kind: str, memorized: np.ndarray, *, g_train: np.ndarray, y_tr
 def high_influence(masks: np.ndarray, test_correct: np.ndarray, infl_threshold: float) -> np.ndarray:
     """bool [n, m]: infl(i, j) >= infl_threshold (streamed in blocks; undefined influence counts as low)."""
     return np.concatenate([np.nan_to_num(infl, nan=-np.inf) >= infl_threshold
-                           for _, infl in estimators.influence_blocks(masks, test_correct)], axis=0)
+                           for _, infl in memorization.influence_blocks(masks, test_correct)], axis=0)
 
 
 def influenced_test(high: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -160,7 +161,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
             raise UsageError(f"{cells.root} holds a utility study with other settings; use another --out "
                              "or the same settings to resume it")
     else:
-        mem = estimators.memorization(masks, np_arrays["train_correct"]).mem
+        mem = memorization.memorization(masks, np_arrays["train_correct"]).mem
         mem = np.nan_to_num(mem, nan=-np.inf)            # never out (or never in): not removable as memorized
         sets = memorized_sets(mem, candidates, thresholds)
         if not sets:
@@ -346,8 +347,8 @@ def write_report(table: pd.DataFrame, out: str | Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from dpmem.bench.report import _save, write_frame
-    from dpmem.bench.store import atomic_write_bytes
+    from dpmem.bench.report.tables import _save, write_frame
+    from dpmem.bench.store.run_store import atomic_write_bytes
     out = Path(out)
     write_frame(table, out / "utility")
     shown = display_table(table)

@@ -1,4 +1,4 @@
-"""Training-speed benchmark (a script, not a test): ``python -m dpmem.bench.speed [--threads 2] [--out results]``.
+"""Training-speed benchmark (a script, not a test): ``python -m dpmem.bench.tools.speed [--threads 2] [--out results]``.
 
 Measures, in one process with a fixed number of torch threads, the median wall time of one
 optimisation step per model for
@@ -228,7 +228,7 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpmem.bench.speed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpmem.bench.tools.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
     parser.add_argument("--models", type=int, default=64, help="K MLPs per engine step (default 64)")

@@ -1,6 +1,6 @@
 """How often the audit catches planted DP-SGD bugs, and how often it alarms on correct DP-SGD.
 
-`python -m dpmem.bench.planted --seeds 20` trains the small audit configuration below once per seed and fault
+`python -m dpmem.bench.tools.planted --seeds 20` trains the small audit configuration below once per seed and fault
 (512 models per variant, claimed (1, 1e-4)-DP) and writes results/planted_bugs.{csv,md}. This is the
 black-box (memorization) audit; the gradient-canary audit's detection rates are bench/audit_power.py's.
 The same configuration backs tests/test_planted_bugs.py.
@@ -15,9 +15,11 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from dpmem.bench import analysis, config, pipeline
-from dpmem.bench.report import markdown
-from dpmem.bench.store import RunStore, atomic_write_bytes
+from dpmem.bench.report import analysis
+from dpmem.bench import config
+from dpmem.bench.run import pipeline
+from dpmem.bench.report.tables import markdown
+from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
 from dpmem.privacy.faults import FAULTS
 
 # Synthetic mixture with 10 mislabeled canaries (strong memorization signals), so that 512 models can

@@ -39,8 +39,8 @@ import numpy as np
 
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import STORE_FORMAT, Config
-from dpmem.bench.errors import UsageError
-from dpmem.bench.subsets import CANARY_MASKS_FILE
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.run.subsets import CANARY_MASKS_FILE
 
 ARRAYS = ("correct", "margin")
 SPLITS = ("train", "test")

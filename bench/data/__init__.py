@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmem.bench.config import Config
-from dpmem.bench.errors import ConfigError, UsageError
+from dpmem.privacy.errors import ConfigError, UsageError
 
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_NOISE_PER_UNIT = 0.5      # per-coordinate noise std at noise_scale = 1

@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.bench import analysis, pipeline
+from dpmem.bench.report import analysis
+from dpmem.bench.run import pipeline
 from dpmem.bench.config import Config
-from dpmem.bench.store import RunStore
+from dpmem.bench.store.run_store import RunStore
 
 
 def sweep_configs(base: Config, *, widths: list[int], n_trains: list[int]) -> list[tuple[str, Config]]:

@@ -1,5 +1,5 @@
 """Cost of false-discovery control (a script, not a test):
-``python -m dpmem.bench.findings_speed RUN_DIR [--variant nonprivate] [--repeats 3]``.
+``python -m dpmem.bench.tools.findings_speed RUN_DIR [--variant nonprivate] [--repeats 3]``.
 
 Times, in one process, the median wall time of
   - a full streamed pass over the influence matrix of every training example, keeping the pairs above
@@ -18,9 +18,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from dpmem.bench import estimators
-from dpmem.bench.report import markdown
-from dpmem.bench.store import RunStore
+from dpmem.bench.estimators import memorization
+from dpmem.bench.report.tables import markdown
+from dpmem.bench.store.run_store import RunStore
 
 
 def _median_seconds(fn, repeats: int):
@@ -33,7 +33,7 @@ def _median_seconds(fn, repeats: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dpmem.bench.findings_speed", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dpmem.bench.tools.findings_speed", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--variant", default="nonprivate")
     p.add_argument("--repeats", type=int, default=3)
@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     eligible = ~store.data()["is_canary"].astype(bool)
 
     def full_pass():
-        mem = estimators.memorization(masks, arrays["train_correct"]).mem
+        mem = memorization.memorization(masks, arrays["train_correct"]).mem
         count = 0
-        for idx, infl in estimators.influence_blocks(masks, arrays["test_correct"]):
+        for idx, infl in memorization.influence_blocks(masks, arrays["test_correct"]):
             count += int(np.count_nonzero((mem[idx] >= cfg.mem_threshold)[:, None] & (infl >= cfg.infl_threshold)))
         return count
 
     def controlled(mem_threshold: float):
-        return lambda: estimators.controlled_findings(
+        return lambda: memorization.controlled_findings(
             masks, arrays["train_correct"], arrays["test_correct"], eligible=eligible, mem_threshold=mem_threshold,
             infl_threshold=cfg.infl_threshold, fdr=cfg.fdr, seed=cfg.seed)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from dpmem.bench.config import Config
-from dpmem.bench.errors import UsageError
+from dpmem.privacy.errors import UsageError
 
 # A unit whose worker dies (killed, out of memory, node lost) is run again this many times.
 MAX_RETRIES = 3
@@ -52,7 +52,7 @@ class SerialExecutor:
         self.cfg = cfg
 
     def map(self, specs: dict, inputs: dict, masks: np.ndarray, units: list, bar) -> Iterator[tuple]:
-        from dpmem.bench.pipeline import train_unit
+        from dpmem.bench.run.pipeline import train_unit
         for unit in units:
             spec = specs[unit.variant]
             done = [0.0]
@@ -72,7 +72,7 @@ class SerialExecutor:
 
 
 def _remote_unit(spec, inputs, masks, unit, device, threads):
-    from dpmem.bench.pipeline import train_unit
+    from dpmem.bench.run.pipeline import train_unit
     return train_unit(spec, inputs, masks, unit, device=device, threads=threads)
 
 

@@ -15,11 +15,12 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from dpmem.bench import estimators, pipeline
+from dpmem.bench.estimators import memorization
+from dpmem.bench.run import pipeline
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, atomic_write_json, data_fingerprint, read_json
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import RunStore, atomic_write_json, data_fingerprint, read_json
 from dpmem.models import train_models
 from dpmem.models.spec import TrainRequest
 
@@ -87,7 +88,7 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
         examples = np.array(meta["examples"], dtype=np.int64)
     else:
         if examples is None:
-            mem = estimators.memorization(store.masks(), store.variant_arrays(variant)["train_correct"]).mem
+            mem = memorization.memorization(store.masks(), store.variant_arrays(variant)["train_correct"]).mem
             examples = choose_examples(mem, count=count, seed=cfg.seed)
         examples = np.asarray(examples, dtype=np.int64)
         if examples.min() < 0 or examples.max() >= ds.n_train:
@@ -183,7 +184,7 @@ def estimator_error(store: RunStore, loo_table: pd.DataFrame, *, ks: list[int], 
         for k in ks:
             if k > masks.shape[0]:
                 continue
-            est = estimators.memorization(masks[:k], correct[:k]).mem[idx]
+            est = memorization.memorization(masks[:k], correct[:k]).mem[idx]
             ok = np.isfinite(est)
             rows.append({"variant": variant, "q": q, "K": k, **error_row(est[ok], loo[ok])})
     return pd.DataFrame(rows)

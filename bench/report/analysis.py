@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dpmem.bench import estimators, subgroups
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, read_json
-from dpmem.bench.subsets import CANARY_MASKS_FILE
+from dpmem.bench.estimators import memorization
+from dpmem.bench.estimators import subgroups
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import RunStore, read_json
+from dpmem.bench.run.subsets import CANARY_MASKS_FILE
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
 from dpmem.privacy.family import bonferroni_share
@@ -74,9 +75,9 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                 raise UsageError(f"run {store.root} has {CANARY_MASKS_FILE} but variant {name!r} has no canary_score.npy")
             canary_audits[name] = canary_audit(variant=name, scores=arrays["canary_score"], masks=canary_masks,
                                                epsilon=claimed, delta=delta, alpha=share)
-        mem = estimators.memorization(masks, arrays["train_correct"])
+        mem = memorization.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
-        found = estimators.controlled_findings(
+        found = memorization.controlled_findings(
             masks, arrays["train_correct"], arrays["test_correct"] if with_pairs else None, eligible=real,
             mem_threshold=cfg.mem_threshold, infl_threshold=cfg.infl_threshold, fdr=cfg.fdr, seed=cfg.seed)
         frame = mem.frame()
@@ -159,7 +160,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
         "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
         "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
-        "fdr": cfg.fdr, "null_permutations": estimators.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
+        "fdr": cfg.fdr, "null_permutations": memorization.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
         "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
     return Analysis(memorization=memorization, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
@@ -171,7 +172,7 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
-def _per_model_mem(masks: np.ndarray, correct: np.ndarray, mem: estimators.Memorization, use: np.ndarray,
+def _per_model_mem(masks: np.ndarray, correct: np.ndarray, mem: memorization.Memorization, use: np.ndarray,
                    g_train: np.ndarray, n_sub: int) -> np.ndarray:
     """[K, G]: per-model terms whose mean over models is each subgroup's mean memorization.
 

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from dpmem.bench.errors import UsageError
-from dpmem.bench.utility import model_interval
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.studies.utility import model_interval
 
 
 def tau(frequencies: np.ndarray, n: int, weights: np.ndarray | None = None) -> float:
@@ -184,8 +184,8 @@ def write_report(per_model: pd.DataFrame, summary: pd.DataFrame, points: pd.Data
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from dpmem.bench.report import _save, latex, markdown, write_frame
-    from dpmem.bench.store import atomic_write_bytes, atomic_write_json
+    from dpmem.bench.report.tables import _save, latex, markdown, write_frame
+    from dpmem.bench.store.run_store import atomic_write_bytes, atomic_write_json
     out = Path(out)
     write_frame(summary, out / "feldman_bound")
     write_frame(per_model, out / "feldman_per_model")

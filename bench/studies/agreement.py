@@ -1,4 +1,4 @@
-"""Do two runs of the same config reach the same accuracy? ``python -m dpmem.bench.agreement RUN_A RUN_B``.
+"""Do two runs of the same config reach the same accuracy? ``python -m dpmem.bench.studies.agreement RUN_A RUN_B``.
 
 For every variant in both runs: each model's test accuracy, the mean and standard deviation over
 models, Welch's t-test, and, when both runs trained the same subsets (equal masks, model k against
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.bench.errors import UsageError
-from dpmem.bench.store import RunStore, read_json
+from dpmem.privacy.errors import UsageError
+from dpmem.bench.store.run_store import RunStore, read_json
 
 
 def per_model_accuracy(store: RunStore, variant: str) -> np.ndarray:
@@ -39,7 +39,7 @@ def compare(a: RunStore, b: RunStore) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpmem.bench.agreement", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpmem.bench.studies.agreement", description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
     parser.add_argument("--json", help="also write the table here")

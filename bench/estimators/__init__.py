@@ -1,0 +1,1 @@
+"""Estimators over per-model arrays: memorization and influence, controlled findings, subgroup accuracy."""

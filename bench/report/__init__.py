@@ -1,0 +1,1 @@
+"""Reports: the analysis of a stored run, its tables and its figures."""

@@ -1,0 +1,1 @@
+"""The run: subsets, the variants' plan, the one unit loop, where units execute, and the pipeline."""

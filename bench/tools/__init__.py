@@ -1,0 +1,1 @@
+"""Benchmark and campaign scripts (``python -m dpmem.bench.tools.NAME``): speed, reliability, planted bugs, audit power."""
