@@ -75,7 +75,7 @@ class Run:
     @cached_property
     def summary(self) -> dict:
         """summary.json: per variant epsilon, noise, engine, accuracy, memorization, audit; the run's provenance."""
-        from dpmem.bench.store.run_store import read_json
+        from dpmem.bench.store.files import read_json
         stored = self.path / "summary.json"
         return read_json(stored) if stored.is_file() else self._analysis.summary
 
@@ -112,9 +112,9 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
     cfg = load_config(config, **overrides)
-    ds = pipeline.check_inputs(cfg)
+    ds, engine = pipeline.check_inputs(cfg)
     store = RunStore.create_or_resume(out, cfg)
-    pipeline.run(store, cfg, progress=False, ds=ds)
+    pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
     tables.write_all(analysis.analyse(store), store.root)
     return Run(store.root)
 

@@ -54,13 +54,14 @@ def cmd_run(args) -> int:
     cfg = config_mod.load(path, overrides)
     out = _output_dir(Path(args.out) if args.out else default_out(cfg), "--out")
     # Everything that can be wrong with the config or the data is found before anything is written.
-    ds = pipeline.check_inputs(cfg)      # data, model, engine and trainer
+    ds, engine = pipeline.check_inputs(cfg)      # data, model, engine and trainer
     execution.check_available(cfg, args.ray_address)
     with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
         print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, ray_address=args.ray_address)
+            seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, engine=engine,
+                                   ray_address=args.ray_address)
         except KeyboardInterrupt:
             print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
                   file=sys.stderr)
@@ -143,7 +144,7 @@ def cmd_check(args) -> int:
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
     if args.write_baseline:
-        from dpmem.bench.store.run_store import atomic_write_json
+        from dpmem.bench.store.files import atomic_write_json
         atomic_write_json(Path(args.write_baseline), baseline_mod.make_baseline(result.summary, None))
     run = result.summary["run"]
     verdict = {"consistent": not failures, "failures": failures, "alpha": run["alpha"],
@@ -202,6 +203,28 @@ def _print_audit(result, failures: list[str]) -> None:
         print("OK: every claimed budget is consistent with the measured behaviour")
 
 
+def add_execution_args(parser: argparse.ArgumentParser, *, device: bool = False) -> None:
+    """Where a command that trains models runs them (not part of any result's identity)."""
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="train on N Ray workers (a local Ray runtime; same arrays as a serial run)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="join the Ray cluster at ADDRESS (default: $RAY_ADDRESS if set)")
+    if device:
+        parser.add_argument("--device", choices=config_mod.DEVICES, help="train on this device (default: the run's)")
+
+
+def study_execution(args, cfg: config_mod.Config) -> config_mod.Config:
+    """A study's config: the run's, with the execution settings given on the command line."""
+    changes = {"workers": args.workers} if args.workers is not None else {}
+    if getattr(args, "device", None):
+        changes["device"] = args.device
+    if changes:
+        cfg = config_mod.load(None, {k: str(v) for k, v in changes.items()}, base=cfg)
+    from dpmem.bench.run import execution
+    execution.check_available(cfg, args.ray_address)
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpmem", description="Memorization and the cost of differential privacy, "
                                 "example by example and subgroup by subgroup.")
@@ -211,10 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--workers", type=int, metavar="N",
-                   help="train on N Ray workers (a local Ray runtime; same arrays as a serial run)")
-    r.add_argument("--ray-address", metavar="ADDRESS",
-                   help="join the Ray cluster at ADDRESS (default: $RAY_ADDRESS if set)")
+    add_execution_args(r)
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="regenerate tables and figures from a run directory without training")
     rp.add_argument("run_dir")
@@ -262,9 +282,10 @@ def cmd_loo(args) -> int:
     if any(k < 2 for k in ks):
         raise UsageError(f"--ks values must be >= 2, got {args.ks}")
     out = _output_dir(Path(args.out) if args.out else store.root / "loo", "--out")
+    loo_cfg = study_execution(args, cfg)
     with store.acquire():              # the LOO models and subset runs are stored inside the run
         table = loo.run_loo(store, variant=args.variant, count=args.examples, repeats=args.repeats,
-                            progress=not args.quiet)
+                            config=loo_cfg, progress=not args.quiet, ray_address=args.ray_address)
         errors = loo.estimator_error(store, table, ks=ks, qs=qs, progress=not args.quiet)
     masks, correct = store.masks(), store.variant_arrays(args.variant)["train_correct"]
     est = memorization.memorization(masks, correct).mem[table["index"].to_numpy()]
@@ -306,6 +327,7 @@ def _add_studies(sub) -> None:
     lo.add_argument("--qs", default="0.5,0.7,0.9", help="subset fractions q for the error table")
     lo.add_argument("--out", help="output directory (default RUN_DIR/loo)")
     lo.add_argument("--quiet", action="store_true")
+    add_execution_args(lo, device=True)
     lo.set_defaults(func=cmd_loo)
     sw = sub.add_parser("sweep", help="memorization versus generalization across configurations")
     sw.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
@@ -342,10 +364,11 @@ def cmd_utility(args) -> int:
     if args.models < 2:
         raise UsageError(f"--models must be >= 2, got {args.models}")
     out = Path(args.out) if args.out else store.root / "utility"
+    cfg = study_execution(args, store.config())
     t0 = time.perf_counter()
     try:
-        cells = utility.run_utility(store, out, thresholds=thresholds, models=args.models,
-                                    progress=not args.quiet)
+        cells = utility.run_utility(store, out, thresholds=thresholds, models=args.models, config=cfg,
+                                    progress=not args.quiet, ray_address=args.ray_address)
     except KeyboardInterrupt:
         print(f"\ndpmem: interrupted; finished cells are stored in {out}. Run the same command to resume.",
               file=sys.stderr)
@@ -367,6 +390,7 @@ def _add_long_tail_studies(sub) -> None:
     ut.add_argument("--out", help="study directory: retrained models' arrays, resumable (default RUN_DIR/utility)")
     ut.add_argument("--report-out", help="write tables and figures here instead of the study directory")
     ut.add_argument("--quiet", action="store_true")
+    add_execution_args(ut, device=True)
     ut.set_defaults(func=cmd_utility)
     fe = sub.add_parser("feldman", help="Feldman's long-tail bound (Theorem 2.3) against the measured error "
                                         "of a dataset=feldman run")

@@ -28,9 +28,9 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 FELDMAN_PRIORS = ("zipf", "uniform")
 FELDMAN_INPUTS = ("onehot", "embedding")
 # How a run executes, not what it computes: excluded from the config hash, so a run can be resumed
-# with other values (every split of the work gives the same arrays; DESIGN.md "Identity versus
-# execution").
-EXECUTION = ("chunk_size", "threads", "workers", "device")
+# with other values (every split of the work gives the same arrays: model k's randomness depends
+# only on the seed, k and the variant).
+EXECUTION = ("unit_size", "threads", "workers", "device")
 # Version of the run directory layout. Format 1 (no marker in config.json) hashed every field,
 # execution settings included, and drew seeds per unit.
 STORE_FORMAT = 2
@@ -82,7 +82,7 @@ class Config:
     fdr: float = 0.1                 # false-discovery rate of the listed high-mem examples and influence pairs
     seed: int = 0
     # execution (EXECUTION: not part of the run's identity)
-    chunk_size: int = 250            # models per stored, resumable unit (and per Ray task)
+    unit_size: int = 250            # models per stored, resumable unit (and per Ray task)
     threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
     workers: int = 0                 # 0: train in this process; N: N Ray workers (local runtime or cluster)
     device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
@@ -155,7 +155,7 @@ def validate(c: Config) -> None:
     _check(0.0 < c.alpha < 1.0, "alpha", f"must be in (0, 1), got {c.alpha}")
     _check(0.0 < c.fdr < 1.0, "fdr", f"must be in (0, 1), got {c.fdr}")
     _check(c.models >= 2, "models", f"need at least 2 models per variant, got {c.models}")
-    _check(c.chunk_size >= 1, "chunk_size", f"must be >= 1, got {c.chunk_size}")
+    _check(c.unit_size >= 1, "unit_size", f"must be >= 1, got {c.unit_size}")
     _check(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
     _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
     _check(c.lr > 0 and math.isfinite(c.lr), "lr", f"must be positive, got {c.lr}")
@@ -227,9 +227,17 @@ def _coerce(name: str, value):
         raise ConfigError(name, f"cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
 
 
-def _apply(values: dict, source: str) -> dict:
+# Keys that were renamed: a stored run's config.json may still carry the old name.
+RENAMED = {"chunk_size": "unit_size"}
+
+
+def _apply(values: dict, source: str, *, stored: bool = False) -> dict:
     out = {}
     for key, value in values.items():
+        if stored and key in RENAMED:
+            key = RENAMED[key]
+        elif key in RENAMED:
+            raise ConfigError(key, f"renamed to {RENAMED[key]!r} (in {source})")
         if key not in _FIELDS:
             raise ConfigError(key, f"no such config key (in {source}); known keys: {', '.join(_FIELDS)}")
         out[key] = _coerce(key, value)
@@ -280,4 +288,5 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
 
 
 def from_dict(d: dict) -> Config:
-    return Config(**_apply(d, "config.json"))
+    """The config a run directory stored (config.json)."""
+    return Config(**_apply(d, "config.json", stored=True))

@@ -12,7 +12,7 @@ from dpmem.bench.config import Config
 from dpmem.privacy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(dataset="synthetic", n_train=80, n_test=120, n_subgroups=12, dim=8, models=12, chunk_size=6,
+SMALL = dict(dataset="synthetic", n_train=80, n_test=120, n_subgroups=12, dim=8, models=12, unit_size=6,
              epochs=2, epsilons=(4,), hidden=(16,))
 
 

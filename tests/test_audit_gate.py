@@ -9,7 +9,7 @@ from dpmem.bench.tools.audit_power import AUDIT_CONFIG
 from dpmem.bench.store.run_store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=120", "n_test=300", "n_subgroups=30", "dim=16", "models=24",
-         "chunk_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
+         "unit_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +92,20 @@ def test_half_noise_is_refuted_by_the_audit_config(tmp_path):
 def test_canaries_are_sized_by_the_claimed_clipping_bound():
     # under the no_clipping fault the engine clips at 1e12; the canary keeps the claimed norm 2 C
     from dpmem.bench import config
-    from dpmem.bench.run import pipeline
+    from dpmem.bench.run import plan
     from dpmem.bench.data import load_dataset
     for fault in ("none", "no_clipping", "half_noise"):
         cfg = config.load(None, SMALL + ["gradient_canaries=5", "canary_norm=2", "max_grad_norm=0.5",
                                          f"fault={fault}"])
         ds = load_dataset(cfg)
-        sched = pipeline.schedule(cfg, ds.n_train)
-        plan = pipeline.plan_variant(cfg, 2.0, sched)
-        spec = pipeline.train_spec(cfg, ds, plan)
+        sched = plan.schedule(cfg, ds.n_train)
+        variant_plan = plan.plan_variant(cfg, 2.0, sched)
+        spec = plan.train_spec(cfg, ds, variant_plan)
         assert spec.canaries == 5
         assert spec.canary_norm * spec.dp.max_grad_norm == pytest.approx(2 * 0.5)
         sigma = spec.dp.noise_multiplier * spec.dp.max_grad_norm
-        assert sigma == pytest.approx(plan["noise_multiplier"] * 0.5 / (2 if fault == "half_noise" else 1))
-    nonprivate = pipeline.train_spec(cfg, ds, pipeline.plan_variant(cfg, None, sched))
+        assert sigma == pytest.approx(variant_plan["noise_multiplier"] * 0.5 / (2 if fault == "half_noise" else 1))
+    nonprivate = plan.train_spec(cfg, ds, plan.plan_variant(cfg, None, sched))
     assert nonprivate.dp is None and nonprivate.canary_norm == 2.0
 
 

@@ -13,8 +13,8 @@ from dpmem.bench.store.run_store import RunStore
 
 EXAMPLES = Path(__file__).parent / "examples"
 TRAINER_RUN = ["dataset=synthetic", "n_train=60", "n_test=100", "n_subgroups=10", "dim=8", "models=8",
-               "chunk_size=2", "epochs=2", "batch_size=16", "epsilons=4", "lr=0.2"]
-FILE_RUN = ["dataset=file", "zipf_a=0", "models=4", "chunk_size=4", "epochs=2", "epsilons=8", "lr=0.2"]
+               "unit_size=2", "epochs=2", "batch_size=16", "epsilons=4", "lr=0.2"]
+FILE_RUN = ["dataset=file", "zipf_a=0", "models=4", "unit_size=4", "epochs=2", "epsilons=8", "lr=0.2"]
 
 
 # The examples import by name, as from the directory a user runs dpmem in.
@@ -99,7 +99,7 @@ def test_zipf_resampling_of_a_file_needs_a_target_size(digits_npz, tmp_path, cap
 
 
 def test_the_data_fingerprint_changes_with_any_array(tmp_path):
-    from dpmem.bench.data import array_fingerprint
+    from dpmem.bench.store.files import arrays_fingerprint as array_fingerprint
     a = {"x_train": np.zeros((3, 2), np.float32), "y_train": np.array([0, 1, 0])}
     base = array_fingerprint(a)
     assert base == array_fingerprint({k: v.copy() for k, v in a.items()})
@@ -241,7 +241,7 @@ def test_a_failing_trainer_names_the_model_and_keeps_the_stored_units(tmp_path, 
     assert run(*argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].endswith("failed on model 5: ValueError: disk full"), errors
-    chunks = out / "variants" / "nonprivate" / "chunks"
+    chunks = out / "variants" / "nonprivate" / "units"
     assert sorted(p.name for p in chunks.glob("*.json")) == ["000000-000002.json", "000002-000004.json"]
     monkeypatch.delenv("DPMEM_TEST_FAIL_AT")
     flaky_fit.calls.clear()

@@ -12,7 +12,7 @@ from dpmem.bench import cli
 from dpmem.bench.store.run_store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=120", "n_test=300", "n_subgroups=30", "dim=16", "models=24",
-         "chunk_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
+         "unit_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
 
 
 def run(*argv) -> int:
@@ -65,11 +65,11 @@ def test_interrupted_run_resumes_to_identical_arrays(small_run, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", flaky)
+    monkeypatch.setattr("dpmem.bench.run.execution.train_models", flaky)
     assert run("run", "--out", str(out), "--quiet", *SMALL) == 130
     store = RunStore.open(out)
     assert store.variant_complete("nonprivate") and not store.variant_complete("dp-eps2")
-    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", real)
+    monkeypatch.setattr("dpmem.bench.run.execution.train_models", real)
     assert run("run", "--out", str(out), "--quiet", *SMALL) == 0
     ref = RunStore.open(small_run)
     for name in ("nonprivate", "dp-eps2", "dp-eps8"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dpmem.bench.estimators import memorization
+from dpmem.bench.estimators import findings, memorization
 def test_memorization_on_a_hand_computed_example():
     # 5 models, 2 examples. Example 0 is in models 0,1,2 (correct in 0,1) and out of 3,4 (correct in 3).
     masks = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [0, 0]], bool)
@@ -43,12 +43,12 @@ def test_high_influence_candidates_thresholds_cap_and_exact_count():
     ctest[:, 1] = masks[:, 0]
     ctrain = rng.random((200, 6)) < 0.5
     ctrain[:, 0] = masks[:, 0]
-    rows, z = memorization.high_mem_candidates(masks, ctrain, eligible=np.ones(6, bool), mem_threshold=0.25)
+    rows, z = findings.high_mem_candidates(masks, ctrain, eligible=np.ones(6, bool), mem_threshold=0.25)
     assert rows.tolist() == [0] and z[0] > 10          # a perfect link is ~sqrt(K) null sds out
-    found = memorization.high_influence_candidates(masks, ctest, rows, infl_threshold=0.5)
+    found = findings.high_influence_candidates(masks, ctest, rows, infl_threshold=0.5)
     assert list(zip(found.pairs.train_index, found.pairs.test_index)) == [(0, 1)]
     assert found.pairs.infl[0] == pytest.approx(1.0) and found.count == 1 and found.tests == 4
-    capped = memorization.high_influence_candidates(masks, ctest, np.arange(6), infl_threshold=-1.0,
+    capped = findings.high_influence_candidates(masks, ctest, np.arange(6), infl_threshold=-1.0,
                                                   max_pairs=5, block=2)
     assert len(capped.pairs) == 5 and capped.pairs.z.is_monotonic_decreasing
     assert capped.count == 24                            # the count is exact though the list is capped

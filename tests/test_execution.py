@@ -44,11 +44,11 @@ def test_a_model_depends_only_on_its_stream_not_on_its_unit(engine):
 
 def test_a_lone_model_on_two_threads_equals_it_in_a_unit_on_one():
     from dpmem.bench import config as config_mod
-    from dpmem.bench.run import pipeline
+    from dpmem.bench.run import plan
     from dpmem.bench.data import load_dataset
     cfg = config_mod.load(None, ["dataset=digits", "models=16", "epochs=2", "epsilons=4", "hidden=16"])
     ds = load_dataset(cfg)
-    spec = pipeline.train_spec(cfg, ds, pipeline.plan_variant(cfg, 4.0, pipeline.schedule(cfg, ds.n_train)))
+    spec = plan.train_spec(cfg, ds, plan.plan_variant(cfg, 4.0, plan.schedule(cfg, ds.n_train)))
     masks = np.random.default_rng(0).random((16, ds.n_train)) < 0.7
     evals = {"test": (ds.x_test, ds.y_test)}
     threads = torch.get_num_threads()
@@ -67,10 +67,10 @@ def test_a_lone_model_on_two_threads_equals_it_in_a_unit_on_one():
 
 
 def test_units_of_any_size_and_a_resume_with_another_size_give_the_same_arrays(tmp_path, monkeypatch):
-    assert cli.main(["run", "--out", str(tmp_path / "c8"), "chunk_size=8", *TINY]) == 0
-    assert cli.main(["run", "--out", str(tmp_path / "c32"), "chunk_size=32", *TINY]) == 0
+    assert cli.main(["run", "--out", str(tmp_path / "c8"), "unit_size=8", *TINY]) == 0
+    assert cli.main(["run", "--out", str(tmp_path / "c32"), "unit_size=32", *TINY]) == 0
     _same_run(tmp_path / "c8", tmp_path / "c32")
-    # killed after two units of 5, resumed with units of 3 (chunk_size is no part of the run's identity)
+    # killed after two units of 5, resumed with units of 3 (unit_size is no part of the run's identity)
     real, calls = models.train_models, {"n": 0}
 
     def dies_third(*a, **k):
@@ -79,17 +79,17 @@ def test_units_of_any_size_and_a_resume_with_another_size_give_the_same_arrays(t
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", dies_third)
-    assert cli.main(["run", "--out", str(tmp_path / "mixed"), "chunk_size=5", *TINY]) == 130
-    monkeypatch.setattr("dpmem.bench.run.pipeline.train_models", real)
-    assert cli.main(["run", "--out", str(tmp_path / "mixed"), "chunk_size=3", "threads=1", *TINY]) == 0
+    monkeypatch.setattr("dpmem.bench.run.execution.train_models", dies_third)
+    assert cli.main(["run", "--out", str(tmp_path / "mixed"), "unit_size=5", *TINY]) == 130
+    monkeypatch.setattr("dpmem.bench.run.execution.train_models", real)
+    assert cli.main(["run", "--out", str(tmp_path / "mixed"), "unit_size=3", "threads=1", *TINY]) == 0
     _same_run(tmp_path / "c8", tmp_path / "mixed")
 
 
 def test_ray_workers_give_the_serial_arrays(tmp_path):
     pytest.importorskip("ray")
     # serial in units of 8 against 2 Ray workers (a real local runtime) in units of 32
-    assert cli.main(["run", "--out", str(tmp_path / "serial"), "chunk_size=8", *TINY]) == 0
-    assert cli.main(["run", "--out", str(tmp_path / "ray"), "--workers", "2", "chunk_size=32", *TINY]) == 0
+    assert cli.main(["run", "--out", str(tmp_path / "serial"), "unit_size=8", *TINY]) == 0
+    assert cli.main(["run", "--out", str(tmp_path / "ray"), "--workers", "2", "unit_size=32", *TINY]) == 0
     _same_run(tmp_path / "serial", tmp_path / "ray")
     assert RunStore.open(tmp_path / "ray").config().hash() == RunStore.open(tmp_path / "serial").config().hash()

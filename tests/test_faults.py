@@ -17,7 +17,7 @@ from dpmem.bench import cli
 from dpmem.bench.store.run_store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=80", "n_test=120", "n_subgroups=20", "dim=8", "models=12",
-         "chunk_size=4", "epochs=2", "epsilons=4", "hidden=8"]
+         "unit_size=4", "epochs=2", "epsilons=4", "hidden=8"]
 
 
 def run(*argv) -> int:

@@ -6,10 +6,11 @@ import sys
 import numpy as np
 import pytest
 
+from dpmem.bench.store import files
 from dpmem.bench.store import run_store as store_mod
 from dpmem.bench.config import Config
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import Chunk, RunStore, StoreBusy, chunks_of, fill_gaps
+from dpmem.bench.store.run_store import ModelRange, RunStore, StoreBusy, split_models, fill_gaps
 
 FP = {"x_train": "a" * 64, "y_train": "b" * 64, "x_test": "c" * 64, "y_test": "d" * 64}
 
@@ -25,48 +26,48 @@ def _rows(models, seed=0):
     return {"train_correct": rng.random((models, 4)) < 0.5, "train_margin": rng.random((models, 4)).astype(np.float16)}
 
 
-def _write(store, name, chunk, full):
-    store.write_chunk(name, chunk, {k: v[chunk.start:chunk.stop] for k, v in full.items()}, {"seconds": 1.0})
+def _write(store, name, unit, full):
+    store.write_unit(name, unit, {k: v[unit.start:unit.stop] for k, v in full.items()}, {"seconds": 1.0})
 
 
 def test_chunks_cover_every_model_once():
-    cs = chunks_of(10, 4)
-    assert [(c.start, c.stop) for c in cs] == [(0, 4), (4, 8), (8, 10)]
-    assert fill_gaps(10, 3, [Chunk(2, 4), Chunk(8, 9)]) == [Chunk(0, 2), Chunk(4, 7), Chunk(7, 8), Chunk(9, 10)]
+    units_ = split_models(10, 4)
+    assert [(c.start, c.stop) for c in units_] == [(0, 4), (4, 8), (8, 10)]
+    assert fill_gaps(10, 3, [ModelRange(2, 4), ModelRange(8, 9)]) == [ModelRange(0, 2), ModelRange(4, 7), ModelRange(7, 8), ModelRange(9, 10)]
 
 
 def test_units_resume_and_finalize(tmp_path):
-    cfg = Config(models=10, chunk_size=4)
+    cfg = Config(models=10, unit_size=4)
     full = _rows(10)
     with RunStore.create_or_resume(tmp_path / "run", cfg) as store:
-        cs = chunks_of(10, 4)
-        _write(store, "nonprivate", cs[0], full)
+        units_ = split_models(10, 4)
+        _write(store, "nonprivate", units_[0], full)
         # a unit whose arrays landed but whose record did not (crash in between) is not done
-        _write(store, "nonprivate", cs[1], full)
-        (store.variant_dir("nonprivate") / "chunks" / f"{cs[1].name}.json").unlink()
+        _write(store, "nonprivate", units_[1], full)
+        (store.variant_dir("nonprivate") / "units" / f"{units_[1].name}.json").unlink()
     with RunStore.create_or_resume(tmp_path / "run", cfg) as reopened:
-        assert reopened.pending_units("nonprivate", 10, 4) == cs[1:]
-        assert not (reopened.variant_dir("nonprivate") / "chunks" / cs[1].name).exists()
-        assert reopened.finalize_variant("nonprivate", 10) == [Chunk(4, 10)]      # not complete yet
-        for c in cs[1:]:
+        assert reopened.pending_units("nonprivate", 10, 4) == units_[1:]
+        assert not (reopened.variant_dir("nonprivate") / "units" / units_[1].name).exists()
+        assert reopened.finalize_variant("nonprivate", 10) == [ModelRange(4, 10)]      # not complete yet
+        for c in units_[1:]:
             _write(reopened, "nonprivate", c, full)
         assert reopened.finalize_variant("nonprivate", 10) == []
         got = reopened.variant_arrays("nonprivate")
         np.testing.assert_array_equal(got["train_correct"], full["train_correct"])
         assert got["train_margin"].dtype == np.float16
         assert reopened.variant_record("nonprivate")["train_seconds"] == 3.0
-        assert not (reopened.variant_dir("nonprivate") / "chunks").exists()
+        assert not (reopened.variant_dir("nonprivate") / "units").exists()
     assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
 
 
 def test_a_resume_with_another_chunk_size_keeps_finished_units(tmp_path):
     full = _rows(20)
-    with RunStore.create_or_resume(tmp_path / "run", Config(models=20, chunk_size=8)) as store:
-        _write(store, "nonprivate", Chunk(0, 8), full)
-    # chunk_size is an execution setting: the same run, resumed with units of 3
-    with RunStore.create_or_resume(tmp_path / "run", Config(models=20, chunk_size=3)) as store:
+    with RunStore.create_or_resume(tmp_path / "run", Config(models=20, unit_size=8)) as store:
+        _write(store, "nonprivate", ModelRange(0, 8), full)
+    # unit_size is an execution setting: the same run, resumed with units of 3
+    with RunStore.create_or_resume(tmp_path / "run", Config(models=20, unit_size=3)) as store:
         todo = store.pending_units("nonprivate", 20, 3)
-        assert todo == [Chunk(8, 11), Chunk(11, 14), Chunk(14, 17), Chunk(17, 20)]
+        assert todo == [ModelRange(8, 11), ModelRange(11, 14), ModelRange(14, 17), ModelRange(17, 20)]
         for c in todo:
             _write(store, "nonprivate", c, full)
         assert store.finalize_variant("nonprivate", 20) == []
@@ -76,10 +77,10 @@ def test_a_resume_with_another_chunk_size_keeps_finished_units(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete_file"])
 def test_a_damaged_unit_is_redone_never_used(tmp_path, damage):
     full = _rows(8)
-    with RunStore.create_or_resume(tmp_path / "run", Config(models=8, chunk_size=4)) as store:
-        for c in chunks_of(8, 4):
+    with RunStore.create_or_resume(tmp_path / "run", Config(models=8, unit_size=4)) as store:
+        for c in split_models(8, 4):
             _write(store, "nonprivate", c, full)
-        path = store.variant_dir("nonprivate") / "chunks" / "000004-000008" / "train_correct.npy"
+        path = store.variant_dir("nonprivate") / "units" / "000004-000008" / "train_correct.npy"
         data = bytearray(path.read_bytes())
         if damage == "flip":
             data[-3] ^= 0x01                     # still a valid .npy, wrong values
@@ -88,17 +89,17 @@ def test_a_damaged_unit_is_redone_never_used(tmp_path, damage):
             path.write_bytes(bytes(data[: len(data) // 2]))
         else:
             path.unlink()
-        assert store.finalize_variant("nonprivate", 8) == [Chunk(4, 8)]
+        assert store.finalize_variant("nonprivate", 8) == [ModelRange(4, 8)]
         assert not store.variant_complete("nonprivate")
-        _write(store, "nonprivate", Chunk(4, 8), full)
+        _write(store, "nonprivate", ModelRange(4, 8), full)
         assert store.finalize_variant("nonprivate", 8) == []
         np.testing.assert_array_equal(store.variant_arrays("nonprivate")["train_correct"], full["train_correct"])
 
 
 def test_a_damaged_finished_array_is_refused_naming_the_file(tmp_path):
     full = _rows(8)
-    with RunStore.create_or_resume(tmp_path / "run", Config(models=8, chunk_size=8)) as store:
-        _write(store, "nonprivate", Chunk(0, 8), full)
+    with RunStore.create_or_resume(tmp_path / "run", Config(models=8, unit_size=8)) as store:
+        _write(store, "nonprivate", ModelRange(0, 8), full)
         assert store.finalize_variant("nonprivate", 8) == []
     path = store.variant_dir("nonprivate") / "train_correct.npy"
     data = bytearray(path.read_bytes())
@@ -108,7 +109,7 @@ def test_a_damaged_finished_array_is_refused_naming_the_file(tmp_path):
         RunStore.open(tmp_path / "run").variant_arrays("nonprivate")
     assert store.damaged_files("nonprivate") == [path]
     store.discard_variant("nonprivate")
-    assert store.pending_units("nonprivate", 8, 8) == [Chunk(0, 8)]
+    assert store.pending_units("nonprivate", 8, 8) == [ModelRange(0, 8)]
 
 
 def test_run_level_arrays_are_checked_when_read(tmp_path):
@@ -140,7 +141,7 @@ def test_other_data_are_refused_on_resume(tmp_path):
     RunStore.create_or_resume(tmp_path / "run", Config(models=10), fingerprint=FP).release()
     with pytest.raises(UsageError, match="x_train fingerprint"):
         RunStore.create_or_resume(tmp_path / "run", Config(models=10), fingerprint={**FP, "x_train": "e" * 64})
-    RunStore.create_or_resume(tmp_path / "run", Config(models=10, chunk_size=3, threads=1), fingerprint=FP).release()
+    RunStore.create_or_resume(tmp_path / "run", Config(models=10, unit_size=3, threads=1), fingerprint=FP).release()
 
 
 def test_old_format_runs_are_readable_but_not_resumed(tmp_path):
@@ -203,7 +204,7 @@ def test_a_directory_killed_during_creation_is_taken_over(tmp_path):
 def test_temporaries_of_killed_writes_are_removed_on_the_next_run(tmp_path):
     root = tmp_path / "run"
     RunStore.create_or_resume(root, Config(models=4)).release()
-    leftovers = [root / ".masks.npy.x1.tmp", root / "variants" / "nonprivate" / "chunks" / ".000000-000004.y.tmp",
+    leftovers = [root / ".masks.npy.x1.tmp", root / "variants" / "nonprivate" / "units" / ".000000-000004.y.tmp",
                  root / "figures" / ".memorization_hist.tmp.png"]
     for p in leftovers:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -215,14 +216,14 @@ def test_temporaries_of_killed_writes_are_removed_on_the_next_run(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_honour_the_umask(tmp_path, umask):
     old = os.umask(umask)
-    store_mod._umask.cache_clear()
+    files.current_umask.cache_clear()
     try:
         with RunStore.create_or_resume(tmp_path / "run", Config(models=4)) as store:
-            _write(store, "nonprivate", Chunk(0, 4), _rows(4))
+            _write(store, "nonprivate", ModelRange(0, 4), _rows(4))
             assert store.finalize_variant("nonprivate", 4) == []
     finally:
         os.umask(old)
-        store_mod._umask.cache_clear()
+        files.current_umask.cache_clear()
     for name in ("config.json", "variants/nonprivate/train_correct.npy", "variants/nonprivate/complete.json"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
@@ -235,11 +236,11 @@ def test_unit_files_are_durable_before_their_record(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "fsync_dir", lambda p: (events.append(f"dir:{p}"), real_dir(p)))
     with RunStore.create_or_resume(tmp_path / "run", Config(models=4)) as store:
         events.clear()
-        _write(store, "nonprivate", Chunk(0, 4), _rows(4))
-    chunks = store.variant_dir("nonprivate") / "chunks"
+        _write(store, "nonprivate", ModelRange(0, 4), _rows(4))
+    units = store.variant_dir("nonprivate") / "units"
     record = next(i for i, e in enumerate(events) if e.endswith(".tmp") and "000000-000004.json" in e)
     files = [i for i, e in enumerate(events) if e.endswith("train_correct.npy") or e.endswith("train_margin.npy")]
-    renamed = events.index(f"dir:{chunks}")
+    renamed = events.index(f"dir:{units}")
     assert len(files) == 2 and max(files) < renamed < record
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.estimators import memorization
+from dpmem.bench.estimators import findings, memorization
 from dpmem.bench.run import pipeline
 from dpmem.bench.report import tables
 from dpmem.bench.estimators import subgroups
@@ -20,10 +20,10 @@ def test_permutation_fdr_threshold_on_hand_counts():
     null = np.array([3.6, 2.0, 2.0, 1.6, 1.6])
     # expected null count per permutation / observed count: tau = 4: 0 / 2; tau = 3: 0.5 / 3;
     # tau = 2: 1.5 / 4; tau = 1: 2.5 / 5
-    assert memorization.permutation_fdr_threshold(obs, null, 2, 0.1) == 4.0
-    assert memorization.permutation_fdr_threshold(obs, null, 2, 0.2) == 3.0
-    assert memorization.permutation_fdr_threshold(obs, np.array([9.0] * 4), 2, 0.1) == np.inf
-    assert memorization.permutation_fdr_threshold(np.array([]), null, 2, 0.1) == np.inf
+    assert findings.permutation_fdr_threshold(obs, null, 2, 0.1) == 4.0
+    assert findings.permutation_fdr_threshold(obs, null, 2, 0.2) == 3.0
+    assert findings.permutation_fdr_threshold(obs, np.array([9.0] * 4), 2, 0.1) == np.inf
+    assert findings.permutation_fdr_threshold(np.array([]), null, 2, 0.1) == np.inf
 
 
 def _noise(k=96, n=400, m=300, seed=0):
@@ -36,7 +36,7 @@ def _noise(k=96, n=400, m=300, seed=0):
 
 
 def _control(masks, ctrain, ctest, **kw):
-    return memorization.controlled_findings(masks, ctrain, ctest, eligible=np.ones(masks.shape[1], bool),
+    return findings.controlled_findings(masks, ctrain, ctest, eligible=np.ones(masks.shape[1], bool),
                                           mem_threshold=0.25, infl_threshold=0.15, fdr=0.1, seed=0, **kw)
 
 

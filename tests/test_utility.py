@@ -11,7 +11,7 @@ from dpmem.bench.studies import utility
 from dpmem.privacy.errors import UsageError
 
 SMALL = ["dataset=synthetic", "n_train=100", "n_test=200", "n_subgroups=25", "dim=12", "models=24",
-         "chunk_size=12", "epochs=3", "epsilons=8", "hidden=16"]
+         "unit_size=12", "epochs=3", "epsilons=8", "hidden=16"]
 
 
 def test_matched_removal_prefers_the_subgroup_then_the_class_and_never_a_removed_example():

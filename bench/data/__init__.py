@@ -38,7 +38,6 @@ dataset unchanged. Nothing is cached to disk.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmem.bench.config import Config
+from dpmem.bench.store.files import arrays_fingerprint
 from dpmem.privacy.errors import ConfigError, UsageError
 
 SYNTHETIC_CLASSES = 10
@@ -536,16 +536,6 @@ FILE_SUBGROUPS = ("subgroup_train", "subgroup_test")
 FILE_PCA_ABOVE = 256     # derived subgroups: cluster a PCA-reduced copy of inputs wider than this
 
 
-def array_fingerprint(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over every array's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        digest.update(a.tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """The arrays of a user data file, checked; a ConfigError on data_path names the first problem."""
     def bad(msg: str) -> ConfigError:
@@ -607,7 +597,7 @@ def _integer_ids(a: np.ndarray, name: str, bad) -> np.ndarray:
 def _file(cfg: Config) -> Dataset:
     """The user's .npz: x_train, y_train, x_test, y_test (optional subgroup_train, subgroup_test)."""
     arrays = read_npz(cfg.data_path)
-    fingerprint = array_fingerprint(arrays)
+    fingerprint = arrays_fingerprint(arrays)
     if cfg.zipf_a > 0 and not cfg.n_train:
         raise ConfigError("n_train", "dataset 'file' with zipf_a > 0 resamples the training set to a long tail of "
                                      "n_train examples: set n_train, or zipf_a = 0 to keep the training set as given")

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dpmem.bench.estimators import memorization
+from dpmem.bench.estimators import findings, memorization
 from dpmem.bench.estimators import subgroups
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import RunStore, read_json
-from dpmem.bench.run.subsets import CANARY_MASKS_FILE
+from dpmem.bench.store.files import read_json
+from dpmem.bench.store.run_store import RunStore
+from dpmem.bench.store.run_store import CANARY_MASKS_FILE
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
 from dpmem.privacy.family import bonferroni_share
@@ -77,7 +78,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                                                epsilon=claimed, delta=delta, alpha=share)
         mem = memorization.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
-        found = memorization.controlled_findings(
+        found = findings.controlled_findings(
             masks, arrays["train_correct"], arrays["test_correct"] if with_pairs else None, eligible=real,
             mem_threshold=cfg.mem_threshold, infl_threshold=cfg.infl_threshold, fdr=cfg.fdr, seed=cfg.seed)
         frame = mem.frame()
@@ -149,7 +150,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "train_seconds": store.variant_record(name).get("train_seconds"),
             "canary_audit": canary_audits[name].to_dict() if name in canary_audits else None,
         }
-    memorization = pd.concat(mem_rows, ignore_index=True)
+    mem_table = pd.concat(mem_rows, ignore_index=True)
     sub = pd.concat(sub_rows, ignore_index=True)
     bins = pd.concat(bin_rows, ignore_index=True)
     pairs = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame()
@@ -160,10 +161,10 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
         "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
         "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
-        "fdr": cfg.fdr, "null_permutations": memorization.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
+        "fdr": cfg.fdr, "null_permutations": findings.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
         "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
-    return Analysis(memorization=memorization, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
+    return Analysis(memorization=mem_table, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
                     summary=summary, canary_audits=canary_audits)
 
 

@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from dpmem.bench.report.analysis import Analysis  # noqa: E402
-from dpmem.bench.store.run_store import atomic_write_bytes, atomic_write_json  # noqa: E402
+from dpmem.bench.store.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from dpmem.bench.estimators.subgroups import bin_order  # noqa: E402
 
 MEMORIZATION_COLUMNS = ["variant", "epsilon", "index", "label", "subgroup", "subgroup_count", "p_in", "p_out",

@@ -2,7 +2,7 @@
 
 Either way the driver (the `dpmem run` process) alone writes the store, so the store's guarantees
 (atomic units, one writer, checksums) do not depend on how many processes train. A unit's arrays
-do not depend on where it ran (per-model random streams, see pipeline.py).
+do not depend on where it ran (per-model random streams, see plan.py).
 
 Threads: N workers on one machine each use ``max(1, cores // N)`` torch/OpenMP/MKL threads, so they
 never oversubscribe the cores (two 2-thread processes on 2 cores run a CNN step about 8x slower).
@@ -11,11 +11,16 @@ On a cluster each task asks Ray for one CPU and uses one thread unless ``threads
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from dpmem.bench.config import Config
+from dpmem.bench.store.run_store import ModelRange
+from dpmem.models import train_models
+from dpmem.models.spec import TrainRequest, TrainSpec
 from dpmem.privacy.errors import UsageError
 
 # A unit whose worker dies (killed, out of memory, node lost) is run again this many times.
@@ -23,8 +28,47 @@ MAX_RETRIES = 3
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Unit:
+    """One unit of work: models ``models.start .. models.stop - 1`` of one cell, with what a worker
+    needs to train them (their mask rows and random streams; a LOO repeat is several rows)."""
+    cell: str
+    models: ModelRange
+    masks: np.ndarray        # bool [rows, n_train]
+    stream_ids: np.ndarray   # int64 [rows]: model k's initialisation, coins and noise streams
+    seed: int
+    noise_seed: int
+    engine: str
+
+
+def train_unit(spec: TrainSpec, inputs: dict, unit: Unit, *, device: str, threads: int = 0,
+               progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Train one unit (in this process or a worker): its flat arrays and seconds."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    req = TrainRequest(x_train=inputs["x_train"], y_train=inputs["y_train"], masks=unit.masks,
+                       canary=inputs.get("canary"), seed=unit.seed, noise_seed=unit.noise_seed,
+                       evals=inputs["evals"], stream_ids=unit.stream_ids)
+    t0 = time.perf_counter()
+    arrays = train_models(spec, req, engine=unit.engine, device=device, progress=progress)
+    return arrays, time.perf_counter() - t0
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op thread count once, so that nothing oversubscribes the machine; 0 means
+    OMP_NUM_THREADS when the environment sets it, else the cores this process may use. Returns the count."""
+    import torch
+    if not threads:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def threads_per_worker(workers: int, threads: int = 0) -> int:
@@ -51,29 +95,28 @@ class SerialExecutor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def map(self, specs: dict, inputs: dict, masks: np.ndarray, units: list, bar) -> Iterator[tuple]:
-        from dpmem.bench.run.pipeline import train_unit
-        for unit in units:
-            spec = specs[unit.variant]
+    def map(self, specs: dict, inputs: dict, todo: list[Unit], bar) -> Iterator[tuple]:
+        for unit in todo:
+            spec = specs[unit.cell]
             done = [0.0]
+            # the bar counts the store's units of work (models, or LOO repeats of several models each)
+            per_step = unit.models.size / (spec.steps * len(unit.masks))
 
-            def advance(model_steps: int, done=done, spec=spec) -> None:
-                target = model_steps / spec.steps      # models' worth of steps done in this unit
+            def advance(model_steps: int, done=done, per_step=per_step) -> None:
+                target = model_steps * per_step
                 bar.update(target - done[0])
                 done[0] = target
 
-            arrays, seconds = train_unit(spec, inputs, masks[unit.chunk.start:unit.chunk.stop], unit,
-                                         device=self.cfg.device, progress=advance)
-            bar.update(unit.chunk.size - done[0])
+            arrays, seconds = train_unit(spec, inputs, unit, device=self.cfg.device, progress=advance)
+            bar.update(unit.models.size - done[0])
             yield unit, arrays, seconds
 
     def close(self) -> None:
         pass
 
 
-def _remote_unit(spec, inputs, masks, unit, device, threads):
-    from dpmem.bench.run.pipeline import train_unit
-    return train_unit(spec, inputs, masks, unit, device=device, threads=threads)
+def _remote_unit(spec, inputs, unit, device, threads):
+    return train_unit(spec, inputs, unit, device=device, threads=threads)
 
 
 class RayExecutor:
@@ -103,19 +146,18 @@ class RayExecutor:
                 raise UsageError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         self.task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_remote_unit)
 
-    def map(self, specs: dict, inputs: dict, masks: np.ndarray, units: list, bar) -> Iterator[tuple]:
+    def map(self, specs: dict, inputs: dict, todo: list[Unit], bar) -> Iterator[tuple]:
         ray = self.ray
         shared = ray.put(inputs)                 # the data travel once per node, not once per task
         pending = {}
-        for unit in units:
-            ref = self.task.remote(specs[unit.variant], shared, masks[unit.chunk.start:unit.chunk.stop], unit,
-                                   self.cfg.device, self.threads)
+        for unit in todo:
+            ref = self.task.remote(specs[unit.cell], shared, unit, self.cfg.device, self.threads)
             pending[ref] = unit
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             unit = pending.pop(done[0])
             arrays, seconds = ray.get(done[0])
-            bar.update(unit.chunk.size)          # models finished, counted across all workers
+            bar.update(unit.models.size)          # models finished, counted across all workers
             yield unit, arrays, seconds
 
     def close(self) -> None:

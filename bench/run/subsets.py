@@ -19,7 +19,6 @@ from dpmem.privacy.audit import SAMPLINGS
 
 _MASK_STREAM = 101   # distinct from the data's streams (bench/data.py) under the same seed
 CANARY_MASK_STREAM = 102   # the gradient canaries' memberships
-CANARY_MASKS_FILE = "canary_masks.npy"   # where a run stores them, beside masks.npy
 
 
 def make_masks(*, sampling: str, models: int, n: int, q: float, seed: int, stream: int = _MASK_STREAM) -> np.ndarray:

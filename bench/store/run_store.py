@@ -9,8 +9,8 @@ Layout (DESIGN.md "Run store and outputs")::
     RUN/data/*.npy                       labels, subgroups and flags of the examples
     RUN/arrays.json                      sha256 of masks.npy and data/*.npy
     RUN/variants/NAME/plan.json          noise multiplier, sample rate, steps, accountant
-    RUN/variants/NAME/chunks/A-B/        one finished unit of models A..B-1 (while training)
-    RUN/variants/NAME/chunks/A-B.json    its completion record, with each array's sha256
+    RUN/variants/NAME/units/A-B/        one finished unit of models A..B-1 (while training)
+    RUN/variants/NAME/units/A-B.json    its completion record, with each array's sha256
     RUN/variants/NAME/{split}_{array}.npy  per-model arrays, once every unit is done
     RUN/variants/NAME/complete.json      the variant's completion record, with each array's sha256
 
@@ -18,21 +18,17 @@ Every file is written to a temporary name, flushed to disk (file and directory) 
 place, and a record is written only after the files it names are durable. A unit counts as done
 only once its record exists and its files match the record's checksums, so a run killed at any
 moment resumes where it stopped, never redoes a finished unit and never uses a damaged one.
-Units may have any size: a resume with another ``chunk_size`` keeps the finished units and splits
+Units may have any size: a resume with another ``unit_size`` keeps the finished units and splits
 what is left (every split gives the same arrays, see pipeline.py).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -40,103 +36,18 @@ import numpy as np
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import STORE_FORMAT, Config
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.run.subsets import CANARY_MASKS_FILE
+from dpmem.bench.store.files import (TMP_SUFFIX, array_fingerprint, atomic_save_npy, atomic_write_json,
+                                     current_umask, file_mode, fsync_dir, is_temporary, load_npy, npy_bytes, package_versions,
+                                     read_json, remove_temporaries, sha256_file)
 
-ARRAYS = ("correct", "margin")
-SPLITS = ("train", "test")
+CANARY_MASKS_FILE = "canary_masks.npy"   # the gradient canaries' memberships, beside masks.npy
 DATA_ARRAYS = ("y_train", "g_train", "y_test", "g_test", "subgroup_label", "is_canary", "label_noisy")
-PACKAGES = ("dpmem", "torch", "opacus", "numpy", "scipy", "pandas", "scikit-learn")
 # The arrays a run's data fingerprint covers.
 FINGERPRINTED = ("x_train", "y_train", "x_test", "y_test")
 LOCK_NAME = ".lock"
 # How long a second writer waits for the lock before it gives up with a clear message.
 LOCK_WAIT_S = 5.0
-TMP_SUFFIX = ".tmp"
 _UNIT = re.compile(r"^(\d{6,})-(\d{6,})$")
-
-
-# -- atomic, durable primitives ---------------------------------------------------------------
-
-@functools.cache
-def _umask() -> int:
-    # Read without changing it where the kernel says it (os.umask can only set it, racing threads).
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode a plainly created file gets (mkstemp's are 0600 whatever the umask)."""
-    return 0o666 & ~_umask()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_temporary(name: str) -> bool:
-    """Names of the temporaries an atomic write leaves behind when it is killed."""
-    return name.startswith(".") and TMP_SUFFIX in name
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically and durably; returns its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write_json(path: Path, obj) -> str:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> str:
-    return atomic_write_bytes(path, npy_bytes(array))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def array_fingerprint(array: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and values (independent of memory layout)."""
-    a = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 def data_fingerprint(ds) -> dict[str, str]:
@@ -144,70 +55,10 @@ def data_fingerprint(ds) -> dict[str, str]:
     return {name: array_fingerprint(getattr(ds, name)) for name in FINGERPRINTED}
 
 
-def load_npy(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Read an array; with ``sha256``, first check the file against it (a damaged file is refused)."""
-    try:
-        if sha256 is not None and sha256_file(path) != sha256:
-            raise UsageError(f"damaged file {path}: its checksum does not match the run's record; "
-                             "`dpmem run` with the same config on this directory retrains it")
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"missing file {path}") from None
-    except (ValueError, EOFError) as e:
-        raise UsageError(f"corrupt file {path}: {e}") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"corrupt file {path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"corrupt file {path}: expected a JSON object")
-    return obj
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
-
-
-def package_versions() -> dict:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def remove_temporaries(root: Path) -> list[Path]:
-    """Delete what killed atomic writes left under ``root`` (only while holding its lock)."""
-    removed = []
-    for path in sorted(Path(root).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
-        if is_temporary(path.name) and path.exists():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 # -- the store -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, order=True)
-class Chunk:
+class ModelRange:
     start: int
     stop: int
 
@@ -220,15 +71,15 @@ class Chunk:
         return self.stop - self.start
 
 
-def chunks_of(models: int, chunk_size: int, start: int = 0) -> list[Chunk]:
-    return [Chunk(s, min(s + chunk_size, models)) for s in range(start, models, chunk_size)]
+def split_models(models: int, unit_size: int, start: int = 0) -> list[ModelRange]:
+    return [ModelRange(s, min(s + unit_size, models)) for s in range(start, models, unit_size)]
 
 
-def fill_gaps(models: int, chunk_size: int, done: list[Chunk]) -> list[Chunk]:
-    """Units of at most ``chunk_size`` models covering what ``done`` (disjoint, sorted) leaves of [0, models)."""
+def fill_gaps(models: int, unit_size: int, done: list[ModelRange]) -> list[ModelRange]:
+    """Units of at most ``unit_size`` models covering what ``done`` (disjoint, sorted) leaves of [0, models)."""
     todo, at = [], 0
-    for unit in done + [Chunk(models, models)]:
-        todo += chunks_of(unit.start, chunk_size, start=at)
+    for unit in done + [ModelRange(models, models)]:
+        todo += split_models(unit.start, unit_size, start=at)
         at = unit.stop
     return todo
 
@@ -440,40 +291,40 @@ class RunStore:
         path = self.variant_dir(name) / "plan.json"
         return read_json(path) if path.exists() else None
 
-    def _chunk_dir(self, name: str, chunk: Chunk) -> Path:
-        return self.variant_dir(name) / "chunks" / chunk.name
+    def _unit_dir(self, name: str, unit: ModelRange) -> Path:
+        return self.variant_dir(name) / "units" / unit.name
 
-    def _chunk_record(self, name: str, chunk: Chunk) -> Path:
-        return self.variant_dir(name) / "chunks" / f"{chunk.name}.json"
+    def _unit_record(self, name: str, unit: ModelRange) -> Path:
+        return self.variant_dir(name) / "units" / f"{unit.name}.json"
 
-    def _unit_intact(self, name: str, chunk: Chunk) -> bool:
+    def _unit_intact(self, name: str, unit: ModelRange) -> bool:
         try:
-            record = read_json(self._chunk_record(name, chunk))
+            record = read_json(self._unit_record(name, unit))
             sums = record.get("sha256")
-            if not isinstance(sums, dict) or not sums or (record.get("start"), record.get("stop")) != (chunk.start, chunk.stop):
+            if not isinstance(sums, dict) or not sums or (record.get("start"), record.get("stop")) != (unit.start, unit.stop):
                 return False
-            files = sorted(p.name for p in self._chunk_dir(name, chunk).glob("*.npy"))
+            files = sorted(p.name for p in self._unit_dir(name, unit).glob("*.npy"))
             return files == sorted(f"{k}.npy" for k in sums) and all(
-                sha256_file(self._chunk_dir(name, chunk) / f"{k}.npy") == v for k, v in sums.items())
+                sha256_file(self._unit_dir(name, unit) / f"{k}.npy") == v for k, v in sums.items())
         except (UsageError, OSError):
             return False
 
-    def _drop_unit(self, name: str, chunk: Chunk) -> None:
-        self._chunk_record(name, chunk).unlink(missing_ok=True)
-        shutil.rmtree(self._chunk_dir(name, chunk), ignore_errors=True)
+    def _drop_unit(self, name: str, unit: ModelRange) -> None:
+        self._unit_record(name, unit).unlink(missing_ok=True)
+        shutil.rmtree(self._unit_dir(name, unit), ignore_errors=True)
 
-    def finished_units(self, name: str) -> list[Chunk]:
+    def finished_units(self, name: str) -> list[ModelRange]:
         """The variant's units that are recorded and intact, sorted and disjoint. Anything else
         (a unit without its record, a damaged or truncated unit, an overlapping one) is deleted so
         that it is trained again."""
-        cdir = self.variant_dir(name) / "chunks"
+        cdir = self.variant_dir(name) / "units"
         if not cdir.is_dir():
             return []
         units = set()
         for path in cdir.iterdir():
             m = _UNIT.match(path.name.removesuffix(".json"))
             if m and int(m[1]) < int(m[2]):
-                units.add(Chunk(int(m[1]), int(m[2])))
+                units.add(ModelRange(int(m[1]), int(m[2])))
         kept, at = [], 0
         for unit in sorted(units):
             if unit.start >= at and self._unit_intact(name, unit):
@@ -483,19 +334,19 @@ class RunStore:
                 self._drop_unit(name, unit)
         return kept
 
-    def pending_units(self, name: str, models: int, chunk_size: int) -> list[Chunk]:
-        """Units still to train for ``models`` models in pieces of at most ``chunk_size``."""
+    def pending_units(self, name: str, models: int, unit_size: int) -> list[ModelRange]:
+        """Units still to train for ``models`` models in pieces of at most ``unit_size``."""
         if self.variant_complete(name):
             return []
-        return fill_gaps(models, chunk_size, [u for u in self.finished_units(name) if u.stop <= models])
+        return fill_gaps(models, unit_size, [u for u in self.finished_units(name) if u.stop <= models])
 
-    def write_chunk(self, name: str, chunk: Chunk, arrays: dict[str, np.ndarray], record: dict) -> None:
+    def write_unit(self, name: str, unit: ModelRange, arrays: dict[str, np.ndarray], record: dict) -> None:
         """Store one finished unit: its arrays, durable, in a directory renamed into place, then the record."""
-        final = self._chunk_dir(name, chunk)
+        final = self._unit_dir(name, unit)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{chunk.name}.", suffix=TMP_SUFFIX))
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{unit.name}.", suffix=TMP_SUFFIX))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~current_umask())
             sums = {}
             for key in sorted(arrays):
                 data = npy_bytes(arrays[key])
@@ -512,10 +363,10 @@ class RunStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(final.parent)
-        atomic_write_json(self._chunk_record(name, chunk), {**record, "sha256": sums,
-                                                           "start": chunk.start, "stop": chunk.stop})
+        atomic_write_json(self._unit_record(name, unit), {**record, "sha256": sums,
+                                                           "start": unit.start, "stop": unit.stop})
 
-    def finalize_variant(self, name: str, models: int) -> list[Chunk]:
+    def finalize_variant(self, name: str, models: int) -> list[ModelRange]:
         """Concatenate the units into one [K, ...] array per key, record their checksums, drop the units.
 
         Returns the model ranges that must be trained (again) first: those no unit covers and units
@@ -526,7 +377,7 @@ class RunStore:
         if missing:
             return missing
         vdir = self.variant_dir(name)
-        records = [read_json(self._chunk_record(name, c)) for c in units]
+        records = [read_json(self._unit_record(name, c)) for c in units]
         keys = sorted(records[0]["sha256"])
         if any(sorted(r["sha256"]) != keys for r in records):
             for unit in units:
@@ -537,7 +388,7 @@ class RunStore:
             parts = []
             for unit, record in zip(units, records):
                 try:
-                    parts.append(load_npy(self._chunk_dir(name, unit) / f"{key}.npy", record["sha256"][key]))
+                    parts.append(load_npy(self._unit_dir(name, unit) / f"{key}.npy", record["sha256"][key]))
                 except UsageError:   # damaged since it was checked: train it again
                     self._drop_unit(name, unit)
                     return [unit]
@@ -545,7 +396,7 @@ class RunStore:
         seconds = float(sum(r.get("seconds", 0.0) for r in records))
         atomic_write_json(vdir / "complete.json", {"models": models, "units": len(units), "arrays": keys,
                                                    "sha256": sums, "train_seconds": seconds})
-        shutil.rmtree(vdir / "chunks", ignore_errors=True)
+        shutil.rmtree(vdir / "units", ignore_errors=True)
         return []
 
     def variant_complete(self, name: str) -> bool:
@@ -573,7 +424,7 @@ class RunStore:
         (vdir / "complete.json").unlink(missing_ok=True)
         for path in vdir.glob("*.npy"):
             path.unlink()
-        shutil.rmtree(vdir / "chunks", ignore_errors=True)
+        shutil.rmtree(vdir / "units", ignore_errors=True)
 
     def variant_arrays(self, name: str) -> dict[str, np.ndarray]:
         """Per-model arrays of a finished variant ({'train_correct': bool[K, n], ...}), each checked

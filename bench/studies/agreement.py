@@ -17,7 +17,8 @@ import pandas as pd
 from scipy import stats
 
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import RunStore, read_json
+from dpmem.bench.store.files import read_json
+from dpmem.bench.store.run_store import RunStore
 
 
 def per_model_accuracy(store: RunStore, variant: str) -> np.ndarray:

@@ -185,7 +185,7 @@ def write_report(per_model: pd.DataFrame, summary: pd.DataFrame, points: pd.Data
     import seaborn as sns
 
     from dpmem.bench.report.tables import _save, latex, markdown, write_frame
-    from dpmem.bench.store.run_store import atomic_write_bytes, atomic_write_json
+    from dpmem.bench.store.files import atomic_write_bytes, atomic_write_json
     out = Path(out)
     write_frame(summary, out / "feldman_bound")
     write_frame(per_model, out / "feldman_per_model")

@@ -15,14 +15,16 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from dpmem.bench.estimators import memorization
-from dpmem.bench.run import pipeline
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
+from dpmem.bench.estimators import memorization
+from dpmem.bench.run import execution, pipeline, plan, units
+from dpmem.bench.store.files import atomic_write_json, read_json
+from dpmem.bench.store.run_store import ModelRange, RunStore, data_fingerprint
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import RunStore, atomic_write_json, data_fingerprint, read_json
-from dpmem.models import train_models
-from dpmem.models.spec import TrainRequest
+
+# How the LOO models' seeds are derived (plan.study_seed); a study stored otherwise is not resumed.
+SEED_SCHEME = "study_seed"
 
 
 def choose_examples(mem: np.ndarray, *, count: int, seed: int) -> np.ndarray:
@@ -61,22 +63,23 @@ def paired_mem(in_correct: np.ndarray, out_correct: np.ndarray, level: float = 0
                          "mem_loo_lo": mean - half, "mem_loo_hi": mean + half, "repeats": r})
 
 
-def _plan_full_set(cfg: Config, n: int, variant: str, epsilon: float | None) -> dict:
-    sched = pipeline.schedule(cfg, n, expected=float(n))
-    return pipeline.plan_variant(cfg, epsilon, sched)
+def _plan_full_set(cfg: Config, n: int, epsilon: float | None) -> dict:
+    return plan.plan_variant(cfg, epsilon, plan.schedule(cfg, n, expected=float(n)))
 
 
 def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, repeats: int = 100,
-            examples: np.ndarray | None = None, chunk_repeats: int | None = None,
-            progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) the LOO models for ``variant`` of a finished run; returns one row per example."""
-    cfg = store.config()
+            examples: np.ndarray | None = None, unit_repeats: int | None = None, config: Config | None = None,
+            progress: bool = True, ray_address: str | None = None) -> pd.DataFrame:
+    """Train (or resume) the LOO models for ``variant`` of a finished run; returns one row per example.
+
+    ``config``: the run's config with other execution settings (device, workers, threads)."""
+    cfg = store.config() if config is None else config
     names = dict(cfg.variants)
     if variant not in names:
         raise UsageError(f"variant {variant!r} is not in this run ({', '.join(names)})")
     if repeats < 2:
         raise UsageError(f"--repeats must be >= 2, got {repeats}")
-    pipeline.set_threads(cfg.threads)
+    execution.set_threads(cfg.threads)
     ds = load_dataset(cfg)
     store.check_fingerprint(data_fingerprint(ds), "the dataset built now")
     loo_store = RunStore(store.root / "loo" / variant)
@@ -93,40 +96,37 @@ def run_loo(store: RunStore, *, variant: str = "nonprivate", count: int = 30, re
         examples = np.asarray(examples, dtype=np.int64)
         if examples.min() < 0 or examples.max() >= ds.n_train:
             raise UsageError(f"example indices must be in [0, {ds.n_train})")
-        plan = _plan_full_set(cfg, ds.n_train, variant, names[variant])
         loo_store.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {"variant": variant, "repeats": repeats, "examples": examples.tolist(),
-                                      "plan": plan, "config_hash": cfg.hash()})
+                                      "plan": _plan_full_set(cfg, ds.n_train, names[variant]),
+                                      "config_hash": cfg.hash(), "seeds": SEED_SCHEME})
     meta = read_json(meta_path)
-    plan = meta["plan"]
-    spec = pipeline.train_spec(cfg, ds, plan)
-    x_train = pipeline.model_inputs(cfg, ds, ds.x_train)
-    evals = {"chosen": (x_train[examples], ds.y_train[examples])}
+    if meta.get("seeds") != SEED_SCHEME:
+        raise UsageError(f"{loo_store.root} was written by an older dpmem (LOO seeds derived otherwise); "
+                         "remove it to start again")
+    spec = plan.train_spec(cfg, ds, meta["plan"])
+    x_train = plan.as_inputs(ds.x_train)
     per_block = 1 + len(examples)
-    chunk_repeats = chunk_repeats or max(1, cfg.chunk_size // per_block)
-    # LOO models draw from streams of their own seed, apart from the main run's models
-    loo_cfg = cfg.replace(seed=cfg.seed + 7919)
-    seed, noise_seed = pipeline.run_seed(loo_cfg), pipeline.noise_seed(loo_cfg, variant)
-    todo = loo_store.pending_units("loo", repeats, chunk_repeats)
-    bar = tqdm(total=repeats, initial=repeats - sum(c.size for c in todo), unit="repeat",
-               desc=f"LOO {variant}", disable=not progress, dynamic_ncols=True)
-    while todo:
-        for chunk in todo:
-            masks, stream_ids = loo_masks(ds.n_train, examples, chunk.size, first=chunk.start)
-            req = TrainRequest(x_train=x_train, y_train=ds.y_train, masks=masks, seed=seed,
-                               noise_seed=noise_seed, evals=evals, stream_ids=stream_ids)
-            out = pipeline.flat_outputs(train_models(spec, req, engine=cfg.engine, device=cfg.device))
-            correct = out["chosen_correct"].reshape(chunk.size, per_block, len(examples))
-            margin = out["chosen_margin"].reshape(chunk.size, per_block, len(examples))
-            cols = np.arange(len(examples))
-            loo_store.write_chunk("loo", chunk, {
-                "in_correct": correct[:, 0, :], "out_correct": correct[:, 1 + cols, cols],
-                "in_margin": margin[:, 0, :], "out_margin": margin[:, 1 + cols, cols]}, {"models": chunk.size * per_block})
-            bar.update(chunk.size)
-        todo = ([] if loo_store.variant_complete("loo") or not loo_store.finalize_variant("loo", repeats)
-                else loo_store.pending_units("loo", repeats, chunk_repeats))
-        bar.update(-sum(c.size for c in todo))
-    bar.close()
+    masks, stream_ids = loo_masks(ds.n_train, examples, repeats)
+    cols = np.arange(len(examples))
+
+    def stored(models: ModelRange, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        correct = out["chosen_correct"].reshape(models.size, per_block, len(examples))
+        margin = out["chosen_margin"].reshape(models.size, per_block, len(examples))
+        return {"in_correct": correct[:, 0, :], "out_correct": correct[:, 1 + cols, cols],
+                "in_margin": margin[:, 0, :], "out_margin": margin[:, 1 + cols, cols]}
+
+    # LOO models draw from streams of the study's own seed, apart from the main run's models
+    loo_cfg = cfg.replace(seed=plan.study_seed(cfg, "loo"))
+    cell = units.Cell(name="loo", spec=spec, models=repeats, seed=plan.run_seed(loo_cfg),
+                      noise_seed=plan.noise_seed(loo_cfg, variant), engine=cfg.engine, masks=masks,
+                      rows_per_model=per_block, stream_ids=stream_ids, stored=stored)
+    # a unit holds whole repeats: about unit_size models of 1 + len(examples) each
+    execution_cfg = cfg.replace(unit_size=unit_repeats or max(1, cfg.unit_size // per_block))
+    units.train_units(loo_store, [cell], {"x_train": x_train, "y_train": ds.y_train,
+                                          "evals": {"chosen": (x_train[examples], ds.y_train[examples])}},
+                      execution_cfg, ray_address=ray_address, progress=progress, desc=f"LOO {variant}",
+                      counting="repeat")
     arrays = loo_store.variant_arrays("loo")
     table = paired_mem(arrays["in_correct"], arrays["out_correct"])
     table.insert(0, "index", examples)

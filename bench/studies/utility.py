@@ -23,27 +23,23 @@ with a completion record, so an interrupted study resumes where it stopped.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-from tqdm.auto import tqdm
 
-from dpmem.bench.estimators import memorization
-from dpmem.bench.run import pipeline
+from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
-from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import RunStore, atomic_write_json, read_json
+from dpmem.bench.estimators import memorization
 from dpmem.bench.estimators.subgroups import crossed_mean_ci
-from dpmem.models import train_models
-from dpmem.models.spec import TrainRequest
+from dpmem.bench.run import execution, plan, units
+from dpmem.bench.store.files import atomic_write_json, read_json
+from dpmem.bench.store.run_store import ModelRange, RunStore
+from dpmem.privacy.errors import UsageError
 
 KINDS = ("memorized", "random", "matched")
 REFERENCE = "full"
-# Random stream of the study (its own, so its models are not the run's models).
-_STUDY_STREAM = 7_031
 
 
 # -- removal sets ----------------------------------------------------------------------------
@@ -100,7 +96,7 @@ def removal_masks(kind: str, memorized: np.ndarray, *, g_train: np.ndarray, y_tr
             removed[row, memorized] = True
             continue
         rng = np.random.default_rng(np.random.SeedSequence(
-            [seed, _STUDY_STREAM, int(round(threshold * 1e6)), KINDS.index(kind), k]))
+            [seed, plan.STUDY_STREAMS["utility"], int(round(threshold * 1e6)), KINDS.index(kind), k]))
         if kind == "random":
             removed[row, rng.choice(candidates, size=len(memorized), replace=False)] = True
         else:
@@ -123,32 +119,25 @@ def influenced_test(high: np.ndarray, removed: np.ndarray) -> np.ndarray:
 
 # -- training --------------------------------------------------------------------------------
 
-def _train_unit(cfg, spec, *, x, y, masks, chunk, variant: str, evals: dict) -> dict[str, np.ndarray]:
-    """Train models chunk.start..chunk.stop-1 of a cell, seeded as the pipeline seeds a run's units but from
-    the study's own seed; flat {split}_{array} arrays."""
-    study = cfg.replace(seed=int(np.random.SeedSequence([cfg.seed, _STUDY_STREAM]).generate_state(1)[0]))
-    seed, noise_seed = pipeline.run_seed(study), pipeline.noise_seed(study, variant)
-    req = TrainRequest(x_train=x, y_train=y, masks=masks, seed=seed, noise_seed=noise_seed, evals=evals,
-                       stream_ids=np.arange(chunk.start, chunk.stop, dtype=np.int64))
-    return train_models(spec, req, engine=cfg.engine)
-
-
 def _cell_name(kind: str, threshold: float | None, variant: str) -> str:
     return f"{REFERENCE}-{variant}" if threshold is None else f"t{threshold:g}-{kind}-{variant}"
 
 
 def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], models: int = 100,
-                progress: bool = True) -> dict:
-    """Train (or resume) every cell; returns the study: settings, influence, and each cell's arrays."""
-    cfg = store.config()
+                config: Config | None = None, progress: bool = True, ray_address: str | None = None) -> dict:
+    """Train (or resume) every cell; returns the study: settings, influence, and each cell's arrays.
+
+    ``config``: the run's config with other execution settings (device, workers, threads)."""
+    cfg = store.config() if config is None else config
     if models < 2:
         raise UsageError(f"--models must be >= 2, got {models}")
+    execution.set_threads(cfg.threads)
     ds = load_dataset(cfg)
     data = store.data()
     if not (np.array_equal(data["y_train"], ds.y_train) and np.array_equal(data["g_train"], ds.g_train)):
         raise UsageError(f"{store.root}: stored training data differ from the data its config generates")
-    cells = RunStore(out)
-    meta_path = cells.root / "utility.json"
+    study_store = RunStore(out)
+    meta_path = study_store.root / "utility.json"
     # the run's stored hash (not a recomputed one) identifies it even after new config keys appear
     settings = {"run_hash": store.meta().get("hash"), "thresholds": [float(t) for t in thresholds],
                 "models": int(models)}
@@ -158,7 +147,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
     if meta_path.exists():
         meta = read_json(meta_path)
         if {k: meta.get(k) for k in settings} != settings:
-            raise UsageError(f"{cells.root} holds a utility study with other settings; use another --out "
+            raise UsageError(f"{study_store.root} holds a utility study with other settings; use another --out "
                              "or the same settings to resume it")
     else:
         mem = memorization.memorization(masks, np_arrays["train_correct"]).mem
@@ -171,7 +160,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
             if 2 * len(s["memorized"]) > len(candidates):
                 raise UsageError(f"--thresholds {s['threshold']:g}: {len(s['memorized'])} of {len(candidates)} "
                                  "examples reach it, too many to match with as many others; use a higher threshold")
-        cells.root.mkdir(parents=True, exist_ok=True)
+        study_store.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {**settings, "run": str(store.root), "run_config": cfg.to_dict(),
                                       "infl_threshold": cfg.infl_threshold,
                                       "removals": sets, "skipped_thresholds": [
@@ -179,16 +168,13 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
         meta = read_json(meta_path)
     high = high_influence(masks, np_arrays["test_correct"], cfg.infl_threshold)
 
-    x_train = pipeline.model_inputs(cfg, ds, ds.x_train)
-    evals = {"test": (pipeline.model_inputs(cfg, ds, ds.x_test), ds.y_test)}
+    x_train = plan.as_inputs(ds.x_train)
+    inputs = {"x_train": x_train, "y_train": ds.y_train, "evals": {"test": (plan.as_inputs(ds.x_test), ds.y_test)}}
     jobs = [(None, REFERENCE, np.zeros(0, np.int64))]
     jobs += [(s["threshold"], kind, np.array(s["memorized"], np.int64)) for s in meta["removals"] for kind in KINDS]
-    total = len(jobs) * len(cfg.variants) * models
-    done_models = sum(models for thr, kind, _ in jobs for v, _ in cfg.variants
-                      if cells.variant_complete(_cell_name(kind, thr, v)))
-    bar = tqdm(total=total, initial=done_models, unit="model", desc="utility", disable=not progress,
-               dynamic_ncols=True)
-    result = {"meta": meta, "high_influence": high, "cells": []}
+    # the study's models train from a seed of its own, so they are not the run's models
+    study = cfg.replace(seed=plan.study_seed(cfg, "utility"))
+    cells, rows = [], []
     for thr, kind, memorized in jobs:
         if kind == REFERENCE:
             removed, fallback = np.zeros((models, ds.n_train), bool), None
@@ -199,36 +185,29 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
         n_keep = ds.n_train - len(memorized)
         for variant, eps in cfg.variants:
             name = _cell_name(kind, thr, variant)
-            if not cells.variant_complete(name):
-                plan = cells.plan(name)
-                if plan is None:
-                    sched = pipeline.schedule(cfg, n_keep, expected=float(n_keep))
-                    plan = {**pipeline.plan_variant(cfg, eps, sched), "n_train": int(n_keep)}
-                    cells.save_plan(name, plan)
-                spec = pipeline.train_spec(cfg, ds, plan)
-                todo = cells.pending_units(name, models, cfg.chunk_size)
-                while todo:
-                    for chunk in todo:
-                        t0 = time.perf_counter()
-                        # every model trains on the whole training set minus its removed examples; the masks
-                        # keep the example positions, so a model shares its reference partner's batch coins
-                        arrays = _train_unit(cfg, spec, x=x_train, y=ds.y_train,
-                                             masks=~removed[chunk.start:chunk.stop], chunk=chunk, variant=variant,
-                                             evals=evals)
-                        arrays["removed"] = removed[chunk.start:chunk.stop]
-                        cells.write_chunk(name, chunk, arrays, {"seconds": time.perf_counter() - t0,
-                                                                "models": chunk.size})
-                        bar.update(chunk.size)
-                    # units damaged since they were written come back to be trained again
-                    todo = (cells.pending_units(name, models, cfg.chunk_size)
-                            if cells.finalize_variant(name, models) else [])
-            stored = cells.variant_arrays(name)
-            result["cells"].append({"threshold": thr, "kind": kind, "variant": variant, "epsilon": eps,
-                                    "removed": int(len(memorized)), "plan": cells.plan(name),
-                                    "removed_mask": stored["removed"].astype(bool), "fallback": fallback,
-                                    "memorized": memorized,
-                                    "test_correct": stored["test_correct"].astype(bool)})
-    bar.close()
+            cell_plan = study_store.plan(name)
+            if cell_plan is None:
+                sched = plan.schedule(cfg, n_keep, expected=float(n_keep))
+                cell_plan = {**plan.plan_variant(cfg, eps, sched), "n_train": int(n_keep)}
+                study_store.save_plan(name, cell_plan)
+
+            def stored(unit: ModelRange, arrays: dict, removed=removed) -> dict:
+                return {**arrays, "removed": removed[unit.start:unit.stop]}
+
+            # every model trains on the whole training set minus its removed examples; the masks keep the
+            # example positions, so a model shares its reference partner's initialisation and batch coins
+            cells.append(units.Cell(name=name, spec=plan.train_spec(cfg, ds, cell_plan), models=models,
+                                    seed=plan.run_seed(study), noise_seed=plan.noise_seed(study, variant),
+                                    engine=cfg.engine, masks=~removed, stored=stored))
+            rows.append({"threshold": thr, "kind": kind, "variant": variant, "epsilon": eps,
+                         "removed": int(len(memorized)), "fallback": fallback, "memorized": memorized})
+    units.train_units(study_store, cells, inputs, cfg, ray_address=ray_address, progress=progress, desc="utility")
+    result = {"meta": meta, "high_influence": high, "cells": []}
+    for cell, row in zip(cells, rows):
+        arrays = study_store.variant_arrays(cell.name)
+        result["cells"].append({**row, "plan": study_store.plan(cell.name),
+                                "removed_mask": arrays["removed"].astype(bool),
+                                "test_correct": arrays["test_correct"].astype(bool)})
     return result
 
 
@@ -348,7 +327,7 @@ def write_report(table: pd.DataFrame, out: str | Path) -> None:
     import seaborn as sns
 
     from dpmem.bench.report.tables import _save, write_frame
-    from dpmem.bench.store.run_store import atomic_write_bytes
+    from dpmem.bench.store.files import atomic_write_bytes
     out = Path(out)
     write_frame(table, out / "utility")
     shown = display_table(table)

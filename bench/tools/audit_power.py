@@ -29,7 +29,8 @@ from dpmem.bench import config
 from dpmem.bench.run import pipeline
 from dpmem.bench.cli import audit_failures
 from dpmem.bench.report.tables import markdown
-from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
+from dpmem.bench.store.files import atomic_write_bytes
+from dpmem.bench.store.run_store import RunStore
 
 AUDIT_CONFIG = Path(__file__).parent / "configs" / "audit.toml"
 # fault -> overrides; the bugs other than half_noise are audited at claimed eps 1 only

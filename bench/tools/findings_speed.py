@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from dpmem.bench.estimators import memorization
+from dpmem.bench.estimators import findings, memorization
 from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.run_store import RunStore
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return count
 
     def controlled(mem_threshold: float):
-        return lambda: memorization.controlled_findings(
+        return lambda: findings.controlled_findings(
             masks, arrays["train_correct"], arrays["test_correct"], eligible=eligible, mem_threshold=mem_threshold,
             infl_threshold=cfg.infl_threshold, fdr=cfg.fdr, seed=cfg.seed)
 

@@ -19,13 +19,14 @@ from dpmem.bench.report import analysis
 from dpmem.bench import config
 from dpmem.bench.run import pipeline
 from dpmem.bench.report.tables import markdown
-from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
+from dpmem.bench.store.files import atomic_write_bytes
+from dpmem.bench.store.run_store import RunStore
 from dpmem.privacy.faults import FAULTS
 
 # Synthetic mixture with 10 mislabeled canaries (strong memorization signals), so that 512 models can
 # refute epsilon = 1 (power_eps is about 3.5) when the implementation is broken.
 PLANTED_BASE = ["dataset=synthetic", "n_train=100", "n_test=200", "n_subgroups=20", "dim=32", "canaries=10",
-                "models=512", "chunk_size=512", "q=0.5", "epochs=30", "batch_size=25", "lr=0.5", "hidden=32",
+                "models=512", "unit_size=512", "q=0.5", "epochs=30", "batch_size=25", "lr=0.5", "hidden=32",
                 "epsilons=1", "delta=1e-4"]
 
 

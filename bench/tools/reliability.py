@@ -28,9 +28,10 @@ import numpy as np
 import pandas as pd
 
 from dpmem.bench.report.tables import markdown
-from dpmem.bench.store.run_store import RunStore, atomic_write_bytes
+from dpmem.bench.store.files import atomic_write_bytes
+from dpmem.bench.store.run_store import RunStore
 
-CONFIG = ["dataset=digits", "models=96", "chunk_size=8", "epochs=2", "epsilons=4", "hidden=32"]
+CONFIG = ["dataset=digits", "models=96", "unit_size=8", "epochs=2", "epsilons=4", "hidden=32"]
 MODES = ("random", "random", "random", "creation", "concatenation", "reports")
 
 
