@@ -107,15 +107,15 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     ``config``: a config file, a dict of config keys or a ``Config`` (None: the defaults);
     ``overrides``: config keys on top. A bad value raises ``dpmem.ConfigError``
     naming the field before anything is written, as ``dpmem run`` does."""
+    from dpmem.bench import report
     from dpmem.bench.report import analysis
     from dpmem.bench.run import pipeline
-    from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
     cfg = load_config(config, **overrides)
     ds, engine = pipeline.check_inputs(cfg)
     store = RunStore.create_or_resume(out, cfg)
     pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
-    tables.write_all(analysis.analyse(store), store.root)
+    report.write_all(analysis.analyse(store), store.root)
     return Run(store.root)
 
 

@@ -43,10 +43,9 @@ def _output_dir(path: Path, what: str) -> Path:
 
 
 def cmd_run(args) -> int:
+    from dpmem.bench import report
     from dpmem.bench.report import analysis
-    from dpmem.bench.run import execution
-    from dpmem.bench.run import pipeline
-    from dpmem.bench.report import tables
+    from dpmem.bench.run import execution, pipeline
     from dpmem.bench.store.run_store import RunStore, data_fingerprint
     path, overrides = _split_run_args(args.args)
     if args.workers is not None:
@@ -68,7 +67,7 @@ def cmd_run(args) -> int:
             return 130
         train_wall = time.perf_counter() - t0
         result = analysis.analyse(store)
-        tables.write_all(result, out)
+        report.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
@@ -83,17 +82,17 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_report(args) -> int:
+    from dpmem.bench import report
     from dpmem.bench.report import analysis
-    from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
     result = analysis.analyse(store)
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
-            tables.write_all(result, out)
+            report.write_all(result, out)
     else:
-        tables.write_all(result, out)
+        report.write_all(result, out)
     _print_summary(result.summary)
     print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
     return EXIT_OK
@@ -293,7 +292,7 @@ def cmd_loo(args) -> int:
     at_default = pd.DataFrame({"est": est, "loo": table["mem_loo"], "loo_lo": table["mem_loo_lo"],
                                "loo_hi": table["mem_loo_hi"]})
     at_default.attrs["title"] = f"K = {cfg.models}, q = {cfg.q:g} ({args.variant})"
-    tables.write_loo(table, errors, at_default, out)
+    loo.write_report(table, errors, at_default, out)
     print(tables.markdown(errors[["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson",
                                   "spearman"]]))
     print(f"dpmem: LOO on {len(table)} examples x {args.repeats} repeats; mean LOO mem "
@@ -310,10 +309,10 @@ def cmd_sweep(args) -> int:
     points = sweep.run_sweep(out, base, widths=_int_list(args.widths), n_trains=_int_list(args.n_trains),
                              progress=not args.quiet)
     corr = sweep.correlations(points)
-    tables.write_sweep(points, corr, Path(args.report_out) if args.report_out else out)
+    sweep.write_report(points, corr, Path(args.report_out) if args.report_out else out)
     print(tables.markdown(points[["config", "variant", "n_train", "test_accuracy", "mean_mem"]]))
     print("Correlation of mean memorization with test accuracy:")
-    print(tables.markdown(corr[tables.CORRELATION_COLUMNS]))
+    print(tables.markdown(corr[sweep.CORRELATION_COLUMNS]))
     return EXIT_OK
 
 

@@ -184,7 +184,8 @@ def write_report(per_model: pd.DataFrame, summary: pd.DataFrame, points: pd.Data
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from dpmem.bench.report.tables import _save, latex, markdown, write_frame
+    from dpmem.bench.report.figures import save_figure
+    from dpmem.bench.report.tables import latex, markdown, write_frame
     from dpmem.bench.store.files import atomic_write_bytes, atomic_write_json
     out = Path(out)
     write_frame(summary, out / "feldman_bound")
@@ -227,4 +228,4 @@ def write_report(per_model: pd.DataFrame, summary: pd.DataFrame, points: pd.Data
     ax.set(title=f"t = {facts['points']}, n = {facts['n_train']}, q = {facts['q']:g}", ylabel="error")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, out / "figures", "feldman_bound")
+    save_figure(fig, out / "figures", "feldman_bound")

@@ -10,14 +10,19 @@ subset of size about qn, not out of S — so its error against LOO mixes varianc
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from scipy import stats
-from tqdm.auto import tqdm
 
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
 from dpmem.bench.estimators import memorization
+from dpmem.bench.report.figures import save_figure
+from dpmem.bench.report.tables import write_frame, write_md_tex
 from dpmem.bench.run import execution, pipeline, plan, units
 from dpmem.bench.store.files import atomic_write_json, read_json
 from dpmem.bench.store.run_store import ModelRange, RunStore, data_fingerprint
@@ -188,3 +193,32 @@ def estimator_error(store: RunStore, loo_table: pd.DataFrame, *, ks: list[int], 
             ok = np.isfinite(est)
             rows.append({"variant": variant, "q": q, "K": k, **error_row(est[ok], loo[ok])})
     return pd.DataFrame(rows)
+
+
+# -- report -------------------------------------------------------------------------------
+
+def write_report(loo_table: pd.DataFrame, errors: pd.DataFrame, est_at_default: pd.DataFrame, out: Path) -> None:
+    """LOO ground truth, the estimator-error table (MD/LaTeX/CSV) and its figure."""
+    out = Path(out)
+    write_frame(loo_table, out / "loo")
+    write_frame(errors, out / "estimator_error")
+    cols = ["q", "K", "examples", "mae", "mae_lo", "mae_hi", "p90_abs_err", "pearson", "pearson_lo",
+            "pearson_hi", "spearman", "spearman_lo", "spearman_hi"]
+    write_md_tex(errors[cols], "Subset-sampling memorization estimate versus exact leave-one-out.", out,
+                 "estimator_error")
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.errorbar(est_at_default["loo"], est_at_default["est"],
+                 xerr=[est_at_default["loo"] - est_at_default["loo_lo"], est_at_default["loo_hi"] - est_at_default["loo"]],
+                 fmt="o", ms=4, alpha=0.7, elinewidth=0.6)
+    lim = [-0.3, 1.05]
+    ax1.plot(lim, lim, "k--", lw=0.8)
+    ax1.set(xlim=lim, ylim=lim, xlabel="exact leave-one-out memorization (95% CI)",
+            ylabel="subset-sampling estimate", title=est_at_default.attrs.get("title", "estimate vs LOO"))
+    for q, rows in errors.groupby("q"):
+        ax2.errorbar(rows["K"], rows["mae"], yerr=[rows["mae"] - rows["mae_lo"], rows["mae_hi"] - rows["mae"]],
+                     marker="o", capsize=3, label=f"q = {q:g}")
+    ax2.set(xscale="log", xlabel="models K", ylabel="mean |estimate - LOO|", title="Estimator error vs K and q")
+    ax2.legend()
+    fig.tight_layout()
+    save_figure(fig, out / "figures", "estimator_error")

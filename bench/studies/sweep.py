@@ -7,14 +7,19 @@ is one point: mean memorization of the training examples against mean test accur
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from scipy import stats
 
-from dpmem.bench.report import analysis
-from dpmem.bench.run import pipeline
 from dpmem.bench.config import Config
+from dpmem.bench.report import analysis
+from dpmem.bench.report.figures import save_figure
+from dpmem.bench.report.tables import write_frame, write_md_tex
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.run_store import RunStore
 
 
@@ -67,3 +72,36 @@ def correlations(points: pd.DataFrame) -> pd.DataFrame:
     for variant, group in points.groupby("variant", sort=False):
         rows.append({"scope": variant, **correlation(group)})
     return pd.DataFrame(rows)
+
+
+# -- report -------------------------------------------------------------------------------
+
+CORRELATION_COLUMNS = ["scope", "points", "pearson", "pearson_lo", "pearson_hi", "spearman", "spearman_lo",
+                       "spearman_hi"]
+
+
+def write_report(points: pd.DataFrame, corr: pd.DataFrame, out: Path) -> None:
+    out = Path(out)
+    write_frame(points, out / "mem_vs_gen")
+    write_frame(corr, out / "mem_vs_gen_correlation")
+    cols = ["config", "variant", "n_train", "width", "test_accuracy", "train_accuracy", "gen_gap", "mean_mem"]
+    for stem, df, caption in (("mem_vs_gen", points[cols], "Memorization versus generalization across configurations."),
+                              ("mem_vs_gen_correlation", corr[CORRELATION_COLUMNS],
+                               "Correlation of mean memorization with test accuracy (95% bootstrap intervals).")):
+        write_md_tex(df, caption, out, stem)
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    variants = list(dict.fromkeys(points["variant"]))
+    palette = dict(zip(variants, sns.color_palette("viridis_r", len(variants))))
+    for variant in variants:
+        rows = points.loc[points["variant"] == variant]
+        r = corr.loc[corr["scope"] == variant].iloc[0]
+        ax.scatter(rows["mean_mem"], rows["test_accuracy"], s=18 + rows["n_train"] / 10, color=palette[variant],
+                   label=f"{variant}: r = {r['pearson']:.2f} [{r['pearson_lo']:.2f}, {r['pearson_hi']:.2f}]")
+    pooled = corr.iloc[0]
+    ax.set(xlabel="mean memorization of training examples", ylabel="test accuracy",
+           title=f"All {int(pooled['points'])} points: r = {pooled['pearson']:.2f} "
+                 f"[{pooled['pearson_lo']:.2f}, {pooled['pearson_hi']:.2f}] (marker size: training-set size)")
+    ax.legend(fontsize=7, title="Pearson r within variant", title_fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "figures", "mem_vs_gen")

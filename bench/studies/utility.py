@@ -326,7 +326,8 @@ def write_report(table: pd.DataFrame, out: str | Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from dpmem.bench.report.tables import _save, write_frame
+    from dpmem.bench.report.figures import save_figure
+    from dpmem.bench.report.tables import write_frame
     from dpmem.bench.store.files import atomic_write_bytes
     out = Path(out)
     write_frame(table, out / "utility")
@@ -365,4 +366,4 @@ def write_report(table: pd.DataFrame, out: str | Path) -> None:
                 ax.set_ylabel(label)
     axes[0][0].legend(fontsize=7, title="removed", title_fontsize=7)
     fig.tight_layout()
-    _save(fig, out / "figures", "utility")
+    save_figure(fig, out / "figures", "utility")
