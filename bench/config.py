@@ -63,8 +63,8 @@ class Config:
     momentum: float = 0.0
     weight_decay: float = 0.0        # L2 penalty (makes logreg strongly convex)
     max_grad_norm: float = 1.0
-    engine: str = "auto"             # auto | batched | opacus | trainer (models/__init__.py ENGINES)
-    trainer: str = ""                # "package.module:fit": user code trains every model (models/trainer.py)
+    engine: str = "auto"             # auto | batched | opacus | user (models/__init__.py ENGINES)
+    trainer: str = ""                # "package.module:fit": user code trains every model (models/user_engine.py)
     # privacy
     epsilons: tuple[float, ...] = (1.0, 4.0, 16.0)
     delta: float = 1e-5
@@ -142,9 +142,9 @@ def validate(c: Config) -> None:
            f"unknown engine {c.engine!r}; choose from auto, {', '.join(ENGINES)}")
     _check(not c.trainer or is_import_path(c.trainer), "trainer",
            f"{c.trainer!r} is not of the form package.module:function")
-    _check(not c.trainer or c.engine in ("auto", "trainer"), "engine",
-           f"a trainer trains the models itself; engine must be auto or trainer, not {c.engine!r}")
-    _check(c.engine != "trainer" or bool(c.trainer), "trainer", "engine = 'trainer' needs trainer = package.module:fit")
+    _check(not c.trainer or c.engine in ("auto", "user"), "engine",
+           f"a trainer trains the models itself; engine must be auto or user, not {c.engine!r}")
+    _check(c.engine != "user" or bool(c.trainer), "trainer", "engine = 'user' needs trainer = package.module:fit")
     _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
     _check(c.fault in FAULTS, "fault", f"unknown fault {c.fault!r}; choose from {', '.join(FAULTS)}")
     _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")

@@ -7,10 +7,10 @@ dict[str, np.ndarray]`` (flat ``"{split}_correct"`` bool [K, m] / ``"{split}_mar
 ``models.nets.build_model(spec)`` only, so user factories work with every engine.
 
 - ``batched``: K models at once as stacked tensors (models/batched.py);
-- ``opacus``: model by model through Opacus (models/opacus_trainer.py), the reference;
-- ``trainer``: the user's own training code (models/trainer.py), chosen by ``spec.trainer``.
+- ``opacus``: model by model through Opacus (models/opacus_engine.py), the reference;
+- ``user``: the user's own trainer, ``fit`` (models/user_engine.py), chosen by ``spec.trainer``.
 
-``auto`` picks ``trainer`` when the spec names one, else ``batched`` when it supports every
+``auto`` picks ``user`` when the spec names a trainer, else ``batched`` when it supports every
 layer of the module, else ``opacus``. Engines are imported on first use, so this registry (and
 the config's validation against it) stays free of torch.
 """
@@ -27,8 +27,8 @@ from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
 # engine name -> the module implementing it
 ENGINES: dict[str, str] = {
     "batched": "dpmem.models.batched",
-    "opacus": "dpmem.models.opacus_trainer",
-    "trainer": "dpmem.models.trainer",
+    "opacus": "dpmem.models.opacus_engine",
+    "user": "dpmem.models.user_engine",
 }
 
 __all__ = ["DPParams", "ENGINES", "TrainRequest", "TrainSpec", "engine_module", "resolve_engine",
@@ -46,12 +46,12 @@ def resolve_engine(spec: TrainSpec, engine: str = "auto") -> str:
     if engine != "auto" and engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from auto, {', '.join(ENGINES)}")
     if spec.trainer:
-        if engine not in ("auto", "trainer"):
+        if engine not in ("auto", "user"):
             raise ValueError(f"a trainer ({spec.trainer}) trains the models itself; engine must be auto or "
-                             f"trainer, not {engine!r}")
-        return "trainer"
-    if engine == "trainer":
-        raise ValueError("engine 'trainer' needs a trainer = 'package.module:fit'")
+                             f"user, not {engine!r}")
+        return "user"
+    if engine == "user":
+        raise ValueError("engine 'user' needs a trainer = 'package.module:fit'")
     from dpmem.models.nets import build_model
     module = build_model(spec)
     if engine == "auto":

@@ -1,7 +1,7 @@
 """The hand-written fast path of the batched engine for multilayer perceptrons (and logistic
 regression): ``Flatten`` (optional), then ``Linear`` layers with ``ReLU`` between them.
 
-It trains the same models with the same randomness as the general engine (``BatchedTrainer``:
+It trains the same models with the same randomness as the general engine (``ModelStack``:
 same initialisation, Poisson coins, noise, canaries and SGD semantics), but writes forward and
 backward out by hand (ReLU, softmax cross-entropy), which is what makes DP-SGD cheap here: for a
 linear layer the per-example gradient is the outer product ``delta_i a_i^T`` (plus ``delta_i``
@@ -11,7 +11,7 @@ for the bias), so
 
 needs no per-example gradient in memory, and the clipped, normalised sum, the noise and the
 SGD step are fused into one batched product per layer written straight into the weights. It is
-1.3-1.7x faster per model-step than the general engine on these networks (README).
+1.3-1.7x faster per model-step than the general engine on these networks (models/README.md, "Speed").
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dpmem.models.batched import CLIP_EPS, BatchedTrainer, PoissonBatch, leaf_layers
+from dpmem.models.spec import CLIP_EPS
+from dpmem.models.stack import ModelStack, PoissonBatch
+from dpmem.models.wide import leaf_layers
 
 # Probabilities below this are treated as zero in the output error (see _output_error).
 PROB_FLOOR = 1e-10
@@ -145,13 +147,13 @@ def _clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
 
 
-class MLPTrainer(BatchedTrainer):
-    """``BatchedTrainer`` with the hand-written step and evaluation for MLPs."""
+class MLPStack(ModelStack):
+    """``ModelStack`` with the hand-written step and evaluation for MLPs."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not is_mlp(self.module):
-            raise ValueError("MLPTrainer trains Flatten? Linear (ReLU Linear)* modules only")
+            raise ValueError("MLPStack trains Flatten? Linear (ReLU Linear)* modules only")
         self.layers: Params = list(zip(self.params[0::2], self.params[1::2]))  # views of self.params
         self._work = Workspace(self.device)
         if self.spec.dp is not None:

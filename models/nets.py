@@ -7,7 +7,7 @@ module is checked with Opacus's ``ModuleValidator`` (BatchNorm and other layers 
 are refused with Opacus's reason), so no engine ever trains a module DP-SGD cannot handle.
 
 The batched engine trains ``Flatten`` + ``Linear``/``ReLU`` stacks (logreg, mlp) as stacked tensors
-and converts to and from these modules (``models.batched.export_params`` / ``import_params``), so
+and converts to and from these modules (``models.stack.export_params`` / ``import_params``), so
 the layer order of those two is part of that contract.
 
 Adding an architecture: one builder ``(spec) -> nn.Module`` here and one entry in ``ARCHITECTURES``.

@@ -195,7 +195,7 @@ def test_user_opacus_trainer_end_to_end_and_audited(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run("run", "--out", str(out), "--quiet", *TRAINER_RUN, "trainer=my_trainer:recording_fit") == 0
     s = summary(out)
-    assert {v["engine"] for v in s["variants"].values()} == {"trainer"}
+    assert {v["engine"] for v in s["variants"].values()} == {"user"}
     assert s["variants"]["dp-eps4"]["trainer"] == "my_trainer:recording_fit"
     assert s["variants"]["nonprivate"]["test_accuracy"] > 0.2               # trained (chance is about 0.1)
     plan = json.loads((out / "variants" / "dp-eps4" / "plan.json").read_text())
@@ -269,7 +269,7 @@ BAD_RETURNS = {
 
 @pytest.mark.parametrize("case", list(BAD_RETURNS))
 def test_bad_trainer_returns_name_the_model(case, monkeypatch):
-    from dpmem.models import trainer as trainer_mod
+    from dpmem.models import user_engine as trainer_mod
     from dpmem.models.spec import TrainRequest, TrainSpec
     make, fragment = BAD_RETURNS[case]
     monkeypatch.setattr(trainer_mod, "load_callable", lambda path, field: _returning(make))

@@ -14,7 +14,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import dpmem.models.batched as batched
-import dpmem.models.opacus_trainer as opacus_trainer
+from dpmem.models import canaries, noise, runtime, stack, streams, wide
+from dpmem.models.samplers import conv
+import dpmem.models.opacus_engine as opacus_engine
 from dpmem import models
 from dpmem.models import train_models
 from dpmem.models.nets import build_model
@@ -112,7 +114,7 @@ def opacus_clipped(module, x, y, max_grad_norm):
 @pytest.mark.parametrize("rule", ["mixed", "per_example", "ghost"])
 @pytest.mark.parametrize("name", list(MODULES))
 def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, exact_cuda):
-    monkeypatch.setattr(batched.ConvSampler, "rule", rule)
+    monkeypatch.setattr(conv.ConvSampler, "rule", rule)
     factory, shape = MODULES[name]
     if rule != "mixed" and not any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in factory().modules()):
         pytest.skip("no convolution: the rule does not apply")
@@ -123,14 +125,14 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, ex
     x = torch.randn(K, B, *shape, generator=g) * 2
     y = torch.randint(0, 5, (K, B), generator=g)
     valid = torch.rand(K, B, generator=g) < 0.8
-    net = batched.WideNet(mods[0], K)
+    net = wide.WideNet(mods[0], K)
     on = [t.to(device) for t in (x, y, valid)]
     params_on = [p.to(device) for p in params]
-    _, norms = batched.dp_gradients(net, params_on, *on, 1e9)
+    _, norms = stack.dp_gradients(net, params_on, *on, 1e9)
     norms = norms.cpu()
     assert torch.all(norms[~valid] == 0), "padded rows must have zero gradient"
     max_grad_norm = float(norms[valid].median())  # about half the examples get clipped
-    sums, _ = batched.dp_gradients(net, params_on, *on, max_grad_norm)
+    sums, _ = stack.dp_gradients(net, params_on, *on, max_grad_norm)
     sums = [t.cpu() for t in sums]
     for k in range(K):
         ref_norms, ref_grads = opacus_clipped(mods[k], x[k][valid[k]], y[k][valid[k]], max_grad_norm)
@@ -154,9 +156,9 @@ def test_pooling_rewrites_equal_the_layers(layer, shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).round()   # small integers: many ties
     mine, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    window = batched._tiled_max_pool_window(layer)
-    out = (batched._tiled_max_pool1d(mine, window) if window else batched._max_pool2d(layer, mine)
-           if isinstance(layer, nn.MaxPool2d) else batched._adaptive_avg_pool(layer, mine, {}))
+    window = wide._tiled_max_pool_window(layer)
+    out = (wide._tiled_max_pool1d(mine, window) if window else wide._max_pool2d(layer, mine)
+           if isinstance(layer, nn.MaxPool2d) else wide._adaptive_avg_pool(layer, mine, {}))
     expected = layer(ref)
     torch.testing.assert_close(out, expected)
     weights = torch.randn(expected.shape, generator=g)
@@ -172,14 +174,14 @@ def test_relu_runs_after_the_max_pool_it_precedes_with_equal_gradients_on_ties()
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     K, B = 2, 6
     mods, params = _stacked(factory, K)
-    net = batched.WideNet(mods[0], K)
+    net = wide.WideNet(mods[0], K)
     assert [type(net.layers[j]).__name__ for j in net.order][:3] == ["Conv2d", "MaxPool2d", "ReLU"]
     g = torch.Generator().manual_seed(2)
     x = torch.zeros(K, B, 1, 8, 8)
     x[..., 2:5, 3:6] = torch.randn(K, B, 1, 3, 3, generator=g)   # the rest is constant: ties everywhere
     y = torch.randint(0, 5, (K, B), generator=g)
     valid = torch.ones(K, B, dtype=torch.bool)
-    sums, norms = batched.dp_gradients(net, params, x, y, valid, 0.5)
+    sums, norms = stack.dp_gradients(net, params, x, y, valid, 0.5)
     for k in range(K):
         ref_norms, ref_grads = opacus_clipped(mods[k], x[k], y[k], 0.5)
         torch.testing.assert_close(norms[k], ref_norms, rtol=1e-4, atol=1e-6)
@@ -190,7 +192,7 @@ def test_relu_runs_after_the_max_pool_it_precedes_with_equal_gradients_on_ties()
 def test_mixed_rule_uses_both_paths_on_the_cnn():
     """The built-in CNN's first conv (28x28 map) takes per-example gradients; a conv on a 2x2 map ghost norms."""
     seen = []
-    original = batched.ConvSampler.__init__
+    original = conv.ConvSampler.__init__
 
     def spy(self, *args):
         original(self, *args)
@@ -201,14 +203,14 @@ def test_mixed_rule_uses_both_paths_on_the_cnn():
     small = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 5))
     torch.manual_seed(0)
     small_params = [p.detach().unsqueeze(0).repeat(2, *([1] * p.dim())) for p in small.parameters()]
-    batched.ConvSampler.__init__ = spy
+    conv.ConvSampler.__init__ = spy
     try:
         for module, ps, shp in [(mods[0], params, shape), (small, small_params, (8, 2, 2))]:
             x = torch.randn(2, 4, *shp)
-            batched.dp_gradients(batched.WideNet(module, 2), ps, x, torch.zeros(2, 4, dtype=torch.long),
+            stack.dp_gradients(wide.WideNet(module, 2), ps, x, torch.zeros(2, 4, dtype=torch.long),
                                  torch.ones(2, 4, dtype=torch.bool), 1.0)
     finally:
-        batched.ConvSampler.__init__ = original
+        conv.ConvSampler.__init__ = original
     assert seen == [True, False]
 
 
@@ -232,12 +234,12 @@ def test_training_steps_equal_opacus_steps(arch, shape, hidden, private, device,
     x_train = rng.normal(size=(n, *shape)).astype(np.float32) * 2
     y_train = rng.integers(0, 5, n)
     masks = rng.random((K, n)) < 0.6
-    trainer = batched.BatchedTrainer(spec, x_train, y_train, masks, seed=3, noise_seed=4, device=device)
+    trainer = stack.ModelStack(spec, x_train, y_train, masks, seed=3, noise_seed=4, device=device)
     start = [trainer.model_state(k) for k in range(K)]
     draws = [trainer.sample_batch() for _ in range(2)]
     for batch in draws:
         trainer.step_on(batch)
-    draws = [batched.PoissonBatch(x=b.x.cpu(), y=b.y.cpu(), valid=b.valid.cpu()) for b in draws]
+    draws = [stack.PoissonBatch(x=b.x.cpu(), y=b.y.cpu(), valid=b.valid.cpu()) for b in draws]
     ebs = models.spec.expected_batch_sizes(masks, spec.sample_rate)
     for k in range(K):
         model = build_model(spec)
@@ -268,14 +270,14 @@ def test_export_import_round_trip_and_prediction_match_modules():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 1, 40)).astype(np.float32)
     y = rng.integers(0, 5, 50)
-    trainer = batched.BatchedTrainer(spec, x, y, np.ones((4, 50), bool), seed=0, noise_seed=0)
-    back = batched.import_params(spec, [trainer.model_state(k) for k in range(4)])
+    trainer = stack.ModelStack(spec, x, y, np.ones((4, 50), bool), seed=0, noise_seed=0)
+    back = stack.import_params(spec, [trainer.model_state(k) for k in range(4)])
     assert all(torch.equal(a, b) for a, b in zip(trainer.params, back, strict=True))
     correct, margin = trainer.predict(x, y)
     for k in range(4):
         model = build_model(spec)
         model.load_state_dict(trainer.model_state(k))
-        ref_correct, ref_margin = opacus_trainer.predict(model, x, y)
+        ref_correct, ref_margin = opacus_engine.predict(model, x, y)
         assert np.array_equal(correct[k], ref_correct)
         np.testing.assert_allclose(margin[k].astype(np.float32), ref_margin.astype(np.float32), rtol=2e-3, atol=2e-3)
 
@@ -333,19 +335,19 @@ def test_models_grouped_by_batch_size_get_the_gradients_of_one_group(arch, shape
     float rounding (oneDNN may pick another convolution kernel for another number of groups)."""
     spec = _spec(arch, shape, hidden, dp=dp)
     req = _request(9, shape=shape)
-    trainers = [batched.BatchedTrainer(spec, req.x_train, req.y_train, req.masks, seed=0, noise_seed=1) for _ in "ab"]
+    trainers = [stack.ModelStack(spec, req.x_train, req.y_train, req.masks, seed=0, noise_seed=1) for _ in "ab"]
     batch = trainers[0].sample_batch()
     assert len(set(batch.valid.sum(dim=1).tolist())) > 1          # batch sizes differ: the order changes
     whole = trainers[0].gradients(batch)
     seen = []
-    original = batched.BatchedTrainer._chunks
+    original = stack.ModelStack._groups
 
     def spy(self, b):
         for part in original(self, b):
             seen.append(int(part[0]))
             yield part
-    monkeypatch.setattr(batched.BatchedTrainer, "_chunks", spy)
-    monkeypatch.setitem(batched.CHUNK_FLOATS, "cpu", 1)   # one model per group
+    monkeypatch.setattr(stack.ModelStack, "_groups", spy)
+    monkeypatch.setitem(stack.GROUP_FLOATS, "cpu", 1)   # one model per group
     grouped = trainers[1].gradients(batch)
     assert sorted(seen) == list(range(9)) and seen != list(range(9))
     for a, b in zip(whole, grouped, strict=True):
@@ -362,7 +364,7 @@ def test_equal_stream_ids_share_init_and_batches_minus_the_left_out_example():
     masks[1, 7] = False                       # model 1 = model 0 without example 7 (stream 5)
     masks[3, 9] = False                       # model 3 = model 2 without example 9 (stream 8)
     spec = TrainSpec(arch="mlp", input_shape=(4,), n_classes=3, hidden=(8,), steps=1, sample_rate=0.3, lr=0.1)
-    tr = batched.BatchedTrainer(spec, x, y, masks, seed=3, noise_seed=4, stream_ids=np.array([5, 5, 8, 8]))
+    tr = stack.ModelStack(spec, x, y, masks, seed=3, noise_seed=4, stream_ids=np.array([5, 5, 8, 8]))
     for p in tr.params:
         assert torch.equal(p[0], p[1]) and torch.equal(p[2], p[3]) and not torch.equal(p[0], p[2])
     rows = lambda batch, k: {tuple(r) for r in batch.x[k][batch.valid[k]].numpy().round(6)}  # noqa: E731
@@ -377,9 +379,9 @@ def test_equal_stream_ids_share_init_and_batches_minus_the_left_out_example():
 
 def test_both_engines_start_from_the_same_models():
     spec = _spec("cnn1d", (1, 16), (4,))
-    tr = batched.BatchedTrainer(spec, np.zeros((5, 1, 16), np.float32), np.zeros(5, np.int64), np.ones((3, 5), bool),
+    tr = stack.ModelStack(spec, np.zeros((5, 1, 16), np.float32), np.zeros(5, np.int64), np.ones((3, 5), bool),
                                 seed=7, noise_seed=0, stream_ids=np.array([4, 9, 2]))
-    for k, model in enumerate(opacus_trainer.initial_models(spec, 3, 7, np.array([4, 9, 2]))):
+    for k, model in enumerate(opacus_engine.initial_models(spec, 3, 7, np.array([4, 9, 2]))):
         for name, value in model.state_dict().items():
             assert torch.equal(tr.model_state(k)[name], value)
 
@@ -454,9 +456,9 @@ def test_canary_clipped_sums_equal_opacus():
         spec = TrainSpec(arch="logreg", input_shape=(2,), n_classes=2, steps=1, sample_rate=0.5, lr=1.0,
                          dp=DPParams(noise_multiplier=0.0, max_grad_norm=C), canaries=m_c, canary_norm=canary_norm)
         sampled = torch.tensor([[True, False, True, True, False]])
-        engine = batched.GradientCanaries(spec, np.ones((1, m_c), bool), seed=0, noise_seed=0, streams=np.arange(1),
+        engine = canaries.GradientCanaries(spec, np.ones((1, m_c), bool), seed=0, noise_seed=0, streams=np.arange(1),
                                           inv_ebs=torch.ones(1), device=torch.device("cpu")).clipped_sum(sampled)
-        block = opacus_trainer.CanaryBlock(m_c, canary_norm * C)
+        block = opacus_engine.CanaryBlock(m_c, canary_norm * C)
         gsm = GradSampleModule(block, batch_first=True, loss_reduction="sum")
         optimizer = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=C,
                                 expected_batch_size=1, loss_reduction="sum")
@@ -485,9 +487,9 @@ def test_dp_noise_has_the_right_std_and_empty_batch_is_noise_only(momentum):
     for dp in (None, DPParams(noise_multiplier=sigma, max_grad_norm=C)):
         spec = TrainSpec(arch="mlp", input_shape=(64,), n_classes=5, hidden=(64,), steps=1, sample_rate=0.2,
                          lr=lr, momentum=momentum, dp=dp)
-        trainer = batched.BatchedTrainer(spec, x_train, y_train, masks, seed=0, noise_seed=1)
+        trainer = stack.ModelStack(spec, x_train, y_train, masks, seed=0, noise_seed=1)
         before = [t.clone() for t in trainer.params]
-        empty = batched.PoissonBatch(x=torch.zeros(2, 1, 64), y=torch.zeros(2, 1, dtype=torch.long),
+        empty = stack.PoissonBatch(x=torch.zeros(2, 1, 64), y=torch.zeros(2, 1, dtype=torch.long),
                                      valid=torch.zeros(2, 1, dtype=torch.bool))
         trainer.step_on(empty)
         if dp is None:
@@ -508,19 +510,19 @@ def test_noise_drawn_ahead_in_the_background_equals_noise_drawn_inline(monkeypat
     """Background threads draw step t+1's noise during step t, into the other buffer: every step
     still gets exactly the numbers its models' generators give inline, in order."""
     def generators():
-        return [batched._generator(7, s, device=torch.device("cpu")) for s in (0, 5, 9)]
+        return [streams.stream_generator(7, s, device=torch.device("cpu")) for s in (0, 5, 9)]
 
     gens = generators()
     inline = [torch.stack([torch.empty(50).normal_(generator=g) for g in gens]) for _ in range(4)]
     monkeypatch.setattr(batched, "_cpu_count", lambda: 2)
-    noise = batched.GaussianNoise(generators(), 50, torch.device("cpu"))
+    noise = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
     assert noise._pool is not None and len(noise.buffers) == 2
     for step in range(4):
         noise.begin()
         torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
     noise.close()
     monkeypatch.setattr(batched, "_cpu_count", lambda: 1)
-    noise = batched.GaussianNoise(generators(), 50, torch.device("cpu"))
+    noise = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
     assert noise._pool is None
     for step in range(4):
         torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
@@ -533,7 +535,7 @@ def test_poisson_batches_come_from_each_subset_at_the_sample_rate():
     masks = rng.random((K, n)) < 0.5
     masks[3] = False  # an empty subset: always an empty batch
     spec = TrainSpec(arch="logreg", input_shape=(2,), n_classes=2, steps=1, sample_rate=q, lr=0.1)
-    trainer = batched.BatchedTrainer(spec, x_train, np.zeros(n, dtype=np.int64), masks, seed=5, noise_seed=0)
+    trainer = stack.ModelStack(spec, x_train, np.zeros(n, dtype=np.int64), masks, seed=5, noise_seed=0)
     counts = np.zeros((K, n))
     for _ in range(steps):
         batch = trainer.sample_batch()
@@ -559,9 +561,9 @@ def test_padded_rows_contribute_nothing():
     junk_x, junk_y = x.clone(), y.clone()
     junk_x[~valid] = 1e3  # garbage in padded rows
     junk_y[~valid] = 4
-    net = batched.WideNet(mods[0], 2)
-    a, _ = batched.dp_gradients(net, params, x, y, valid, 1.0)
-    b, _ = batched.dp_gradients(net, params, junk_x, junk_y, valid, 1.0)
+    net = wide.WideNet(mods[0], 2)
+    a, _ = stack.dp_gradients(net, params, x, y, valid, 1.0)
+    b, _ = stack.dp_gradients(net, params, junk_x, junk_y, valid, 1.0)
     for ga, gb in zip(a, b):
         torch.testing.assert_close(ga, gb)
 
@@ -584,8 +586,8 @@ def test_deterministic_and_noise_seed_only_changes_dp_models():
 
 def test_private_and_nonprivate_variants_share_init_and_batches():
     req = _request(5)
-    a = batched.BatchedTrainer(_spec(), req.x_train, req.y_train, req.masks, seed=0, noise_seed=1)
-    b = batched.BatchedTrainer(_spec(dp=DP), req.x_train, req.y_train, req.masks, seed=0, noise_seed=9)
+    a = stack.ModelStack(_spec(), req.x_train, req.y_train, req.masks, seed=0, noise_seed=1)
+    b = stack.ModelStack(_spec(dp=DP), req.x_train, req.y_train, req.masks, seed=0, noise_seed=9)
     assert all(torch.equal(s, t) for s, t in zip(a.params, b.params))
     for _ in range(5):
         ba, bb = a.sample_batch(), b.sample_batch()
@@ -615,11 +617,11 @@ def test_progress_reports_model_steps():
 
 def test_unknown_or_missing_device_is_refused():
     with pytest.raises(ValueError, match="unknown device"):
-        batched.resolve_device("tpu")
+        runtime.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             train_models(_spec(), _request(2), device="cuda")
-        assert batched.resolve_device("auto").type == "cpu"
+        assert runtime.resolve_device("auto").type == "cpu"
 
 
 # -- engine versus Opacus on real data ----------------------------------------------------------
@@ -655,10 +657,10 @@ def test_opacus_path_empty_subset_is_noise_only():
     sigma, C, lr = 1.0, 0.5, 1.0
     spec = TrainSpec(arch="mlp", input_shape=(64,), n_classes=10, hidden=(32,), steps=1, sample_rate=0.1,
                      lr=lr, dp=DPParams(noise_multiplier=sigma, max_grad_norm=C))
-    init = opacus_trainer.initial_models(spec, 1, seed=7)[0]
+    init = opacus_engine.initial_models(spec, 1, seed=7)[0]
     before = {k: v.clone() for k, v in init.state_dict().items()}
     empty = torch.zeros(0, 64)
-    model, _ = opacus_trainer.train_one(spec, init, empty, torch.zeros(0, dtype=torch.long), batch_seed=0, noise_seed=0)
+    model, _ = opacus_engine.train_one(spec, init, empty, torch.zeros(0, dtype=torch.long), batch_seed=0, noise_seed=0)
     change = torch.cat([(v - before[k]).flatten() / -lr for k, v in model.state_dict().items()]).double()
     m = change.numel()
     statistic = (change.square().sum() / (sigma * C) ** 2).item()  # expected batch max(1, 0) = 1
@@ -696,7 +698,7 @@ def test_cnn_trains_with_an_empty_subset(digits, engine):
 def test_train_models_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(batched, "train", lambda spec, req, **kw: calls.append("batched") or {})
-    monkeypatch.setattr(opacus_trainer, "train", lambda spec, req, **kw: calls.append("opacus") or {})
+    monkeypatch.setattr(opacus_engine, "train", lambda spec, req, **kw: calls.append("opacus") or {})
     req = _request(3)
     for arch, shape, engine, expected in [("logreg", (16,), "auto", "batched"), ("mlp", (16,), "auto", "batched"),
                                           ("mlp", (16,), "opacus", "opacus"), ("cnn", (1, 4, 4), "auto", "batched"),
@@ -721,15 +723,15 @@ def test_train_models_dispatch(monkeypatch):
 @pytest.mark.parametrize("hidden", [(), (16, 8)], ids=["logreg", "mlp2"])
 def test_mlp_fast_path_equals_the_general_engine(dp, hidden):
     """Same init, coins, noise and canaries; the fused hand-written step gives the general step's weights."""
-    from dpmem.models.batched_mlp import MLPTrainer, is_mlp
+    from dpmem.models.batched_mlp import MLPStack, is_mlp
     spec = TrainSpec(arch="mlp" if hidden else "logreg", input_shape=(20,), n_classes=5, hidden=hidden, steps=1,
                      sample_rate=0.3, lr=0.2, momentum=0.9, weight_decay=0.01, dp=dp, canaries=4)
-    assert is_mlp(build_model(spec)) and batched.trainer_class(spec) is MLPTrainer
+    assert is_mlp(build_model(spec)) and batched.stack_class(spec) is MLPStack
     rng = np.random.default_rng(0)
     x, y, masks = rng.normal(size=(50, 20)).astype(np.float32), rng.integers(0, 5, 50), rng.random((6, 50)) < 0.7
     members = rng.random((6, 4)) < 0.5
-    fast = MLPTrainer(spec, x, y, masks, seed=0, noise_seed=1, canary_members=members)
-    general = batched.BatchedTrainer(spec, x, y, masks, seed=0, noise_seed=1, canary_members=members)
+    fast = MLPStack(spec, x, y, masks, seed=0, noise_seed=1, canary_members=members)
+    general = stack.ModelStack(spec, x, y, masks, seed=0, noise_seed=1, canary_members=members)
     for _ in range(5):
         fast.step()
         general.step()

@@ -125,7 +125,7 @@ def test_a_second_writer_waits_then_refuses_and_changes_nothing(copy, capsys, mo
 
 @pytest.mark.parametrize("argv, needle, field", [
     (["dataset=synthetic", "model=cnn"], "cnn", "model"),
-    (["dataset=synthetic", "engine=trainer"], "trainer", "trainer"),
+    (["dataset=synthetic", "engine=user"], "trainer", "trainer"),
 ])
 def test_two_field_problems_are_found_before_anything_is_written(tmp_path, capsys, argv, needle, field):
     out = tmp_path / "x"

@@ -12,7 +12,7 @@ from scipy.special import logsumexp
 
 from dpmem.bench.studies import loo
 from dpmem.models import train_models
-from dpmem.models.batched import BatchedTrainer
+from dpmem.models.stack import ModelStack
 from dpmem.models.spec import TrainRequest, TrainSpec
 
 WD = 0.05
@@ -79,7 +79,7 @@ def test_weight_decay_matches_torch_sgd():
     y = rng.integers(0, 3, 20)
     spec = TrainSpec(arch="mlp", input_shape=(5,), n_classes=3, hidden=(6,), steps=3, sample_rate=1.0,
                      lr=0.3, momentum=0.5, weight_decay=0.1)
-    tr = BatchedTrainer(spec, x, y, np.ones((1, 20), bool), seed=0, noise_seed=0)
+    tr = ModelStack(spec, x, y, np.ones((1, 20), bool), seed=0, noise_seed=0)
     model = build_model(spec)
     model.load_state_dict(tr.model_state(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5, weight_decay=0.1)

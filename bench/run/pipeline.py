@@ -36,7 +36,7 @@ def check_inputs(cfg: Config) -> tuple[Dataset, str]:
     spec = train_spec(cfg, ds, plan_variant(cfg, None, schedule(cfg, ds.n_train)))
     if cfg.trainer:
         load_callable(cfg.trainer, "trainer")
-        return ds, "trainer"
+        return ds, "user"
     module = build_model(spec).eval()
     probe = torch.as_tensor(as_inputs(ds.x_train[:2]))
     try:

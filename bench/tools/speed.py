@@ -28,7 +28,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dpmem.models.batched import PoissonBatch, resolve_device, retain_freed_memory, trainer_class
+from dpmem.models.batched import stack_class
+from dpmem.models.runtime import resolve_device, retain_freed_memory
+from dpmem.models.stack import PoissonBatch
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, TrainSpec
 
@@ -124,7 +126,7 @@ def engine_trainer(arch, K, batch, private):
     x_train = torch.randn(n, *shape, generator=g)
     y_train = torch.randint(0, classes, (n,), generator=g)
     spec = _spec(*arch, dp)
-    trainer = trainer_class(spec)(spec, x_train, y_train, torch.ones(K, n, dtype=torch.bool).numpy(), seed=0,
+    trainer = stack_class(spec)(spec, x_train, y_train, torch.ones(K, n, dtype=torch.bool).numpy(), seed=0,
                                   noise_seed=1, device=DEVICE)
     index = torch.randint(0, n, (K, batch), generator=g)
     fixed = PoissonBatch(x=x_train[index].to(DEVICE), y=y_train[index].to(DEVICE),

@@ -8,7 +8,7 @@ lives in privacy/accounting.py). The non-private variant takes plain SGD steps o
 batches drawn the same way, with the summed loss divided by the same expected batch size.
 
 Seeding (contract in models/spec.py): model k starts from exactly the batched engine's initial
-module for its stream id (``batched.initial_model``), its Poisson batches come from the same
+module for its stream id (``streams.initial_model``), its Poisson batches come from the same
 stream's coin generator (DPDataLoader draws over the model's own subset, so batches are not
 coin-for-coin the engine's) and its noise from ``(noise_seed, stream_id)``.
 
@@ -33,7 +33,8 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from dpmem.models.batched import PROGRESS_EVERY, initial_model, resolve_device, retain_freed_memory
+from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
+from dpmem.models.streams import initial_model
 from dpmem.models.nets import build_model
 from dpmem.models.spec import (CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
                                expected_batch_sizes, model_streams, stream_seeds)

@@ -74,7 +74,7 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
           progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Call the user's ``fit`` (``spec.trainer``) once per model; stack and check what it returns."""
     if not spec.trainer:
-        raise ValueError("the trainer engine needs spec.trainer = 'package.module:fit'")
+        raise ValueError("the user engine needs spec.trainer = 'package.module:fit'")
     fit = load_callable(spec.trainer, "trainer")
     masks = np.asarray(req.masks, dtype=bool)
     K = masks.shape[0]

@@ -1,0 +1,26 @@
+"""GroupNorm: Opacus's rule, the normalised input times g summed over positions (weight) and g (bias)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dpmem.models.samplers.registry import register, sq_sum
+
+
+@register(nn.GroupNorm)
+class GroupNormSampler:
+    """saved (the normalised input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule
+    (normalised input * g summed over positions for the weight, g for the bias)."""
+
+    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor):
+        B = grad.shape[0]
+        dims = tuple(range(2, grad.dim()))
+        self.gw = (saved * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
+        self.gb = grad.sum(dim=dims).reshape(B, K, -1)
+
+    def sq_norms(self) -> Tensor:
+        return (sq_sum(self.gw, (2,)) + sq_sum(self.gb, (2,))).transpose(0, 1)
+
+    def clipped(self, c: Tensor) -> list[Tensor]:
+        weights = c.transpose(0, 1)
+        return [torch.einsum("bk,bkc->kc", weights, self.gw), torch.einsum("bk,bkc->kc", weights, self.gb)]

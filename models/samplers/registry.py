@@ -1,0 +1,32 @@
+"""The per-layer rules of the DP step, registered by layer type as Opacus registers its grad samplers.
+
+A rule is a class built from (layer, K, saved input, output gradient) with two methods:
+``sq_norms()`` -> [K, B] per-example squared gradient norms of the layer's parameters, and
+``clipped(factors)`` -> the clip-weighted sum over examples, one [K, *shape] tensor per parameter
+(in ``named_parameters`` order). A new rule is one module that calls ``register``.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+GRAD_SAMPLERS: dict[type, type] = {}
+
+
+def register(*layer_types: type):
+    """Class decorator: the rule for these layer types (and their subclasses)."""
+    def add(rule: type) -> type:
+        for layer_type in layer_types:
+            GRAD_SAMPLERS[layer_type] = rule
+        return rule
+    return add
+
+
+def sampler_for(layer: nn.Module, K: int, saved: Tensor, grad: Tensor):
+    for kind, sampler in GRAD_SAMPLERS.items():
+        if isinstance(layer, kind):
+            return sampler(layer, K, saved, grad)
+    raise ValueError(f"no per-example rule for {type(layer).__name__}")
+
+
+def sq_sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return t.square().sum(dim=dims)

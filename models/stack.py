@@ -1,0 +1,308 @@
+"""K models trained together as one stack (``ModelStack``): Poisson batches, the DP-SGD step on the
+wide network (wide.py) with per-layer rules (samplers/), noise (noise.py) and the SGD update.
+
+A non-private step is ordinary autograd on the wide module (parameter gradients of the summed,
+normalised loss). A DP step takes autograd only for the gradients with respect to each
+parametrised layer's *output* (``torch.autograd.grad`` on the saved outputs; the parameters'
+own gradients are never formed), and each layer's registered rule turns its saved input and
+output gradient into per-example squared norms and then, once the clip factors are known, into
+the clipped gradient sum (book-keeping; no second backward pass). Clipping, noise and
+normalisation follow Opacus exactly (see ``models/spec.py``), then a ``torch.optim.SGD`` step
+(weight decay added to the noisy gradient, momentum buffer ``buf = m * buf + grad``, dampening 0).
+A step computes the K models in *groups* that fit the cache (``GROUP_FLOATS``); a model's numbers
+do not depend on its group.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dpmem.models.canaries import GradientCanaries
+from dpmem.models.nets import build_model
+from dpmem.models.noise import GaussianNoise
+from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
+from dpmem.models.samplers import sampler_for
+from dpmem.models.spec import CLIP_EPS, TrainSpec, expected_batch_sizes
+from dpmem.models.streams import coin_generator, initial_params, stream_generator
+from dpmem.models.wide import Record, WideNet, supports
+
+# Evaluation runs at least this many rows per forward pass when the budget allows.
+EVAL_ROWS = 256
+# A step runs the K models in groups whose largest activation holds about this many floats:
+# on a CPU, tensors that stay in cache (4 MiB) run several times faster than tensors that
+# stream through memory; a GPU wants them as wide as memory allows.
+GROUP_FLOATS = {"cpu": 1 << 20, "cuda": 1 << 28}
+# Batches are padded to a multiple of this many rows (see sample_batch).
+WIDTH_BLOCK = 16
+
+
+def _loss(logits: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+    """sum over models and rows of weight * cross-entropy (weight 0 on padded rows)."""
+    K, B, C = logits.shape
+    ce = F.cross_entropy(logits.reshape(K * B, C), y.reshape(K * B), reduction="none").view(K, B)
+    return (ce * weight).sum()
+
+
+def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
+    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
+
+
+def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
+                 max_grad_norm: float) -> tuple[list[Tensor], Tensor]:
+    """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
+    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy."""
+    records: list[Record] = []
+    logits = net.forward([p.detach() for p in params], x, records)
+    loss = _loss(logits, y, valid.to(logits.dtype))
+    grads = torch.autograd.grad(loss, [r.output for r in records])
+    with torch.no_grad():
+        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g) for r, g in zip(records, grads)}
+        del records, grads, logits, loss
+        sq = None
+        for s in samplers.values():
+            term = s.sq_norms()
+            sq = term if sq is None else sq + term
+        factors = clip_factors(sq, max_grad_norm) * valid
+        sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
+    out = []
+    position: dict[int, int] = {}
+    for j, _ in net.param_slots:
+        i = position.get(j, 0)
+        out.append(sums[j][i])
+        position[j] = i + 1
+    return out, sq.sqrt()
+
+
+def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor) -> list[Tensor]:
+    """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network."""
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    loss = _loss(net.forward(leaves, x), y, weight)
+    return list(torch.autograd.grad(loss, leaves))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoissonBatch:
+    x: Tensor       # float32 [K, B, *input_shape], padded rows hold example 0
+    y: Tensor       # int64 [K, B]
+    valid: Tensor   # bool [K, B]
+
+
+class ModelStack:
+    """K copies of ``build_model(spec)`` trained together. ``step()`` draws the K Poisson batches
+    and takes one DP-SGD (or SGD) step; ``step_on(batch)`` takes the step on a given batch.
+
+    ``x_train``, ``y_train`` and ``masks`` hold real examples only (gradient canaries are given
+    as ``canary_members`` [K, m_c] and never reach the network)."""
+
+    def __init__(self, spec: TrainSpec, x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor,
+                 masks: np.ndarray | Tensor, *, seed: int, noise_seed: int, stream_ids: np.ndarray | None = None,
+                 canary_members: np.ndarray | None = None, device: str | torch.device = "cpu"):
+        self.spec = spec
+        self.device = resolve_device(device)
+        retain_freed_memory()
+        module = build_model(spec)
+        problem = supports(module, spec.input_shape)
+        if problem is not None:
+            raise ValueError(f"the batched engine cannot train this model: {problem}")
+        masks = np.asarray(masks, dtype=bool)
+        self.K, self.n = masks.shape
+        self.x_train = torch.as_tensor(np.asarray(x_train, dtype=np.float32)).reshape(-1, *spec.input_shape).to(self.device)
+        self.y_train = torch.as_tensor(np.asarray(y_train, dtype=np.int64)).to(self.device)
+        if self.x_train.shape[0] != self.n or self.y_train.shape[0] != self.n:
+            raise ValueError(f"masks cover {self.n} examples, x_train has {self.x_train.shape[0]}, "
+                             f"y_train {self.y_train.shape[0]}")
+        self.masks = torch.as_tensor(masks).to(self.device)
+        self.streams = (np.arange(self.K, dtype=np.int64) if stream_ids is None
+                        else np.asarray(stream_ids, dtype=np.int64).reshape(-1))
+        if self.streams.shape != (self.K,):
+            raise ValueError(f"stream_ids must have shape ({self.K},), got {self.streams.shape}")
+        self.module = module
+        self._nets: dict[int, WideNet] = {}
+        self.net = self._net(self.K)
+        self.widest = WideNet(module, 1).trace(spec.input_shape)
+        self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
+        self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
+        ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
+        self.inv_ebs = ebs.reciprocal()
+        self.momentum_bufs = [torch.zeros_like(p) for p in self.params] if spec.momentum else None
+        self.steps_done = 0
+        self._uniform = torch.empty(self.K, self.n, device=self.device)
+        self.noise = None
+        if spec.dp is not None:
+            size = sum(p[0].numel() for p in self.params)
+            self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
+                                       size, self.device)
+        self.canaries = None
+        if spec.canaries:
+            members = np.zeros((self.K, spec.canaries), bool) if canary_members is None else np.asarray(canary_members, bool)
+            if members.shape != (self.K, spec.canaries):
+                raise ValueError(f"canary_members must have shape ({self.K}, {spec.canaries}), got {members.shape}")
+            self.canaries = GradientCanaries(spec, members, seed=seed, noise_seed=noise_seed, streams=self.streams,
+                                             inv_ebs=self.inv_ebs, device=self.device)
+
+    # -- sampling --
+    def sample_batch(self) -> PoissonBatch:
+        """Each model's Poisson batch: i in T_k included with probability q, padded to the largest."""
+        for k, generator in enumerate(self.coins):
+            torch.rand(self.n, generator=generator, out=self._uniform[k])
+        draw = (self._uniform < self.spec.sample_rate).logical_and_(self.masks)
+        counts = draw.sum(dim=1)
+        # padded to a multiple of WIDTH_BLOCK rows: elementwise kernels treat a tensor's last partial
+        # vector differently from full ones, and the width depends on the other models of the call
+        width = -(-max(1, int(counts.max())) // WIDTH_BLOCK) * WIDTH_BLOCK
+        rows, cols = draw.nonzero(as_tuple=True)  # row-major: each model's picks in order
+        starts = counts.cumsum(0) - counts
+        slots = rows * width + (torch.arange(rows.numel(), device=self.device) - starts[rows])
+        index = torch.zeros(self.K * width, dtype=torch.long, device=self.device)
+        index[slots] = cols
+        x = self.x_train.index_select(0, index).view(self.K, width, *self.x_train.shape[1:])
+        y = self.y_train.index_select(0, index).view(self.K, width)
+        valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
+        return PoissonBatch(x=x, y=y, valid=valid)
+
+    # -- one step --
+    def _groups(self, batch: PoissonBatch):
+        """Groups of models that a step computes together, as (index, x, y, valid) with ``index``
+        a slice or a tensor of model indices, each batch trimmed to the group's largest Poisson
+        batch. When a step takes several groups, models are grouped by batch size, so that little
+        of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
+        in index order compute 22% more rows than there are examples, in size order 2%. A
+        model's numbers do not depend on its group (tested), so the grouping changes only time."""
+        B = batch.valid.shape[1]
+        budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
+        size = max(1, min(self.K, budget // max(1, B * self.widest)))
+        counts = batch.valid.sum(dim=1).cpu()
+        if size >= self.K:
+            width = max(1, int(counts.max()))
+            yield slice(0, self.K), batch.x[:, :width], batch.y[:, :width], batch.valid[:, :width]
+            return
+        order = torch.argsort(counts, stable=True)
+        for start in range(0, self.K, size):
+            members = order[start:start + size]
+            width = max(1, int(counts[members].max()))
+            index = members.to(self.device)
+            yield (index, batch.x.index_select(0, index)[:, :width], batch.y.index_select(0, index)[:, :width],
+                   batch.valid.index_select(0, index)[:, :width])
+
+    def _net(self, K: int) -> WideNet:
+        if K not in self._nets:
+            self._nets[K] = WideNet(self.module, K)
+        return self._nets[K]
+
+    def gradients(self, batch: PoissonBatch) -> list[Tensor]:
+        """The step's normalised gradient per parameter (clipped and noised for DP), before weight decay."""
+        dp = self.spec.dp
+        if dp is not None:
+            self.noise.begin()
+        grads = [torch.empty_like(p) for p in self.params]
+        for index, x, y, valid in self._groups(batch):
+            params = [p[index] for p in self.params]
+            net = self._net(len(x))
+            if dp is None:
+                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1))
+            else:
+                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm)
+            for g, q in zip(grads, part, strict=True):
+                g[index] = q
+        if dp is None:
+            return grads
+        noise = self.noise.take()
+        std = dp.noise_multiplier * dp.max_grad_norm
+        offset = 0
+        for g in grads:
+            size = g[0].numel()
+            z = noise[:, offset:offset + size].view_as(g)
+            offset += size
+            g.add_(z, alpha=std).mul_(self.inv_ebs.view(-1, *(1,) * (g.dim() - 1)))
+        return grads
+
+    @torch.no_grad()
+    def apply(self, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None) -> None:
+        """torch.optim.SGD's update (weight decay, momentum with dampening 0) in place."""
+        spec = self.spec
+        for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if spec.weight_decay:
+                g = g.add(p, alpha=spec.weight_decay)
+            if bufs is not None:
+                g = bufs[j].mul_(spec.momentum).add_(g)
+            p.add_(g, alpha=-spec.lr)
+
+    def step_on(self, batch: PoissonBatch) -> None:
+        grads = self.gradients(batch)
+        self.apply(self.params, grads, self.momentum_bufs)
+        if self.canaries is not None:
+            self.canaries.step(self)
+        self.steps_done += 1
+
+    def step(self) -> None:
+        self.step_on(self.sample_batch())
+
+    def train(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
+        """``steps`` steps; ``progress(model_steps_done)`` gets the running count of model-steps
+        (K per step) now and then and at the end."""
+        for s in range(steps):
+            self.step()
+            if progress is not None and ((s + 1) % PROGRESS_EVERY == 0 or s + 1 == steps):
+                progress(self.steps_done * self.K)
+
+    # -- outputs --
+    @torch.no_grad()
+    def predict(self, x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(correct bool [K, m], margin float16 [K, m]) of all K models, in blocks of models and
+        rows whose largest activation stays within the step's budget."""
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, *self.spec.input_shape)
+        y = torch.as_tensor(np.asarray(y, dtype=np.int64))
+        K, m = self.K, x.shape[0]
+        budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
+        group = max(1, min(K, budget // (EVAL_ROWS * self.widest)))
+        rows = max(1, budget // (group * self.widest))
+        correct = np.empty((K, m), dtype=bool)
+        margin = np.empty((K, m), dtype=np.float16)
+        for start in range(0, m, rows):
+            xb = x[start:start + rows].to(self.device)
+            yb = y[start:start + rows].to(self.device)
+            for k0 in range(0, K, group):
+                k1 = min(K, k0 + group)
+                params = [p[k0:k1] for p in self.params]
+                logits = self._net(k1 - k0).forward(params, xb.unsqueeze(0).expand(k1 - k0, *xb.shape))  # [k, B, C]
+                label = yb.view(1, -1, 1).expand(k1 - k0, -1, 1)
+                true_logit = logits.gather(2, label).squeeze(2)
+                best_other = logits.scatter(2, label, -math.inf).amax(dim=2)
+                correct[k0:k1, start:start + len(yb)] = (logits.argmax(dim=2) == label.squeeze(2)).cpu().numpy()
+                margin[k0:k1, start:start + len(yb)] = (true_logit - best_other).to(torch.float16).cpu().numpy()
+        return correct, margin
+
+    def evaluate(self, evals: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, (x, y) in evals.items():
+            out[f"{name}_correct"], out[f"{name}_margin"] = self.predict(x, y)
+        if self.canaries is not None:
+            out["canary_score"] = self.canaries.theta.detach().cpu().numpy().astype(np.float32)
+        return out
+
+    def model_state(self, k: int) -> dict[str, Tensor]:
+        """Model k as a state_dict of ``build_model(spec)``."""
+        return export_params(self.spec, self.params, k)
+
+    def close(self) -> None:
+        """Stop the background noise threads (also done when the trainer is collected)."""
+        if self.noise is not None:
+            self.noise.close()
+
+
+def export_params(spec: TrainSpec, params: list[Tensor], k: int) -> dict[str, Tensor]:
+    """Model k of stacked parameters as a state_dict for ``build_model(spec)``."""
+    names = [name for name, _ in build_model(spec).named_parameters()]
+    return {name: p[k].detach().cpu().clone() for name, p in zip(names, params, strict=True)}
+
+
+def import_params(spec: TrainSpec, state_dicts: list[Mapping[str, Tensor]]) -> list[Tensor]:
+    """The converse of ``export_params``: stack the state_dicts of K models from build_model."""
+    names = [name for name, _ in build_model(spec).named_parameters()]
+    return [torch.stack([sd[name].detach() for sd in state_dicts]).float().contiguous() for name in names]
