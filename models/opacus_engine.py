@@ -35,7 +35,6 @@ from torch.utils.data import TensorDataset
 
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.streams import initial_model
-from dpmem.models.nets import build_model
 from dpmem.models.spec import (CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
                                expected_batch_sizes, model_streams, stream_seeds)
 
