@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 
 from dpmem.bench.config import Config
 from dpmem.bench.config import load as _load
+from dpmem.privacy.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
 __version__ = "0.2.0"
-__all__ = ["Config", "Run", "audit", "influence", "load_config", "memorization", "open_run", "run"]
+__all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "influence", "load_config", "memorization", "open_run",
+           "run"]
 
 
 def load_config(config: str | Path | dict | Config | None = None, **overrides) -> Config:

@@ -6,7 +6,7 @@ Both engines (the batched many-model engine and the per-model Opacus reference) 
 ``TrainRequest.evals``, plus ``"canary_score"`` float32 [K, m_c] when the spec has gradient
 canaries); the pipeline never needs to know which one ran.
 
-Semantics shared by both engines (Opacus's, see DESIGN.md):
+Semantics shared by every engine (Opacus's; models/README.md, "The semantics every engine shares"):
 - Each model k trains on its own subset ``T_k = {i : masks[k, i]}``.
 - Every step draws a Poisson batch: each i in T_k is included independently with probability
   ``sample_rate`` (variable batch sizes; an empty batch is a step with zero data gradient).

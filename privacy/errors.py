@@ -1,4 +1,7 @@
-"""Errors the command line turns into a one-line message and exit code 2."""
+"""Errors the command line turns into a one-line message and exit code 2.
+
+They live below every package (bench, models and privacy all raise them) and are public as
+``dpmem.UsageError`` and ``dpmem.ConfigError``."""
 
 
 class UsageError(Exception):

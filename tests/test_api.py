@@ -128,4 +128,5 @@ def test_the_install_maps_every_package_under_dpmem():
     on_disk = {"dpmem"} | {"dpmem." + ".".join(init.parent.relative_to(ROOT).parts)
                            for folder in folders for init in folder.rglob("__init__.py")}
     assert packages == on_disk
-    assert dpmem.__all__ == ["Config", "Run", "audit", "influence", "load_config", "memorization", "open_run", "run"]
+    assert dpmem.__all__ == ["Config", "ConfigError", "Run", "UsageError", "audit", "influence", "load_config",
+                             "memorization", "open_run", "run"]

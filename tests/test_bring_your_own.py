@@ -99,7 +99,7 @@ def test_zipf_resampling_of_a_file_needs_a_target_size(digits_npz, tmp_path, cap
 
 
 def test_the_data_fingerprint_changes_with_any_array(tmp_path):
-    from dpmem.bench.store.files import arrays_fingerprint as array_fingerprint
+    from dpmem.bench.data.fingerprint import arrays_fingerprint as array_fingerprint
     a = {"x_train": np.zeros((3, 2), np.float32), "y_train": np.array([0, 1, 0])}
     base = array_fingerprint(a)
     assert base == array_fingerprint({k: v.copy() for k, v in a.items()})

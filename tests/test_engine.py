@@ -514,18 +514,18 @@ def test_noise_drawn_ahead_in_the_background_equals_noise_drawn_inline(monkeypat
 
     gens = generators()
     inline = [torch.stack([torch.empty(50).normal_(generator=g) for g in gens]) for _ in range(4)]
-    monkeypatch.setattr(batched, "_cpu_count", lambda: 2)
-    noise = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
-    assert noise._pool is not None and len(noise.buffers) == 2
+    monkeypatch.setattr(noise, "cpu_count", lambda: 2)
+    drawn = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
+    assert drawn._pool is not None and len(drawn.buffers) == 2
     for step in range(4):
-        noise.begin()
-        torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
-    noise.close()
-    monkeypatch.setattr(batched, "_cpu_count", lambda: 1)
-    noise = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
-    assert noise._pool is None
+        drawn.begin()
+        torch.testing.assert_close(drawn.take(), inline[step], rtol=0, atol=0)
+    drawn.close()
+    monkeypatch.setattr(noise, "cpu_count", lambda: 1)
+    drawn = noise.GaussianNoise(generators(), 50, torch.device("cpu"))
+    assert drawn._pool is None
     for step in range(4):
-        torch.testing.assert_close(noise.take(), inline[step], rtol=0, atol=0)
+        torch.testing.assert_close(drawn.take(), inline[step], rtol=0, atol=0)
 
 
 def test_poisson_batches_come_from_each_subset_at_the_sample_rate():

@@ -41,11 +41,6 @@ def per_model_group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int) 
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def per_model_subgroup_accuracy(correct_test: np.ndarray, g_test: np.ndarray, n_subgroups: int) -> np.ndarray:
-    """acc[k, g]: model k's accuracy on the test examples of subgroup g (nan where g has none)."""
-    return per_model_group_mean(correct_test, g_test, n_subgroups)
-
-
 def crossed_mean_ci(values: np.ndarray, groups: np.ndarray, n_groups: int, *, value_range: tuple[float, float],
                     level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group: the mean of values[k, j] over models k and the group's test examples j, with an interval

@@ -1,4 +1,4 @@
-"""The random training subsets: model k trains on T_k = {i : masks[k, i]} (DESIGN.md, "Subset sampling").
+"""The random training subsets: model k trains on T_k = {i : masks[k, i]} (bench/README.md, "What a run does").
 
 - ``bernoulli``: every entry independently with probability q. Given i in T_k or not, the rest of
   T_k has the same distribution, so "in" and "out" models are add/remove neighbours.

@@ -1,4 +1,4 @@
-"""Atomic, durable file I/O and the one array fingerprint every part of dpmem uses.
+"""Atomic, durable file I/O: the store's files and every report's tables and figures.
 
 Every file is written to a temporary name, flushed to disk (file and directory) and renamed into
 place, so a reader sees the old file or the new one, never a part. Arrays are .npy without pickle.
@@ -97,22 +97,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def array_fingerprint(array: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and values (independent of memory layout)."""
-    a = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
-def arrays_fingerprint(arrays: dict[str, np.ndarray]) -> str:
-    """One digest over named arrays (each by ``array_fingerprint``), in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(f"{name}={array_fingerprint(arrays[name])};".encode())
-    return "sha256:" + digest.hexdigest()
 
 
 def load_npy(path: Path, sha256: str | None = None) -> np.ndarray:

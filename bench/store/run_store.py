@@ -1,7 +1,7 @@
 """The run store: a directory of JSON and .npy files that survives interruption, power cuts and
 a second writer.
 
-Layout (DESIGN.md "Run store and outputs")::
+Layout (bench/README.md, "Output files")::
 
     RUN/config.json                      format, resolved config, its hash, data fingerprint, versions
     RUN/.lock                            held by the one process that writes the directory
@@ -36,7 +36,8 @@ import numpy as np
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import STORE_FORMAT, Config
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.files import (TMP_SUFFIX, array_fingerprint, atomic_save_npy, atomic_write_json,
+from dpmem.bench.data.fingerprint import array_fingerprint
+from dpmem.bench.store.files import (TMP_SUFFIX, atomic_save_npy, atomic_write_json,
                                      current_umask, file_mode, fsync_dir, is_temporary, load_npy, npy_bytes, package_versions,
                                      read_json, remove_temporaries, sha256_file)
 
