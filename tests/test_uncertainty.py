@@ -59,7 +59,7 @@ def test_null_scored_on_a_share_of_many_candidates_keeps_its_scale(monkeypatch):
     assert capped.high_influence_pairs_raw == full.high_influence_pairs_raw
     assert capped.expected_false_pairs == pytest.approx(full.expected_false_pairs)
     assert capped.high_influence_pairs <= 5
-    monkeypatch.setattr(estimators, "NULL_ROWS", 4)          # each permutation scores a share of the rows
+    monkeypatch.setattr(findings, "NULL_ROWS", 4)          # each permutation scores a share of the rows
     shared = _control(masks, ctrain, ctest)
     assert shared.high_influence_pairs_raw == full.high_influence_pairs_raw
     assert shared.expected_false_pairs == pytest.approx(full.expected_false_pairs, rel=0.25)

@@ -7,6 +7,7 @@ import pytest
 
 from dpmem.bench import cli
 from dpmem.bench.estimators import memorization
+from dpmem.bench.run import execution
 from dpmem.bench.studies import utility
 from dpmem.privacy.errors import UsageError
 
@@ -86,8 +87,7 @@ def test_utility_command_end_to_end_and_resume(small_run, tmp_path, monkeypatch,
     assert first["drop"] == pytest.approx(
         ref.loc[ref["variant"] == first["variant"], "test_acc"].iloc[0] - first["test_acc"], abs=1e-9)
     # a finished study resumes without training anything
-    from dpmem.bench.studies import utility as mod
-    monkeypatch.setattr(mod, "train_models", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    monkeypatch.setattr(execution, "train_models", lambda *a, **k: pytest.fail("retrained a finished cell"))
     assert cli.main(argv) == 0
     assert pd.read_csv(report / "utility.csv").equals(table)
     # other settings in the same study directory are refused before anything is trained
@@ -100,7 +100,7 @@ def test_utility_interrupted_cell_resumes_to_identical_arrays(small_run, tmp_pat
     whole = tmp_path / "whole"
     assert cli.main([*argv, "--out", str(whole)]) == 0
     part = tmp_path / "part"
-    real = utility.train_models
+    real = execution.train_models
     calls = [0]
 
     def flaky(*a, **k):
@@ -109,9 +109,9 @@ def test_utility_interrupted_cell_resumes_to_identical_arrays(small_run, tmp_pat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(utility, "train_models", flaky)
+    monkeypatch.setattr(execution, "train_models", flaky)
     assert cli.main([*argv, "--out", str(part)]) == 130
-    monkeypatch.setattr(utility, "train_models", real)
+    monkeypatch.setattr(execution, "train_models", real)
     assert cli.main([*argv, "--out", str(part)]) == 0
     for f in sorted(whole.glob("variants/*/test_correct.npy")):
         assert np.array_equal(np.load(f), np.load(part / f.relative_to(whole))), f
@@ -132,7 +132,29 @@ def test_utility_refuses_a_threshold_too_many_examples_reach(small_run, tmp_path
         def __init__(self, masks, correct):
             self.mem = np.ones(masks.shape[1])
 
-    monkeypatch.setattr(utility.estimators, "memorization", Everyone)
+    monkeypatch.setattr(utility.memorization, "memorization", Everyone)
     assert cli.main(["utility", str(small_run), "--out", str(tmp_path / "u"), "--quiet", "--thresholds", "0.5"]) == 2
     assert "too many to match" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_utility_trains_on_the_device_and_workers_it_is_given(small_run, tmp_path, monkeypatch):
+    """The study goes through the one unit loop: --device reaches every unit, and Ray workers give
+    the serial arrays."""
+    argv = ["utility", str(small_run), "--thresholds", "0.1", "--models", "4", "--quiet"]
+    real, devices = execution.train_models, []
+
+    def spy(*a, **k):
+        devices.append(k["device"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(execution, "train_models", spy)
+    assert cli.main([*argv, "--out", str(tmp_path / "serial"), "--device", "auto"]) == 0
+    assert devices and set(devices) == {"auto"}
+    monkeypatch.setattr(execution, "train_models", real)
+    pytest.importorskip("ray")
+    assert cli.main([*argv, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    arrays = sorted((tmp_path / "serial").glob("variants/*/test_correct.npy"))
+    assert arrays
+    for f in arrays:
+        assert np.array_equal(np.load(f), np.load(tmp_path / "ray" / f.relative_to(tmp_path / "serial"))), f

@@ -32,7 +32,7 @@ from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
 
-AUDIT_CONFIG = Path(__file__).parent / "configs" / "audit.toml"
+AUDIT_CONFIG = Path(__file__).parents[1] / "configs" / "audit.toml"
 # fault -> overrides; the bugs other than half_noise are audited at claimed eps 1 only
 FAULT_RUNS = {"none": [], "half_noise": [], "no_noise": ["epsilons=1"], "no_clipping": ["epsilons=1"],
               "wrong_sample_rate": ["epsilons=1"]}
