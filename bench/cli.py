@@ -43,7 +43,7 @@ def _output_dir(path: Path, what: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from dpmem.bench import analysis, execution, pipeline, report
+    from dpmem.bench import analysis, execution, html_report, pipeline, report
     from dpmem.bench.store import RunStore, data_fingerprint
     path, overrides = _split_run_args(args.args)
     if args.workers is not None:
@@ -65,9 +65,11 @@ def cmd_run(args) -> int:
         train_wall = time.perf_counter() - t0
         result = analysis.analyse(store)
         report.write_all(result, out)
+        page = html_report.write_report_page(result, store, out, ds=ds)
     _print_summary(result.summary)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
+    print(f"dpmem: report {page}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -79,7 +81,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_report(args) -> int:
-    from dpmem.bench import analysis, report
+    from dpmem.bench import analysis, html_report, report
     from dpmem.bench.store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
@@ -87,10 +89,13 @@ def cmd_report(args) -> int:
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
             report.write_all(result, out)
+            page = html_report.write_report_page(result, store, out)
     else:
         report.write_all(result, out)
+        page = html_report.write_report_page(result, store, out)
     _print_summary(result.summary)
-    print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
+    print(f"dpmem: tables, figures and galleries written to {out}", file=sys.stderr)
+    print(f"dpmem: report {page}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -202,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpmem", description="Memorization and the cost of differential privacy, "
                                 "example by example and subgroup by subgroup.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the paired variants and write tables and figures")
+    r = sub.add_parser("run", help="train the paired variants and write tables, figures, galleries and report.html")
     r.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", metavar="ADDRESS",
                    help="join the Ray cluster at ADDRESS (default: $RAY_ADDRESS if set)")
     r.set_defaults(func=cmd_run)
-    rp = sub.add_parser("report", help="regenerate tables and figures from a run directory without training")
+    rp = sub.add_parser("report", help="regenerate tables, figures, galleries and report.html from a run directory "
+                                       "without training")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="write outputs here instead of the run directory")
     rp.set_defaults(func=cmd_report)
