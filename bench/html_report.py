@@ -22,8 +22,8 @@ from dpmem.bench.store import atomic_write_bytes
 
 PAGE_NAME = "report.html"
 TEMPLATE = "report.html.j2"
-EMBED_MAX_WIDTH = 1000        # px: wider PNGs are scaled down for the page (files keep full size)
-EMBED_COLOURS = 128           # palette size of embedded PNGs: the figures are flat-coloured plots
+EMBED_MAX_WIDTH = 1280        # px (the page width): wider PNGs are scaled down for the page (files keep full size)
+EMBED_COLOURS = 256           # palette of embedded PNGs: the figures and galleries are flat-coloured
 
 # summary table column -> summary.json key of variants[NAME]
 SUMMARY_COLUMNS = {"epsilon": "epsilon", "sigma": "noise_multiplier", "steps": "steps", "models": "models",
