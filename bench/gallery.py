@@ -242,8 +242,13 @@ def _cell(ax, x: np.ndarray, inputs: Inputs, colour: str, text: str) -> None:
         ax.set_title(text, fontsize=6, loc="left")
 
 
+def _2f(v: float) -> str:
+    text = f"{v:.2f}"
+    return "0.00" if text == "-0.00" else text      # a tiny negative estimate is shown as 0.00, not -0.00
+
+
 def _interval(v: float, lo: float, hi: float) -> str:
-    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{_2f(v)} [{_2f(lo)}, {_2f(hi)}]"
 
 
 def _cells(kind: str, frame: pd.DataFrame) -> list[tuple[int, int, str, int, str, str]]:
