@@ -319,9 +319,10 @@ def draw(kind: str, frame: pd.DataFrame, inputs: Inputs, *, caption: str):
 def save(fig, out: Path, stem: str) -> list[Path]:
     """PNG and PDF of a gallery, each written atomically; the PDF without a creation date, so the
     same numbers give the same bytes."""
+    import io
+
     import matplotlib.pyplot as plt
     from dpmem.bench.store import atomic_write_bytes
-    import io
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
