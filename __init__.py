@@ -10,6 +10,7 @@ The public Python API (everything else is private by convention)::
     run.subgroups             # DataFrame: one row per (variant, subgroup)
     run.frequency_bins        # DataFrame: one row per (variant, frequency bin)
     run.audit                 # DataFrame: one row per variant, the DP-bound audit
+    run.gallery("memorized", "nonprivate")   # the examples a gallery shows: indices, scores, intervals
 
     again = dpmem.open_run("runs/ci")                       # a finished run, no training
     mem = dpmem.memorization(masks, correct)                # from your own [K, n] arrays
@@ -102,22 +103,49 @@ class Run:
         import pandas as pd
         return pd.DataFrame([a.to_dict() for a in self._analysis.audits.values()])
 
+    def gallery(self, kind: str, variant: str, *, rows: int = 8, beside: int = 3) -> pd.DataFrame:
+        """The examples a gallery of this run shows, as a DataFrame (draw your own from it).
+
+        ``kind``: ``"memorized"`` (training examples with the highest memorization, each followed by
+        ``beside`` typical examples of its class: index, label, subgroup, mem, mem_lo, mem_hi, ...),
+        ``"pairs"`` (high-influence pairs that passed false-discovery control: train_index,
+        test_index, infl, infl_lo, infl_hi, z, same_subgroup, ...) or ``"hardest_dp"`` (for a DP
+        variant: test examples with the largest accuracy loss against the non-private models, each
+        followed by the easiest of its class: test_index, acc_nonprivate, acc_dp, acc_loss,
+        acc_loss_lo, acc_loss_hi, ...). Intervals are 95% Newcombe intervals."""
+        import pandas as pd
+        from dpmem.bench.report import gallery
+        pairs = None
+        if kind == "pairs":
+            stored = self.path / "influence_pairs.parquet"
+            if stored.is_file():
+                pairs = pd.read_parquet(stored)
+            else:
+                from dpmem.bench.report import analysis
+                pairs = analysis.analyse(self._store).pairs
+        return gallery.select(kind, variant, store=self._store,
+                              memorization=self.memorization if kind == "memorized" else None,
+                              pairs=pairs, rows=rows, beside=beside)
+
 
 def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **overrides) -> Run:
-    """Train (or resume) a benchmark into ``out``, write its tables and figures, and open it.
+    """Train (or resume) a benchmark into ``out``, write its tables, figures, galleries and
+    report.html, and open it.
 
     ``config``: a config file, a dict of config keys or a ``Config`` (None: the defaults);
     ``overrides``: config keys on top. A bad value raises ``dpmem.ConfigError``
     naming the field before anything is written, as ``dpmem run`` does."""
     from dpmem.bench import report
-    from dpmem.bench.report import analysis
+    from dpmem.bench.report import analysis, page
     from dpmem.bench.run import pipeline
     from dpmem.bench.store.run_store import RunStore
     cfg = load_config(config, **overrides)
     ds, engine = pipeline.check_inputs(cfg)
     store = RunStore.create_or_resume(out, cfg)
     pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
-    report.write_all(analysis.analyse(store), store.root)
+    result = analysis.analyse(store)
+    report.write_all(result, store.root)
+    page.write_report_page(result, store, store.root, ds=ds)
     return Run(store.root)
 
 

@@ -44,7 +44,7 @@ def _output_dir(path: Path, what: str) -> Path:
 
 def cmd_run(args) -> int:
     from dpmem.bench import report
-    from dpmem.bench.report import analysis
+    from dpmem.bench.report import analysis, page
     from dpmem.bench.run import execution, pipeline
     from dpmem.bench.store.run_store import RunStore, data_fingerprint
     path, overrides = _split_run_args(args.args)
@@ -68,9 +68,11 @@ def cmd_run(args) -> int:
         train_wall = time.perf_counter() - t0
         result = analysis.analyse(store)
         report.write_all(result, out)
+        page_path = page.write_report_page(result, store, out, ds=ds)
     _print_summary(result.summary)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
+    print(f"dpmem: report {page_path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -83,7 +85,7 @@ def _print_summary(summary: dict) -> None:
 
 def cmd_report(args) -> int:
     from dpmem.bench import report
-    from dpmem.bench.report import analysis
+    from dpmem.bench.report import analysis, page
     from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
@@ -91,10 +93,13 @@ def cmd_report(args) -> int:
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
             report.write_all(result, out)
+            page_path = page.write_report_page(result, store, out)
     else:
         report.write_all(result, out)
+        page_path = page.write_report_page(result, store, out)
     _print_summary(result.summary)
-    print(f"dpmem: tables and figures written to {out}", file=sys.stderr)
+    print(f"dpmem: tables, figures and galleries written to {out}", file=sys.stderr)
+    print(f"dpmem: report {page_path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -112,20 +117,9 @@ def _parse_claims(items: list[str]) -> dict[str, float]:
     return claims
 
 
-def audit_failures(result) -> list[str]:
-    """Every claim refuted by an audit of ``result`` (an analysis.Analysis): the gate's failures."""
-    failures = [f"{a.variant}: {a.violations} example(s) violate the ({a.epsilon_tested:g}, {a.delta_tested:g}) "
-                f"bound; eps_lb = {a.eps_lb:.3f} > claimed {a.epsilon_claimed:g}"
-                for a in result.audits.values() if not a.consistent]
-    failures += [f"{c.variant}: gradient canaries refute the claim: eps_lb = {c.eps_lb:.3f} > claimed "
-                 f"{c.epsilon_claimed:g} (TPR >= {c.tpr_lo:.4f}, FPR <= {c.fpr_hi:.2e} over {c.evaluation_models} "
-                 f"models x {c.canaries} canaries)"
-                 for c in result.canary_audits.values() if not c.consistent]
-    return failures
-
-
 def cmd_check(args) -> int:
     from dpmem.bench.report import analysis
+    from dpmem.bench.report.analysis import audit_failures
     from dpmem.bench.store.run_store import RunStore
     from dpmem.privacy import baseline as baseline_mod
     store = RunStore.open(args.run_dir)
@@ -228,14 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpmem", description="Memorization and the cost of differential privacy, "
                                 "example by example and subgroup by subgroup.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the paired variants and write tables and figures")
+    r = sub.add_parser("run", help="train the paired variants and write tables, figures, galleries and report.html")
     r.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     add_execution_args(r)
     r.set_defaults(func=cmd_run)
-    rp = sub.add_parser("report", help="regenerate tables and figures from a run directory without training")
+    rp = sub.add_parser("report", help="regenerate tables, figures, galleries and report.html from a run directory "
+                                       "without training")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="write outputs here instead of the run directory")
     rp.set_defaults(func=cmd_report)

@@ -60,7 +60,7 @@ def test_units_resume_and_finalize(tmp_path):
     assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
 
 
-def test_a_resume_with_another_chunk_size_keeps_finished_units(tmp_path):
+def test_a_resume_with_another_unit_size_keeps_finished_units(tmp_path):
     full = _rows(20)
     with RunStore.create_or_resume(tmp_path / "run", Config(models=20, unit_size=8)) as store:
         _write(store, "nonprivate", ModelRange(0, 8), full)

@@ -168,6 +168,18 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                     summary=summary, canary_audits=canary_audits)
 
 
+def audit_failures(result) -> list[str]:
+    """Every claim refuted by an audit of ``result`` (an analysis.Analysis): the gate's failures."""
+    failures = [f"{a.variant}: {a.violations} example(s) violate the ({a.epsilon_tested:g}, {a.delta_tested:g}) "
+                f"bound; eps_lb = {a.eps_lb:.3f} > claimed {a.epsilon_claimed:g}"
+                for a in result.audits.values() if not a.consistent]
+    failures += [f"{c.variant}: gradient canaries refute the claim: eps_lb = {c.eps_lb:.3f} > claimed "
+                 f"{c.epsilon_claimed:g} (TPR >= {c.tpr_lo:.4f}, FPR <= {c.fpr_hi:.2e} over {c.evaluation_models} "
+                 f"models x {c.canaries} canaries)"
+                 for c in result.canary_audits.values() if not c.consistent]
+    return failures
+
+
 def _finite(d: dict) -> dict:
     """NaN becomes None, so summary.json stays valid JSON."""
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}

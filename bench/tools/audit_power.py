@@ -27,7 +27,7 @@ from scipy import stats
 from dpmem.bench.report import analysis
 from dpmem.bench import config
 from dpmem.bench.run import pipeline
-from dpmem.bench.cli import audit_failures
+from dpmem.bench.report.analysis import audit_failures
 from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
