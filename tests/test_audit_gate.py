@@ -40,12 +40,21 @@ def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys
     plain, canaries = paired_runs
     assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 6
-    assert verdict["alpha_per_test"] == pytest.approx(0.01)
+    # 3 variants x (black-box + canary) + the parametric bound of the 2 DP variants
+    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 8
+    assert verdict["alpha_per_test"] == pytest.approx(0.0075)
+    assert set(verdict["parametric_bounds"]) == {"dp-eps2", "dp-eps8"}
+    for p in verdict["parametric_bounds"].values():
+        assert p["level"] == pytest.approx(0.0075) and p["kind"].startswith("parametric")
+        assert p["eps_lb"] is None or p["eps_lb"] <= p["epsilon_claimed"]
     assert set(verdict["canary_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
     for name, c in verdict["canary_audits"].items():
-        assert c["alpha"] == pytest.approx(0.01) and c["models"] == 24 and c["canaries"] == 50
-        assert verdict["variants"][name]["alpha"] == pytest.approx(0.01)
+        assert c["alpha"] == pytest.approx(0.0075) and c["models"] == 24 and c["canaries"] == 50
+        assert verdict["variants"][name]["alpha"] == pytest.approx(0.0075)
+    # without the parametric bound the family is 3 variants x 2 audits
+    assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06", "--no-parametric"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["audit_tests"] == 6 and verdict["parametric_bounds"] == {}
     # the non-private variant's canaries separate perfectly: refuted once it claims a budget
     assert cli.main(["check", str(canaries.root), "--claim", "nonprivate=1"]) == 1
     assert "gradient canaries refute" in capsys.readouterr().out
@@ -112,7 +121,7 @@ def test_canary_config_errors_name_their_field():
     from dpmem.bench import config
     from dpmem.bench.errors import ConfigError
     for overrides, field in ((["gradient_canaries=-1"], "gradient_canaries"), (["canary_norm=0"], "canary_norm"),
-                             (["gradient_canaries=10", "models=3"], "gradient_canaries"),
+                             (["gradient_canaries=10", "models=3"], "gradient_canaries"),   # one-run needs q = 0.5
                              (["fault=quarter_noise"], "fault")):
         with pytest.raises(ConfigError) as info:
             config.load(None, overrides)

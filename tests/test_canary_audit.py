@@ -68,13 +68,13 @@ def test_gaussian_estimate_of_a_gdp_mechanism_is_its_epsilon():
 
 # -- the rigorous bound ---------------------------------------------------------------------------
 
-def test_bound_is_the_clopper_pearson_test_on_the_evaluation_half():
+def test_bound_is_the_clopper_pearson_test_on_the_evaluation_models():
     rng = np.random.default_rng(2)
     scores, masks = gaussian_scores(rng, 40, 30, 2.0)
     audit = canary_audit(variant="v", scores=scores, masks=masks, epsilon=1.0, delta=1e-5, alpha=0.1)
     assert isinstance(audit, CanaryAudit)
-    assert audit.selection_models == 20 and audit.evaluation_models == 20 and audit.models == 40
-    ev_s, ev_m = scores[20:], masks[20:]
+    assert audit.selection_models == 2 and audit.evaluation_models == 38 and audit.models == 40   # 5% select
+    ev_s, ev_m = scores[2:], masks[2:]
     assert audit.n_in == ev_m.sum() and audit.n_out == (~ev_m).sum()
     k_in, k_out = (int(c[0]) for c in counts_above(ev_s[ev_m], ev_s[~ev_m], [audit.threshold]))
     assert audit.tpr == k_in / audit.n_in and audit.fpr == k_out / audit.n_out
