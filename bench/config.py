@@ -155,7 +155,8 @@ def validate(c: Config) -> None:
     _check(0.0 < c.delta < 1.0, "delta", f"must be in (0, 1), got {c.delta}")
     _check(0.0 < c.alpha < 1.0, "alpha", f"must be in (0, 1), got {c.alpha}")
     _check(0.0 < c.fdr < 1.0, "fdr", f"must be in (0, 1), got {c.fdr}")
-    _check(c.models >= 2, "models", f"need at least 2 models per variant, got {c.models}")
+    _check(c.models >= 2 or c.gradient_canaries > 0, "models",
+           f"need at least 2 models per variant (or gradient canaries for the one-run audit), got {c.models}")
     _check(c.chunk_size >= 1, "chunk_size", f"must be >= 1, got {c.chunk_size}")
     _check(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
     _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")

@@ -9,7 +9,8 @@ first ``SELECTION_FRACTION`` (5%) of the models (the selection models) and the b
 on the other 95% only (the evaluation models), so t is independent of the observations it is
 tested on. The choice fits a normal distribution to each class of the selection scores and takes
 the t whose bound would be largest at the evaluation models' counts if the fits were exact
-(falling back to the empirical counts of the selection models when a class is constant). The
+(falling back to the empirical counts of the selection models when a class is constant or far
+from normal). The
 fit only steers the choice; the bound's validity does not depend on it. A smooth fit on 5% of
 the models picks nearly the best threshold, so the bound loses little against the oracle that
 knows the best threshold and tests it on all models (``oracle_eps_lb``; a few percent in
@@ -50,7 +51,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize, special, stats
 
 from dpmem.privacy import bounds
 
@@ -58,6 +59,8 @@ from dpmem.privacy import bounds
 THRESHOLD_CANDIDATES = 2000
 # Share of the models used only to choose the threshold.
 SELECTION_FRACTION = 0.05
+# The threshold is steered by normal fits only when each class is this close to its fit (KS distance).
+FIT_KS_DISTANCE = 0.02
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,13 +163,17 @@ def choose_threshold_by_fit(scores_in: np.ndarray, scores_out: np.ndarray, *, n_
     """The threshold that maximises the bound at counts (n_in, n_out) under normal fits of both classes.
 
     Falls back to ``choose_threshold`` on the scores themselves when a class has fewer than two
-    observations or no spread (a normal fit says nothing there)."""
+    observations, no spread, or is not close to normal (Kolmogorov-Smirnov distance to its fit above
+    ``FIT_KS_DISTANCE``; discrete scores, for example): a bad fit would steer to a bad threshold."""
     scores_in, scores_out = np.ravel(scores_in).astype(float), np.ravel(scores_out).astype(float)
     if scores_in.size < 2 or scores_out.size < 2 or scores_in.std() == 0 or scores_out.std() == 0:
         return choose_threshold(scores_in, scores_out, delta=delta, level=level)
     m_in, s_in, m_out, s_out = scores_in.mean(), scores_in.std(ddof=1), scores_out.mean(), scores_out.std(ddof=1)
+    if max(stats.kstest(scores_in, "norm", args=(m_in, s_in)).statistic,
+           stats.kstest(scores_out, "norm", args=(m_out, s_out)).statistic) > FIT_KS_DISTANCE:
+        return choose_threshold(scores_in, scores_out, delta=delta, level=level)
     lo, hi = min(m_in - 8 * s_in, m_out - 8 * s_out), max(m_in + 8 * s_in, m_out + 8 * s_out)
-    t = np.linspace(lo, hi, 8 * THRESHOLD_CANDIDATES + 1)
+    t = np.linspace(lo, hi, THRESHOLD_CANDIDATES + 1)
     tpr, fpr = special.ndtr((m_in - t) / s_in), special.ndtr((m_out - t) / s_out)
     lb = threshold_eps_lb(n_in * tpr, n_in, n_out * fpr, n_out, delta=delta, level=level)
     return float(t[int(np.argmax(lb))])
