@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,44 @@ def test_one_run_audit_pools_models_and_reports_the_ceiling():
     with pytest.raises(ValueError, match="bool"):
         one_run.one_run_audit(variant="v", scores=scores, masks=masks.astype(int), epsilon=1.0, delta=1e-5,
                               alpha=0.05, sample_rate=1.0)
+
+
+def test_check_on_the_one_run_config_prints_the_bound_and_its_ceiling(tmp_path, capsys):
+    """bench/configs/audit-one-run.toml: one model per variant; honest passes, noise off fails."""
+    import json
+
+    from dpmem.bench import cli, config, pipeline
+    from dpmem.bench.store import RunStore
+    one_run_config = Path(__file__).parents[1] / "bench" / "configs" / "audit-one-run.toml"
+    for fault, code in (("none", 0), ("no_noise", 1)):
+        cfg = config.load(one_run_config, [f"fault={fault}", "epsilons=4", "gradient_canaries=4000", "threads=1"])
+        assert cfg.models == 1
+        store = RunStore.create_or_resume(tmp_path / fault, cfg)
+        pipeline.run(store, cfg, progress=False)
+        capsys.readouterr()
+        assert cli.main(["check", str(store.root), "--json"]) == code
+        verdict = json.loads(capsys.readouterr().out)
+        assert verdict["canary_audits"] == {}
+        assert verdict["audit_family"] == {"nonprivate": ["black-box", "one-run"],
+                                           "dp-eps4": ["black-box", "one-run", "parametric"]}
+        o = verdict["one_run_audits"]["dp-eps4"]
+        assert o["canaries"] == 4000 and o["alpha"] == pytest.approx(0.05 / 5)
+        assert o["power_eps"] == pytest.approx(max(one_run.ceiling(4000, 0.005, 1e-5, "steinke"),
+                                                   one_run.ceiling(4000, 0.005, 1e-5, "fdp")))
+        if fault == "none":
+            assert o["eps_lb"] is None or o["eps_lb"] <= 4.0
+        else:
+            assert o["eps_lb"] > 4.0 and any("one-run audit refutes" in f for f in verdict["failures"])
+    assert cli.main(["check", str(tmp_path / "none")]) == 0
+    text = capsys.readouterr().out
+    assert "| one-run" in text and "ceiling of 4000 canaries" in text and "parametric (assumes DP-SGD" in text
+
+
+def test_one_run_configs_need_canaries_at_rate_one_half():
+    from dpmem.bench import config
+    from dpmem.bench.errors import ConfigError
+    assert config.load(None, ["models=1", "gradient_canaries=100", "q=0.5"]).models == 1
+    with pytest.raises(ConfigError, match="q = 0.5"):
+        config.load(None, ["models=8", "gradient_canaries=100", "q=0.7"])
+    with pytest.raises(ConfigError, match="'models'"):
+        config.load(None, ["models=1"])           # no canaries: one model audits nothing
