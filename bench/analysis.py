@@ -43,14 +43,15 @@ def audit_family(cfg, has_canaries: bool, *, parametric: bool = True) -> dict[st
 
     Every variant gets the black-box audit. With gradient canaries, each also gets one canary
     audit: the multi-model threshold test, or, with at most ONE_RUN_MAX_MODELS models, the
-    one-run guessing game; and each DP variant gets the parametric bound (unless ``parametric``
-    is off)."""
+    one-run guessing game; and each DP variant trained by dpmem's engines gets the parametric
+    bound (unless ``parametric`` is off)."""
     family = {}
     for name, target in cfg.variants:
         kinds = ["black-box"]
         if has_canaries:
             kinds.append("one-run" if cfg.models <= ONE_RUN_MAX_MODELS else "gradient canary")
-            if parametric and target is not None:
+            # the parametric form is derived from dpmem's own engines; a user trainer's update may differ
+            if parametric and target is not None and not cfg.trainer:
                 kinds.append("parametric")
         family[name] = kinds
     return family
