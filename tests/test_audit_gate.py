@@ -127,3 +127,21 @@ def test_canary_config_errors_name_their_field():
             config.load(None, overrides)
         assert field in str(info.value)
     assert config.load(None, ["fault=half_noise", "gradient_canaries=10"]).gradient_canaries == 10
+
+
+@pytest.mark.slow
+def test_noise_x075_is_refuted_by_the_parametric_bound_on_the_audit_config(tmp_path, capsys):
+    # the subtler planted bug: 0.75 of the calibrated noise multiplier (true eps 5.58 at claim 4);
+    # no single-threshold test can refute it at these counts, the parametric bound does
+    out = tmp_path / "x075"
+    assert cli.main(["run", "--out", str(out), "--quiet", str(AUDIT_CONFIG), "epsilons=4", "fault=noise_x0.75"]) == 0
+    capsys.readouterr()
+    assert cli.main(["check", str(out), "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    p = verdict["parametric_bounds"]["dp-eps4"]
+    assert p["eps_lb"] > 4.0 and p["noise_multiplier"] == pytest.approx(0.75 * 3.4277, rel=0.01)
+    assert verdict["oracle_eps_lb"]["dp-eps4"] < 4.0
+    assert any("parametric bound refutes" in f for f in verdict["failures"])
+    # without the parametric bound the verdict rests on the rigorous audits alone
+    assert cli.main(["check", str(out), "--json", "--no-parametric"]) in (0, 1)
+    assert json.loads(capsys.readouterr().out)["parametric_bounds"] == {}
