@@ -16,9 +16,10 @@ so (eps, delta) is refuted at level ``level`` when that p-value is <= level; the
 largest such eps.
 
 Mahloujifar et al., "audit_rh_with_cap" (rigorous for a mechanism that is mu-GDP, mu being the
-Gaussian trade-off that passes through (eps, delta)). The recursion below bounds the expected
-number of right guesses under the trade-off function f(x) = Phi(Phi^-1(1 - x) - mu) ... written as
-its inverse blow-up x -> Phi(Phi^-1(x) - mu). It is far tighter for Gaussian mechanisms, but it
+Gaussian trade-off curve that passes through (eps, delta)). Their recursion bounds, at the given
+level, how many of the guesses a mu-GDP mechanism lets be right, using the Gaussian trade-off
+G_mu(x) = Phi(Phi^-1(1 - x) - mu) through its inverse blow-up x -> Phi(Phi^-1(x) - mu); the
+claim is refuted when the observed guesses exceed it. It is far tighter for Gaussian mechanisms, but it
 refutes "the mechanism is mu-GDP", which the (eps, delta) claim of DP-SGD implies only when the
 accountant's privacy curve is that Gaussian one: full-batch DP-SGD (sample rate 1), whose T steps
 of noise multiplier sigma are exactly (sqrt(T) / sigma)-GDP. With Poisson sampling below 1 the
