@@ -174,7 +174,7 @@ def _print_audit(result, failures: list[str]) -> None:
     from dpmem.bench.report import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "audit": "black-box", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
                      "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
@@ -182,7 +182,7 @@ def _print_audit(result, failures: list[str]) -> None:
                      "test_acc": result.summary["variants"][name]["test_accuracy"]})
         c = result.canary_audits.get(name)
         if c is not None:
-            rows.append({"variant": name, "audit": "gradient canary", "claimed_eps": c.epsilon_claimed,
+            rows.append({"variant": name, "audit": "gradient canary", "kind": "rigorous", "claimed_eps": c.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if c.epsilon_claimed is None else f"({c.epsilon_claimed:.3g}, {c.delta:.2g})",
                          "eps_lb": c.eps_lb, "eps_gaussian_estimate": c.eps_gdp, "violations": None,
@@ -191,7 +191,7 @@ def _print_audit(result, failures: list[str]) -> None:
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
         o = result.one_run_audits.get(name)
         if o is not None:
-            rows.append({"variant": name, "audit": "one-run", "claimed_eps": o.epsilon_claimed,
+            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "claimed_eps": o.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if o.epsilon_claimed is None else f"({o.epsilon_claimed:.3g}, {o.delta:.2g})",
                          "eps_lb": o.eps_lb, "eps_gaussian_estimate": None, "violations": None,
@@ -200,7 +200,7 @@ def _print_audit(result, failures: list[str]) -> None:
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
         p = result.parametric.get(name)
         if p is not None:
-            rows.append({"variant": name, "audit": "parametric*", "claimed_eps": p.epsilon_claimed,
+            rows.append({"variant": name, "audit": "parametric*", "kind": "parametric", "claimed_eps": p.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if p.epsilon_claimed is None else f"({p.epsilon_claimed:.3g}, {p.delta:.2g})",
                          "eps_lb": p.eps_lb, "eps_gaussian_estimate": p.eps_estimate, "violations": None,

@@ -212,7 +212,11 @@ class OneRunAudit:
     consistent: bool
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"kind": KIND}
+
+
+KIND = ("rigorous (the guessing game: any (eps, delta)-DP mechanism; the f-DP game: a mu-GDP claim, "
+        "which DP-SGD at sample rate 1 makes)")
 
 
 def one_run_audit(*, variant: str, scores: np.ndarray, masks: np.ndarray, epsilon: float | None, delta: float,

@@ -132,7 +132,7 @@ def test_check_on_the_one_run_config_prints_the_bound_and_its_ceiling(tmp_path, 
         assert verdict["audit_family"] == {"nonprivate": ["black-box", "one-run"],
                                            "dp-eps4": ["black-box", "one-run", "parametric"]}
         o = verdict["one_run_audits"]["dp-eps4"]
-        assert o["canaries"] == 4000 and o["alpha"] == pytest.approx(0.05 / 5)
+        assert o["canaries"] == 4000 and o["alpha"] == pytest.approx(0.05 / 5) and o["kind"].startswith("rigorous")
         assert o["power_eps"] == pytest.approx(max(one_run.ceiling(4000, 0.005, 1e-5, "steinke"),
                                                    one_run.ceiling(4000, 0.005, 1e-5, "fdp")))
         if fault == "none":
@@ -142,6 +142,7 @@ def test_check_on_the_one_run_config_prints_the_bound_and_its_ceiling(tmp_path, 
     assert cli.main(["check", str(tmp_path / "none")]) == 0
     text = capsys.readouterr().out
     assert "| one-run" in text and "ceiling of 4000 canaries" in text and "parametric (assumes DP-SGD" in text
+    assert "| kind" in text      # every row labels its kind: rigorous or parametric
 
 
 def test_one_run_configs_need_canaries_at_rate_one_half():
