@@ -132,7 +132,8 @@ def cmd_check(args) -> int:
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
     base = baseline_mod.load_baseline(args.baseline) if args.baseline else None
-    result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False)
+    result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False,
+                              parametric=not args.no_parametric)
     failures = audit_failures(result)
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
@@ -145,6 +146,11 @@ def cmd_check(args) -> int:
                "canaries": run["canaries"], "gradient_canaries": run["gradient_canaries"],
                "variants": {n: a.to_dict() for n, a in result.audits.items()},
                "canary_audits": {n: c.to_dict() for n, c in result.canary_audits.items()},
+               "one_run_audits": {n: o.to_dict() for n, o in result.one_run_audits.items()},
+               "parametric_bounds": {n: p.to_dict() for n, p in result.parametric.items()},
+               "oracle_eps_lb": {n: v["oracle_eps_lb"] for n, v in result.summary["variants"].items()
+                                 if v.get("oracle_eps_lb") is not None},
+               "audit_family": run["audit_family"],
                "test_accuracy": {n: v["test_accuracy"] for n, v in result.summary["variants"].items()}}
     if args.json:
         print(json.dumps(verdict, indent=2, default=float))
@@ -158,7 +164,7 @@ def _print_audit(result, failures: list[str]) -> None:
     from dpmem.bench.report.tables import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "audit": "black-box", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
                      "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
@@ -166,12 +172,30 @@ def _print_audit(result, failures: list[str]) -> None:
                      "test_acc": result.summary["variants"][name]["test_accuracy"]})
         c = result.canary_audits.get(name)
         if c is not None:
-            rows.append({"variant": name, "audit": "gradient canary", "claimed_eps": c.epsilon_claimed,
+            rows.append({"variant": name, "audit": "gradient canary", "kind": "rigorous", "claimed_eps": c.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if c.epsilon_claimed is None else f"({c.epsilon_claimed:.3g}, {c.delta:.2g})",
                          "eps_lb": c.eps_lb, "eps_gaussian_estimate": c.eps_gdp, "violations": None,
                          "refutable_up_to": c.power_eps,
                          "verdict": "no claim" if c.epsilon_claimed is None else ("ok" if c.consistent else "VIOLATION"),
+                         "test_acc": result.summary["variants"][name]["test_accuracy"]})
+        o = result.one_run_audits.get(name)
+        if o is not None:
+            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "claimed_eps": o.epsilon_claimed,
+                         "adjacency": "add/remove",
+                         "tested": None if o.epsilon_claimed is None else f"({o.epsilon_claimed:.3g}, {o.delta:.2g})",
+                         "eps_lb": o.eps_lb, "eps_gaussian_estimate": None, "violations": None,
+                         "refutable_up_to": o.power_eps,
+                         "verdict": "no claim" if o.epsilon_claimed is None else ("ok" if o.consistent else "VIOLATION"),
+                         "test_acc": result.summary["variants"][name]["test_accuracy"]})
+        p = result.parametric.get(name)
+        if p is not None:
+            rows.append({"variant": name, "audit": "parametric*", "kind": "parametric", "claimed_eps": p.epsilon_claimed,
+                         "adjacency": "add/remove",
+                         "tested": None if p.epsilon_claimed is None else f"({p.epsilon_claimed:.3g}, {p.delta:.2g})",
+                         "eps_lb": p.eps_lb, "eps_gaussian_estimate": p.eps_estimate, "violations": None,
+                         "refutable_up_to": None,
+                         "verdict": "no claim" if p.epsilon_claimed is None else ("ok" if p.consistent else "VIOLATION"),
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
     print(markdown(pd.DataFrame(rows)))
     run = result.summary["run"]
@@ -183,6 +207,23 @@ def _print_audit(result, failures: list[str]) -> None:
         print(f"gradient canaries: {c.models} models x {c.canaries} canaries per variant; threshold chosen on "
               f"{c.selection_models} models, bounds from the other {c.evaluation_models}. eps_gaussian_estimate "
               f"assumes Gaussian scores (an estimate, not a bound).")
+        oracles = {n: v["oracle_eps_lb"] for n, v in result.summary["variants"].items() if v.get("oracle_eps_lb")}
+        if oracles:
+            print("oracle single-threshold reference (Gaussian scores at the claim, best threshold known in advance, "
+                  "all observations, same level): " + ", ".join(f"{n} {v:.3f}" for n, v in oracles.items()))
+    if result.one_run_audits:
+        o = next(iter(result.one_run_audits.values()))
+        print(f"one-run audit (rigorous): {o.models} model(s) x {o.canaries // o.models} canaries pooled into one guessing "
+              f"game (Steinke, Nasr & Jagielski 2023; and the f-DP bound of Mahloujifar, Melis & Chaudhuri 2024 at "
+              f"sample rate 1, where the claim is mu-GDP); refutable_up_to is the ceiling of {o.canaries} canaries.")
+    if result.parametric:
+        p = next(iter(result.parametric.values()))
+        print(f"* parametric (assumes DP-SGD with Gaussian noise): effective noise multiplier and sensitivity measured "
+              f"from the canary scores with confidence bounds, passed through the {p.accountant} accountant at the "
+              f"run's sample rate and steps; eps_gaussian_estimate is its point estimate. Counts in the verdict "
+              f"(--no-parametric leaves it out). " + "; ".join(
+                  f"{q.variant}: sigma_eff {q.noise_multiplier:.4g} (<= {q.noise_multiplier_hi:.4g}), "
+                  f"sensitivity {q.sensitivity:.4f} (>= {q.sensitivity_lo:.4f})" for q in result.parametric.values()))
     canaries = run["canaries"]
     print("eps_lb: empirical epsilon lower bound; refutable_up_to: the largest "
           "claimed epsilon these model counts could have refuted.")
@@ -240,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--claim", action="append", metavar="VARIANT=EPS",
                    help="audit VARIANT against epsilon EPS (repeatable)")
     c.add_argument("--alpha", type=float, help="family-wise significance level (default: the run's alpha)")
+    c.add_argument("--no-parametric", action="store_true",
+                   help="leave out the parametric white-box bound (which assumes DP-SGD with Gaussian noise)")
     c.add_argument("--json", action="store_true", help="print a machine-readable verdict")
     c.add_argument("--write-baseline", metavar="FILE", help="also write this run's numbers as a baseline file")
     c.set_defaults(func=cmd_check)

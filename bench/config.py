@@ -128,6 +128,7 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def validate(c: Config) -> None:
+    from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     from dpmem.bench.data import DATASETS
     from dpmem.privacy.audit import SAMPLINGS
     _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {', '.join(DATASETS)}")
@@ -154,7 +155,8 @@ def validate(c: Config) -> None:
     _check(0.0 < c.delta < 1.0, "delta", f"must be in (0, 1), got {c.delta}")
     _check(0.0 < c.alpha < 1.0, "alpha", f"must be in (0, 1), got {c.alpha}")
     _check(0.0 < c.fdr < 1.0, "fdr", f"must be in (0, 1), got {c.fdr}")
-    _check(c.models >= 2, "models", f"need at least 2 models per variant, got {c.models}")
+    _check(c.models >= 2 or c.gradient_canaries > 0, "models",
+           f"need at least 2 models per variant (or gradient canaries for the one-run audit), got {c.models}")
     _check(c.unit_size >= 1, "unit_size", f"must be >= 1, got {c.unit_size}")
     _check(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
     _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
@@ -165,8 +167,9 @@ def validate(c: Config) -> None:
     _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
     _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")
     _check(c.gradient_canaries >= 0, "gradient_canaries", f"must be >= 0, got {c.gradient_canaries}")
-    _check(c.gradient_canaries == 0 or c.models >= 4, "gradient_canaries",
-           f"the canary audit holds out half the models to choose its threshold: needs models >= 4, got {c.models}")
+    _check(c.gradient_canaries == 0 or c.models > ONE_RUN_MAX_MODELS or c.q == 0.5, "gradient_canaries",
+           f"with models <= {ONE_RUN_MAX_MODELS} the canary audit is the one-run audit, whose guessing game needs "
+           f"canaries included with probability q = 0.5; got models = {c.models}, q = {c.q:g}")
     _check(c.gradient_canaries == 0 or not c.trainer, "gradient_canaries",
            "gradient canaries are planted by dpmem's own engines; a user trainer cannot carry them")
     _check(c.canary_norm > 0 and math.isfinite(c.canary_norm), "canary_norm",

@@ -40,6 +40,9 @@ FAULTS: dict[str, Fault] = {
                                told_sample_rate=lambda rate: rate / 10),
     "half_noise": Fault(description="the noise multiplier is half the calibrated one (the plan records the calibrated one)",
                         trained=lambda sigma, clip: (sigma / 2, clip)),
+    # a subtler bug: at claimed eps 4 (audit config) the true epsilon is about 5.6
+    "noise_x0.75": Fault(description="the noise multiplier is 0.75 of the calibrated one (the plan records the calibrated one)",
+                         trained=lambda sigma, clip: (0.75 * sigma, clip)),
 }
 
 

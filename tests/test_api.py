@@ -104,13 +104,14 @@ def test_architectures_registry_and_factories():
 
 def test_faults_registry_changes_only_what_it_says():
     from dpmem.privacy.faults import FAULTS, get
-    assert set(FAULTS) == {"none", "no_noise", "no_clipping", "wrong_sample_rate", "half_noise"}
+    assert set(FAULTS) == {"none", "no_noise", "no_clipping", "wrong_sample_rate", "half_noise", "noise_x0.75"}
     assert get("none").trained(2.0, 1.0) == (2.0, 1.0) and get("none").told_sample_rate(0.1) == 0.1
     assert get("no_noise").trained(2.0, 1.0) == (0.0, 1.0)
     sigma, clip = get("no_clipping").trained(2.0, 1.0)
     assert clip > 1e9 and sigma * clip == pytest.approx(2.0)           # the noise std sigma*C is kept
     assert get("wrong_sample_rate").told_sample_rate(0.1) == pytest.approx(0.01)
     assert get("half_noise").trained(2.0, 1.0) == (1.0, 1.0) and get("half_noise").told_sample_rate(0.1) == 0.1
+    assert get("noise_x0.75").trained(2.0, 1.0) == (1.5, 1.0) and get("noise_x0.75").told_sample_rate(0.1) == 0.1
     with pytest.raises(ConfigError, match="'fault'"):
         Config(fault="half_broken")
 

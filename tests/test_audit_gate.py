@@ -40,12 +40,21 @@ def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys
     plain, canaries = paired_runs
     assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 6
-    assert verdict["alpha_per_test"] == pytest.approx(0.01)
+    # 3 variants x (black-box + canary) + the parametric bound of the 2 DP variants
+    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 8
+    assert verdict["alpha_per_test"] == pytest.approx(0.0075)
+    assert set(verdict["parametric_bounds"]) == {"dp-eps2", "dp-eps8"}
+    for p in verdict["parametric_bounds"].values():
+        assert p["level"] == pytest.approx(0.0075) and p["kind"].startswith("parametric")
+        assert p["eps_lb"] is None or p["eps_lb"] <= p["epsilon_claimed"]
     assert set(verdict["canary_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
     for name, c in verdict["canary_audits"].items():
-        assert c["alpha"] == pytest.approx(0.01) and c["models"] == 24 and c["canaries"] == 50
-        assert verdict["variants"][name]["alpha"] == pytest.approx(0.01)
+        assert c["alpha"] == pytest.approx(0.0075) and c["models"] == 24 and c["canaries"] == 50
+        assert verdict["variants"][name]["alpha"] == pytest.approx(0.0075)
+    # without the parametric bound the family is 3 variants x 2 audits
+    assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06", "--no-parametric"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["audit_tests"] == 6 and verdict["parametric_bounds"] == {}
     # the non-private variant's canaries separate perfectly: refuted once it claims a budget
     assert cli.main(["check", str(canaries.root), "--claim", "nonprivate=1"]) == 1
     assert "gradient canaries refute" in capsys.readouterr().out
@@ -113,9 +122,27 @@ def test_canary_config_errors_name_their_field():
     from dpmem.bench import config
     from dpmem.privacy.errors import ConfigError
     for overrides, field in ((["gradient_canaries=-1"], "gradient_canaries"), (["canary_norm=0"], "canary_norm"),
-                             (["gradient_canaries=10", "models=3"], "gradient_canaries"),
+                             (["gradient_canaries=10", "models=3"], "gradient_canaries"),   # one-run needs q = 0.5
                              (["fault=quarter_noise"], "fault")):
         with pytest.raises(ConfigError) as info:
             config.load(None, overrides)
         assert field in str(info.value)
     assert config.load(None, ["fault=half_noise", "gradient_canaries=10"]).gradient_canaries == 10
+
+
+@pytest.mark.slow
+def test_noise_x075_is_refuted_by_the_parametric_bound_on_the_audit_config(tmp_path, capsys):
+    # the subtler planted bug: 0.75 of the calibrated noise multiplier (true eps 5.58 at claim 4);
+    # no single-threshold test can refute it at these counts, the parametric bound does
+    out = tmp_path / "x075"
+    assert cli.main(["run", "--out", str(out), "--quiet", str(AUDIT_CONFIG), "epsilons=4", "fault=noise_x0.75"]) == 0
+    capsys.readouterr()
+    assert cli.main(["check", str(out), "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    p = verdict["parametric_bounds"]["dp-eps4"]
+    assert p["eps_lb"] > 4.0 and p["noise_multiplier"] == pytest.approx(0.75 * 3.4277, rel=0.01)
+    assert verdict["oracle_eps_lb"]["dp-eps4"] < 4.0
+    assert any("parametric bound refutes" in f for f in verdict["failures"])
+    # without the parametric bound the verdict rests on the rigorous audits alone
+    assert cli.main(["check", str(out), "--json", "--no-parametric"]) in (0, 1)
+    assert json.loads(capsys.readouterr().out)["parametric_bounds"] == {}

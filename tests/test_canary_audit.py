@@ -5,12 +5,13 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 
 from dpmem.privacy import bounds
 from dpmem.privacy.canary_audit import (CanaryAudit, canary_audit, counts_above, gaussian_mu, gdp_delta,
-                                        gdp_epsilon)
+                                        gdp_epsilon, oracle_eps_lb)
 from dpmem.privacy.family import bonferroni_share
+from dpmem.privacy.one_run import gdp_mu
 
 
 def gaussian_scores(rng, K, m, mu, q=0.5):
@@ -68,13 +69,13 @@ def test_gaussian_estimate_of_a_gdp_mechanism_is_its_epsilon():
 
 # -- the rigorous bound ---------------------------------------------------------------------------
 
-def test_bound_is_the_clopper_pearson_test_on_the_evaluation_half():
+def test_bound_is_the_clopper_pearson_test_on_the_evaluation_models():
     rng = np.random.default_rng(2)
     scores, masks = gaussian_scores(rng, 40, 30, 2.0)
     audit = canary_audit(variant="v", scores=scores, masks=masks, epsilon=1.0, delta=1e-5, alpha=0.1)
     assert isinstance(audit, CanaryAudit)
-    assert audit.selection_models == 20 and audit.evaluation_models == 20 and audit.models == 40
-    ev_s, ev_m = scores[20:], masks[20:]
+    assert audit.selection_models == 2 and audit.evaluation_models == 38 and audit.models == 40   # 5% select
+    ev_s, ev_m = scores[2:], masks[2:]
     assert audit.n_in == ev_m.sum() and audit.n_out == (~ev_m).sum()
     k_in, k_out = (int(c[0]) for c in counts_above(ev_s[ev_m], ev_s[~ev_m], [audit.threshold]))
     assert audit.tpr == k_in / audit.n_in and audit.fpr == k_out / audit.n_out
@@ -108,6 +109,37 @@ def test_honest_gaussian_mechanism_rarely_refutes_and_half_noise_is_caught():
     scores, masks = gaussian_scores(rng, 400, 500, 2 * mu)
     audit = canary_audit(variant="v", scores=scores, masks=masks, epsilon=eps, delta=delta, alpha=0.05)
     assert not audit.consistent and audit.eps_lb > eps
+
+
+def test_randomised_response_exceeds_its_epsilon_at_most_alpha_of_400_repetitions():
+    """Randomised response on the membership bit (reports it truthfully with probability
+    e^eps / (1 + e^eps)) is eps-DP, and the threshold test between its two outputs is tight for
+    it: the bound must exceed eps in at most alpha of the runs, and get close to eps."""
+    rng = np.random.default_rng(6)
+    eps, reps, alpha, K, m = 1.0, 400, 0.2, 20, 500
+    lbs = []
+    for _ in range(reps):
+        masks = rng.random((K, m)) < 0.5
+        truthful = rng.random((K, m)) < special.expit(eps)
+        scores = np.where(truthful, masks, ~masks).astype(float)
+        audit = canary_audit(variant="v", scores=scores, masks=masks, epsilon=eps, delta=0.0, alpha=alpha)
+        lbs.append(-np.inf if audit.eps_lb is None else audit.eps_lb)
+    lbs = np.array(lbs)
+    assert np.mean(lbs > eps) <= alpha
+    assert np.median(lbs) > 0.85 * eps
+
+
+def test_oracle_reference_is_the_best_threshold_at_expected_counts():
+    # the issue's figures: all 5 x 10^5 in- and out-observations of the audit config, 11 tests at alpha 0.05
+    level = 0.05 / 11 / 2
+    for eps, expected in ((4.0, 2.79), (8.0, 5.03)):
+        mu = gdp_mu(eps, 1e-5)
+        assert gdp_epsilon(mu, 1e-5) == pytest.approx(eps, abs=1e-6)
+        assert oracle_eps_lb(5e5, 5e5, mu, delta=1e-5, level=level) == pytest.approx(expected, abs=0.02)
+    # below the truth, and rising with the counts towards it
+    mu = gdp_mu(4.0, 1e-5)
+    refs = [oracle_eps_lb(n, n, mu, delta=1e-5, level=level) for n in (1e4, 1e5, 1e6, 1e8)]
+    assert all(a < b for a, b in zip(refs, refs[1:])) and refs[-1] < 4.0
 
 
 def test_bad_inputs_are_refused():

@@ -6,16 +6,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dpmem.bench.estimators import findings, memorization
-from dpmem.bench.estimators import subgroups
-from dpmem.privacy.errors import UsageError
+from dpmem.bench.estimators import findings, memorization, subgroups
 from dpmem.bench.store.files import read_json
-from dpmem.bench.store.run_store import RunStore
-from dpmem.bench.store.run_store import CANARY_MASKS_FILE
+from dpmem.bench.store.run_store import CANARY_MASKS_FILE, RunStore
+from dpmem.models.spec import expected_batch_sizes
 from dpmem.privacy.audit import AuditResult, audit_variant
-from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
+from dpmem.privacy.canary_audit import CanaryAudit, canary_audit, oracle_eps_lb
 from dpmem.privacy.family import bonferroni_share
-
+from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS, OneRunAudit, gdp_mu, one_run_audit
+from dpmem.privacy.errors import UsageError
+from dpmem.privacy.parametric import ParametricBound, parametric_bound
 
 INTERVAL_LEVEL = 0.95
 INTERVALS = ("test_acc and acc_loss: 95% t-intervals over the K models and the test examples (crossed design, "
@@ -33,22 +33,45 @@ class Analysis:
     audits: dict[str, AuditResult]
     summary: dict = field(default_factory=dict)
     canary_audits: dict[str, CanaryAudit] = field(default_factory=dict)   # runs with gradient canaries
+    one_run_audits: dict[str, OneRunAudit] = field(default_factory=dict)  # canary runs of few models
+    parametric: dict[str, ParametricBound] = field(default_factory=dict)  # DP variants of canary runs
+
+
+def audit_family(cfg, has_canaries: bool, *, parametric: bool = True) -> dict[str, list[str]]:
+    """variant -> the audits one `dpmem check` reports for it (each one test of the family).
+
+    Every variant gets the black-box audit. With gradient canaries, each also gets one canary
+    audit: the multi-model threshold test, or, with at most ONE_RUN_MAX_MODELS models, the
+    one-run guessing game; and each DP variant trained by dpmem's engines gets the parametric
+    bound (unless ``parametric`` is off)."""
+    family = {}
+    for name, target in cfg.variants:
+        kinds = ["black-box"]
+        if has_canaries:
+            kinds.append("one-run" if cfg.models <= ONE_RUN_MAX_MODELS else "gradient canary")
+            # the parametric form is derived from dpmem's own engines; a user trainer's update may differ
+            if parametric and target is not None and not cfg.trainer:
+                kinds.append("parametric")
+        family[name] = kinds
+    return family
 
 
 def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: float | None = None,
-            with_pairs: bool = True) -> Analysis:
+            with_pairs: bool = True, parametric: bool = True) -> Analysis:
     """Estimators, DP-bound audit and subgroup tables for every finished variant of a run.
 
     ``claims`` audits a variant against a budget it was not trained for (variant -> epsilon).
     ``alpha`` (default: the config's) is family-wise over every audit of every variant
-    (privacy/family.py): each (variant, audit kind) gets an equal share.
+    (privacy/family.py): each (variant, audit kind) gets an equal share (``audit_family``).
+    ``parametric``: also compute (and count) the parametric white-box bound of DP variants.
     """
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
     canary_masks = store.canary_masks()
-    tests = len(cfg.variants) * (2 if canary_masks is not None else 1)
+    family = audit_family(cfg, canary_masks is not None, parametric=parametric)
+    tests = sum(len(kinds) for kinds in family.values())
     share = bonferroni_share(alpha, tests)
-    canary_audits = {}
+    canary_audits, one_run_audits, parametric_bounds = {}, {}, {}
     claims = claims or {}
     data = store.data()
     masks = store.masks()
@@ -74,8 +97,25 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         if canary_masks is not None:
             if "canary_score" not in arrays:
                 raise UsageError(f"run {store.root} has {CANARY_MASKS_FILE} but variant {name!r} has no canary_score.npy")
-            canary_audits[name] = canary_audit(variant=name, scores=arrays["canary_score"], masks=canary_masks,
-                                               epsilon=claimed, delta=delta, alpha=share)
+            # theta_c times the model's expected batch size (the update's normaliser): the models' scores
+            # then share one scale. B_k depends on the real-data masks only, never on canary memberships,
+            # so the rescaled observations stay i.i.d. and every threshold test stays valid.
+            batch_sizes = np.asarray(expected_batch_sizes(masks, plan["sample_rate"]), dtype=np.float64)
+            scaled = arrays["canary_score"] * batch_sizes[:, None]
+            if "one-run" in family[name]:
+                one_run_audits[name] = one_run_audit(variant=name, scores=scaled, masks=canary_masks,
+                                                     epsilon=claimed, delta=delta, alpha=share,
+                                                     sample_rate=plan.get("sample_rate"))
+            else:
+                canary_audits[name] = canary_audit(variant=name, scores=scaled, masks=canary_masks,
+                                                   epsilon=claimed, delta=delta, alpha=share)
+            if "parametric" in family[name]:
+                parametric_bounds[name] = parametric_bound(
+                    variant=name, scores=arrays["canary_score"], masks=canary_masks,
+                    batch_sizes=batch_sizes,
+                    max_grad_norm=plan["max_grad_norm"], lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, steps=plan["steps"], sample_rate=plan["sample_rate"],
+                    epsilon=claimed, delta=delta, level=share, accountant=cfg.accountant)
         mem = memorization.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
         found = findings.controlled_findings(
@@ -149,6 +189,9 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             **_finite(loss_trend.to_dict("acc_loss")), **_finite(mem_trend.to_dict("mem")),
             "train_seconds": store.variant_record(name).get("train_seconds"),
             "canary_audit": canary_audits[name].to_dict() if name in canary_audits else None,
+            "one_run_audit": one_run_audits[name].to_dict() if name in one_run_audits else None,
+            "parametric_bound": parametric_bounds[name].to_dict() if name in parametric_bounds else None,
+            "oracle_eps_lb": _oracle(canary_audits.get(name), claimed, delta, canary_masks),
         }
     mem_table = pd.concat(mem_rows, ignore_index=True)
     sub = pd.concat(sub_rows, ignore_index=True)
@@ -160,12 +203,25 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
         "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
+        "audit_family": family,
         "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
         "fdr": cfg.fdr, "null_permutations": findings.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
         "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
     return Analysis(memorization=mem_table, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
-                    summary=summary, canary_audits=canary_audits)
+                    summary=summary, canary_audits=canary_audits, one_run_audits=one_run_audits,
+                    parametric=parametric_bounds)
+
+
+def _oracle(audit: CanaryAudit | None, claimed: float | None, delta: float,
+            canary_masks: np.ndarray | None) -> float | None:
+    """The oracle single-threshold reference of a canary audit: the best bound any one threshold,
+    known in advance and tested on ALL the run's observations at the audit's level, gives for
+    Gaussian scores at the claimed epsilon (privacy/canary_audit.py ``oracle_eps_lb``)."""
+    if audit is None or claimed is None:
+        return None
+    n_in, n_out = int(canary_masks.sum()), int((~canary_masks).sum())
+    return oracle_eps_lb(n_in, n_out, gdp_mu(float(claimed), delta), delta=delta, level=audit.alpha / 2)
 
 
 def audit_failures(result) -> list[str]:
@@ -177,6 +233,14 @@ def audit_failures(result) -> list[str]:
                  f"{c.epsilon_claimed:g} (TPR >= {c.tpr_lo:.4f}, FPR <= {c.fpr_hi:.2e} over {c.evaluation_models} "
                  f"models x {c.canaries} canaries)"
                  for c in result.canary_audits.values() if not c.consistent]
+    failures += [f"{o.variant}: the one-run audit refutes the claim: eps_lb = {o.eps_lb:.3f} > claimed "
+                 f"{o.epsilon_claimed:g} ({o.canaries} canaries over {o.models} model(s))"
+                 for o in getattr(result, "one_run_audits", {}).values() if not o.consistent]
+    failures += [f"{p.variant}: the parametric bound refutes the claim: eps_lb = "
+                 f"{'inf' if p.eps_lb is None or p.eps_lb == float('inf') else format(p.eps_lb, '.3f')} > claimed "
+                 f"{p.epsilon_claimed:g} (effective noise multiplier <= {p.noise_multiplier_hi:.4g} per sensitivity "
+                 f">= {p.sensitivity_lo:.4g}; {p.kind})"
+                 for p in getattr(result, "parametric", {}).values() if not p.consistent]
     return failures
 
 

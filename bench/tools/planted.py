@@ -2,7 +2,7 @@
 
 `python -m dpmem.bench.tools.planted --seeds 20` trains the small audit configuration below once per seed and fault
 (512 models per variant, claimed (1, 1e-4)-DP) and writes results/planted_bugs.{csv,md}. This is the
-black-box (memorization) audit; the gradient-canary audit's detection rates are bench/audit_power.py's.
+black-box (memorization) audit; the gradient-canary audit's detection rates are bench/tools/audit_power.py's.
 The same configuration backs tests/test_planted_bugs.py.
 """
 from __future__ import annotations
