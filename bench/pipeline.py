@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -99,19 +100,42 @@ def check_inputs(cfg: Config) -> Dataset:
     does not import. Returns the dataset, so the run does not load it twice."""
     import torch
 
+    from dpmem.bench import resources
+    from dpmem.models.batched import resolve_device
     from dpmem.models.nets import build_model
     from dpmem.models.plugins import load_callable, one_line
+    try:
+        resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError("device", str(e)) from None
     ds = load_dataset(cfg)
-    spec = train_spec(cfg, ds, plan_variant(cfg, None, schedule(cfg, ds.n_train)))
+    resources.check_arrays_fit(cfg, ds.n_train, ds.n_test)
+    sched = schedule(cfg, ds.n_train)
+    for epsilon in cfg.epsilons:   # calibration fails for budgets no noise can meet: say so now
+        try:
+            plan_variant(cfg, epsilon, sched)
+        except ValueError as e:
+            raise ConfigError("epsilons", f"cannot train for epsilon {epsilon:g}: {e}") from None
+    spec = train_spec(cfg, ds, plan_variant(cfg, None, sched))
     if cfg.trainer:
         load_callable(cfg.trainer, "trainer")
         return ds
+    parameters = resources.parameter_count(spec)
+    if parameters is not None:
+        resources.check_model_fits(cfg, parameters)
     module = build_model(spec).eval()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        frozen = sum(1 for _ in module.parameters())
+        raise ConfigError("model", f"{cfg.model} has no trainable parameters"
+                                   + (f" (all {frozen} have requires_grad=False)" if frozen else ""))
     probe = torch.as_tensor(model_inputs(cfg, ds, ds.x_train[:2]))
     try:
         with torch.no_grad():
             logits = module(probe)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
         raise ConfigError("model", f"{cfg.model} fails on inputs of shape {tuple(ds.input_shape)}: {one_line(e)}") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(probe), ds.n_classes):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -232,6 +256,40 @@ def flat_outputs(outs: dict) -> dict[str, np.ndarray]:
     return flat
 
 
+# float16's largest finite value: margins beyond it are stored as +-FLOAT16_MAX.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def checked_outputs(cfg: Config, unit: "Unit", arrays: dict[str, np.ndarray],
+                    noted: set | None = None) -> dict[str, np.ndarray]:
+    """A unit's arrays as they may be stored: NaN outputs (a diverged model) are refused, naming the
+    variant, the model and the architecture; infinite margins are clipped to float16's range, said in
+    one line (once per variant when ``noted`` collects the variants already noted)."""
+    what = f"trainer {cfg.trainer}" if cfg.trainer else f"model {cfg.model}"
+    out = dict(arrays)
+    for key, value in arrays.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        bad = np.isnan(value)
+        if bad.any():
+            k = unit.chunk.start + int(np.argwhere(bad)[0][0])
+            raise UsageError(f"variant {unit.variant}, {what}: model {k} produced NaN {key} (training diverged; "
+                             f"try a smaller lr); units stored so far are kept")
+        inf = np.isinf(value)
+        if inf.any() and key.endswith("_margin"):
+            if noted is None or unit.variant not in noted:
+                print(f"dpmem: note: variant {unit.variant}: margins beyond float16's range (infinite ones "
+                      f"included) are stored as +-{FLOAT16_MAX:g}; first in {key} of models "
+                      f"{unit.chunk.start}-{unit.chunk.stop - 1}", file=sys.stderr)
+            if noted is not None:
+                noted.add(unit.variant)
+            out[key] = np.clip(value, -FLOAT16_MAX, FLOAT16_MAX).astype(value.dtype)
+        elif inf.any():
+            k = unit.chunk.start + int(np.argwhere(inf)[0][0])
+            raise UsageError(f"variant {unit.variant}, {what}: model {k} produced infinite {key}")
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Unit:
     """One unit of work: models chunk.start..chunk.stop-1 of one variant."""
@@ -292,11 +350,13 @@ def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | No
                disable=not progress, dynamic_ncols=True,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} models [{elapsed}<{remaining}]")
     executor = execution.executor(cfg, ray_address)
+    noted: set[str] = set()   # variants whose clipped margins were reported
     try:
         while todo:
             outstanding = Counter(unit.variant for unit in todo)
             retry = []
             for unit, arrays, seconds in executor.map(specs, inputs, masks, todo, bar):
+                arrays = checked_outputs(cfg, unit, arrays, noted)
                 store.write_chunk(unit.variant, unit.chunk, arrays, {"seconds": seconds, "models": unit.chunk.size})
                 outstanding[unit.variant] -= 1
                 # a variant is finalised as soon as its last unit is stored
