@@ -289,6 +289,19 @@ class WideNet:
                 self.param_slots.append((j, name))
         self.param_layers = sorted({j for j, _ in self.param_slots})
 
+    def layer_param_names(self, j: int) -> frozenset:
+        return frozenset(name for layer, name in self.param_slots if layer == j)
+
+    def frozen_names(self, trainable: list[bool] | None) -> dict[int, frozenset]:
+        """layer index -> names of its frozen parameters (``trainable`` per parameter; None: all trainable)."""
+        if trainable is None or all(trainable):
+            return {}
+        out: dict[int, set] = {}
+        for (j, name), t in zip(self.param_slots, trainable, strict=True):
+            if not t:
+                out.setdefault(j, set()).add(name)
+        return {j: frozenset(names) for j, names in out.items()}
+
     def layer_params(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:
         out: dict[int, dict[str, Tensor]] = {}
         for (j, name), p in zip(self.param_slots, params, strict=True):
@@ -393,13 +406,14 @@ def _sq_sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 class LinearSampler:
     """a [K, B, in], g [K, B, out]."""
 
-    def __init__(self, layer: nn.Linear, K: int, saved: Tensor, grad: Tensor):
+    def __init__(self, layer: nn.Linear, K: int, saved: Tensor, grad: Tensor, frozen: frozenset = frozenset()):
         self.a, self.g, self.bias = saved, grad, layer.bias is not None
+        self.frozen = frozen
 
     def sq_norms(self) -> Tensor:
         g_sq = _sq_sum(self.g, (2,))
-        total = _sq_sum(self.a, (2,)) * g_sq
-        return total + g_sq if self.bias else total
+        total = _sq_sum(self.a, (2,)) * g_sq if "weight" not in self.frozen else torch.zeros_like(g_sq)
+        return total + g_sq if self.bias and "bias" not in self.frozen else total
 
     def clipped(self, c: Tensor) -> list[Tensor]:
         gc = self.g * c.unsqueeze(2)
@@ -419,9 +433,11 @@ class ConvSampler:
     rule = "mixed"
     row_block_floats = 1 << 18
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor):
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor,
+                 frozen: frozenset = frozenset()):
         self.layer, self.K, self.a, self.g = layer, K, saved, grad
         self.bias = layer.bias is not None
+        self.frozen = frozen
         B = grad.shape[0]
         G = layer.groups
         self.p = layer.out_channels // G
@@ -481,7 +497,9 @@ class ConvSampler:
 
     def sq_norms(self) -> Tensor:
         B, K, G = self.gk.shape[:3]
-        if self.direct:
+        if "weight" in self.frozen:
+            total = torch.zeros(B, K, dtype=self.g.dtype, device=self.g.device)
+        elif self.direct:
             # Per-example gradients [B, K, G, p, d], kept for the clipped sum: the weight gradient of
             # one convolution whose groups are the B * K * G (example, model, group) triples, which
             # the convolution kernels compute 2.5-4x faster than unfold + batched matmul.
@@ -497,7 +515,7 @@ class ConvSampler:
                 g = self.gk[r0:r1]
                 gg = torch.matmul(g.transpose(3, 4), g)   # [rows, K, G, T, T]
                 total[r0:r1] = (self._position_gram(r0, r1) * gg).view(r1 - r0, K, -1).sum(dim=2)
-        if self.bias:
+        if self.bias and "bias" not in self.frozen:
             total += _sq_sum(self.bias_grads, (2,))
         return total.transpose(0, 1)
 
@@ -521,14 +539,16 @@ class GroupNormSampler:
     """saved (the normalised input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule
     (normalised input * g summed over positions for the weight, g for the bias)."""
 
-    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor):
+    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor, frozen: frozenset = frozenset()):
         B = grad.shape[0]
         dims = tuple(range(2, grad.dim()))
         self.gw = (saved * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
         self.gb = grad.sum(dim=dims).reshape(B, K, -1)
+        self.frozen = frozen
 
     def sq_norms(self) -> Tensor:
-        return (_sq_sum(self.gw, (2,)) + _sq_sum(self.gb, (2,))).transpose(0, 1)
+        parts = [_sq_sum(g, (2,)) for name, g in (("weight", self.gw), ("bias", self.gb)) if name not in self.frozen]
+        return sum(parts).transpose(0, 1)
 
     def clipped(self, c: Tensor) -> list[Tensor]:
         weights = c.transpose(0, 1)
@@ -539,10 +559,10 @@ GRAD_SAMPLERS: dict[type, type] = {nn.Linear: LinearSampler, nn.Conv1d: ConvSamp
                                    nn.GroupNorm: GroupNormSampler}
 
 
-def _sampler(layer: nn.Module, K: int, record: Record, grad: Tensor):
+def _sampler(layer: nn.Module, K: int, record: Record, grad: Tensor, frozen: frozenset = frozenset()):
     for kind, sampler in GRAD_SAMPLERS.items():
         if isinstance(layer, kind):
-            return sampler(layer, K, record.saved, grad)
+            return sampler(layer, K, record.saved, grad, frozen) if frozen else sampler(layer, K, record.saved, grad)
     raise ValueError(f"no per-example rule for {type(layer).__name__}")
 
 
@@ -558,15 +578,23 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
-                 max_grad_norm: float) -> tuple[list[Tensor], Tensor]:
+                 max_grad_norm: float, trainable: list[bool] | None = None) -> tuple[list[Tensor], Tensor]:
     """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
-    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy."""
+    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy.
+
+    ``trainable`` (per parameter; None: all) marks frozen parameters as Opacus treats them: they
+    add nothing to the norms and their sums are zero."""
+    frozen = net.frozen_names(trainable)
     records: list[Record] = []
     logits = net.forward([p.detach() for p in params], x, records)
     loss = _loss(logits, y, valid.to(logits.dtype))
+    records = [r for r in records if r.layer not in frozen or frozen[r.layer] != net.layer_param_names(r.layer)]
+    if not records:   # every parameter frozen: nothing to clip or sum
+        return [torch.zeros_like(p) for p in params], torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
     grads = torch.autograd.grad(loss, [r.output for r in records])
     with torch.no_grad():
-        samplers = {r.layer: _sampler(net.layers[r.layer], net.K, r, g) for r, g in zip(records, grads)}
+        samplers = {r.layer: _sampler(net.layers[r.layer], net.K, r, g, frozen.get(r.layer, frozenset()))
+                    for r, g in zip(records, grads)}
         del records, grads, logits, loss
         sq = None
         for s in samplers.values():
@@ -576,18 +604,25 @@ def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid
         sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
     out = []
     position: dict[int, int] = {}
-    for j, _ in net.param_slots:
+    for slot, ((j, name), p) in enumerate(zip(net.param_slots, params, strict=True)):
         i = position.get(j, 0)
-        out.append(sums[j][i])
         position[j] = i + 1
+        out.append(torch.zeros_like(p) if name in frozen.get(j, ()) else sums[j][i])
     return out, sq.sqrt()
 
 
-def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor) -> list[Tensor]:
-    """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network."""
-    leaves = [p.detach().requires_grad_(True) for p in params]
+def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor,
+                  trainable: list[bool] | None = None) -> list[Tensor]:
+    """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network
+    (zero for parameters that ``trainable`` marks frozen)."""
+    trainable = [True] * len(params) if trainable is None else trainable
+    leaves = [p.detach().requires_grad_(t) for p, t in zip(params, trainable, strict=True)]
+    wanted = [leaf for leaf, t in zip(leaves, trainable) if t]
+    if not wanted:
+        return [torch.zeros_like(p) for p in params]
     loss = _loss(net.forward(leaves, x), y, weight)
-    return list(torch.autograd.grad(loss, leaves))
+    grads = iter(torch.autograd.grad(loss, wanted))
+    return [next(grads) if t else torch.zeros_like(p) for p, t in zip(params, trainable)]
 
 
 # -- randomness --------------------------------------------------------------------------------
@@ -716,6 +751,8 @@ class BatchedTrainer:
         self.net = self._net(self.K)
         self.widest = WideNet(module, 1).trace(spec.input_shape)
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
+        # requires_grad=False, as Opacus: no gradient, no share of the clipping norm, no noise, no update
+        self.trainable = [p.requires_grad for p in module.parameters()]
         self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
         ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
         self.inv_ebs = ebs.reciprocal()
@@ -724,7 +761,7 @@ class BatchedTrainer:
         self._uniform = torch.empty(self.K, self.n, device=self.device)
         self.noise = None
         if spec.dp is not None:
-            size = sum(p[0].numel() for p in self.params)
+            size = sum(p[0].numel() for p, t in zip(self.params, self.trainable) if t)
             self.noise = GaussianNoise([_generator(noise_seed, s, device=self.device) for s in self.streams],
                                        size, self.device)
         self.canaries = None
@@ -794,9 +831,10 @@ class BatchedTrainer:
             params = [p[index] for p in self.params]
             net = self._net(len(x))
             if dp is None:
-                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1))
+                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1),
+                                     self.trainable)
             else:
-                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm)
+                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, self.trainable)
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
         if dp is None:
@@ -804,7 +842,9 @@ class BatchedTrainer:
         noise = self.noise.take()
         std = dp.noise_multiplier * dp.max_grad_norm
         offset = 0
-        for g in grads:
+        for g, t in zip(grads, self.trainable, strict=True):
+            if not t:
+                continue
             size = g[0].numel()
             z = noise[:, offset:offset + size].view_as(g)
             offset += size
@@ -812,10 +852,14 @@ class BatchedTrainer:
         return grads
 
     @torch.no_grad()
-    def apply(self, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None) -> None:
-        """torch.optim.SGD's update (weight decay, momentum with dampening 0) in place."""
+    def apply(self, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+              trainable: list[bool] | None = None) -> None:
+        """torch.optim.SGD's update (weight decay, momentum with dampening 0) in place; parameters
+        that ``trainable`` marks frozen are left alone (SGD skips a parameter without a gradient)."""
         spec = self.spec
         for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if trainable is not None and not trainable[j]:
+                continue
             if spec.weight_decay:
                 g = g.add(p, alpha=spec.weight_decay)
             if bufs is not None:
@@ -824,7 +868,7 @@ class BatchedTrainer:
 
     def step_on(self, batch: PoissonBatch) -> None:
         grads = self.gradients(batch)
-        self.apply(self.params, grads, self.momentum_bufs)
+        self.apply(self.params, grads, self.momentum_bufs, self.trainable)
         if self.canaries is not None:
             self.canaries.step(self)
         self.steps_done += 1
@@ -943,7 +987,9 @@ class GradientCanaries:
 def trainer_class(spec: TrainSpec) -> type[BatchedTrainer]:
     """The hand-written MLP trainer for MLPs and logistic regression (faster on them), else the general one."""
     from dpmem.models.batched_mlp import MLPTrainer, is_mlp
-    return MLPTrainer if is_mlp(build_model(spec)) else BatchedTrainer
+    module = build_model(spec)
+    # the fast path's fused update trains every parameter; a partly frozen MLP takes the general one
+    return MLPTrainer if is_mlp(module) and all(p.requires_grad for p in module.parameters()) else BatchedTrainer
 
 
 def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "cpu",
