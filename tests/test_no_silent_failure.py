@@ -615,3 +615,18 @@ def test_user_output_stays_off_the_summary_table(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "USER-OUTPUT-FROM-FIT" not in captured.out and "USER-OUTPUT-FROM-FIT" in captured.err
     assert captured.out.lstrip().startswith("|")      # stdout is dpmem's table
+
+
+# -- the probe ------------------------------------------------------------------------------------------
+
+def test_the_probe_runs_cases_and_counts_silent_passes(capsys, monkeypatch):
+    from dpmem.bench import probe
+    assert probe.main(["--only", "run seed=-1", "--no-trials"]) == 0
+    out = capsys.readouterr().out
+    assert "config field 'seed'" in out and "silent passes: 0" in out and "tracebacks: 0" in out
+    # a case that should fail but passes is counted, and fails the probe
+    monkeypatch.setattr(probe, "catalogue", lambda: [probe.Case("planted silent pass", ["run", "--out", "{run}",
+                                                                                         "--quiet", "models=1"])])
+    monkeypatch.setattr(probe, "_main", lambda argv, env=None: (0, "", ""))
+    assert probe.main(["--only", "planted", "--no-trials"]) == 1
+    assert "silent passes: 1" in capsys.readouterr().out
