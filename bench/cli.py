@@ -274,8 +274,6 @@ def cmd_loo(args) -> int:
         raise UsageError(f"--ks values must be >= 2, got {args.ks}")
     if args.examples < 1:
         raise UsageError(f"--examples must be >= 1, got {args.examples}")
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     out = _output_dir(Path(args.out) if args.out else store.root / "loo", "--out")
     with store.acquire():              # the LOO models and subset runs are stored inside the run
         table = loo.run_loo(store, variant=args.variant, count=args.examples, repeats=args.repeats,

@@ -422,6 +422,10 @@ class RunStore:
 
     @property
     def format(self) -> int:
+        """The layout version; a store without config.json (a study's sub-store, e.g. RUN/loo/VARIANT)
+        is written by this dpmem."""
+        if not (self.root / "config.json").exists():
+            return STORE_FORMAT
         return int(self.meta().get("format", 1))
 
     # -- provenance: the data the run was trained on ---------------------------------------
