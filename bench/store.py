@@ -256,12 +256,17 @@ class _DirectoryLock:
     @classmethod
     def acquire(cls, root: Path, timeout: float) -> tuple[int, int]:
         """Hold the lock of ``root`` (waiting up to ``timeout`` seconds); returns the key to release."""
-        import fcntl
         key = cls._key(root)
         with cls._mutex:
             if key in cls._held:
                 cls._held[key][1] += 1
                 return key
+        try:
+            import fcntl
+        except ImportError:   # no flock (Windows): the .lock file's lock alone
+            with cls._mutex:
+                cls._held[key] = [-1, 1]
+            return key
         fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         deadline = time.monotonic() + timeout
         while True:
@@ -287,7 +292,8 @@ class _DirectoryLock:
             entry[1] -= 1
             if entry[1] == 0:
                 del cls._held[key]
-                os.close(entry[0])   # closing the last descriptor releases the flock
+                if entry[0] >= 0:
+                    os.close(entry[0])   # closing the last descriptor releases the flock
 
 
 class RunStore:
