@@ -141,11 +141,12 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     from dpmem.bench.store.run_store import RunStore
     cfg = load_config(config, **overrides)
     ds, engine = pipeline.check_inputs(cfg)
-    store = RunStore.create_or_resume(out, cfg)
-    pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
-    result = analysis.analyse(store)
-    report.write_all(result, store.root)
-    page.write_report_page(result, store, store.root, ds=ds)
+    # the lock is the directory's while this call writes it, not until the process exits
+    with RunStore.create_or_resume(out, cfg) as store:
+        pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
+        result = analysis.analyse(store)
+        report.write_all(result, store.root)
+        page.write_report_page(result, store, store.root, ds=ds)
     return Run(store.root)
 
 
@@ -156,16 +157,30 @@ def open_run(path: str | Path) -> Run:
 
 def memorization(masks: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
     """Feldman & Zhang's subset-sampling memorization from bool ``masks`` [K, n] (model k trained on
-    example i) and ``correct`` [K, n]: one row per example with p_in, p_out, n_in, n_out, mem and
-    its standard error mem_se."""
+    example i) and ``correct`` [K, n] (bool or 0/1 integers; floats and NaN are refused with a
+    ValueError naming the argument): one row per example with p_in, p_out, n_in, n_out, mem and its
+    standard error mem_se. Masks that leave no example both in and out of some models are refused."""
     from dpmem.bench.estimators import memorization
+    masks, correct = memorization.checked_pair(masks, correct, "correct", same_n=True)
+    _something_compared(masks)
     return memorization.memorization(masks, correct).frame()
+
+
+def _something_compared(masks: np.ndarray) -> None:
+    """A ValueError when no example has both in- and out-models: every estimate would be NaN."""
+    from dpmem.bench.estimators import memorization
+    if not memorization.comparable(masks).any():
+        raise ValueError("masks: every example is in all models or in none, so no in/out comparison "
+                         "is possible (each model must leave out some examples and train on others)")
 
 
 def influence(masks: np.ndarray, correct_test: np.ndarray) -> np.ndarray:
     """infl[i, j] = P(test example j correct | i trained on) - P(... | i not), float [n, m], from
-    ``masks`` [K, n] and ``correct_test`` [K, m]."""
+    ``masks`` [K, n] and ``correct_test`` [K, m] (bool or 0/1; a ValueError naming the argument
+    otherwise). Rows of examples in every model or in none are NaN."""
     from dpmem.bench.estimators import memorization
+    masks, correct_test = memorization.checked_pair(masks, correct_test, "correct_test", same_n=False)
+    _something_compared(masks)
     return memorization.influence(masks, correct_test)
 
 
@@ -177,6 +192,11 @@ def audit(masks: np.ndarray, correct: np.ndarray, *, epsilon: float | None, delt
     consistent, ...) and a DataFrame with L_in, U_out, bound, violation and eps_lb per example.
     ``sampling`` is how the masks were drawn ("bernoulli", "balanced": add/remove adjacency;
     "fixed": replace-one). ``alpha`` is family-wise over the examples."""
+    from dpmem.bench.estimators import memorization
     from dpmem.privacy.audit import audit_variant
+    masks, correct = memorization.checked_pair(masks, correct, "correct", same_n=True)
+    _something_compared(masks)   # else "consistent" would mean "tested nothing"
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     return audit_variant(variant="audit", masks=masks, correct=correct, epsilon=epsilon, delta=delta,
                          alpha=alpha, sampling=sampling)

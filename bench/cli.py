@@ -6,8 +6,10 @@ be written, a full disk) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import time
@@ -42,6 +44,16 @@ def _output_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _output_file(path: Path, what: str) -> Path:
+    """A file path that can be written; refused with one line naming it otherwise."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write in {parent}")
+    return path
+
+
 def cmd_run(args) -> int:
     from dpmem.bench import report
     from dpmem.bench.report import analysis, page
@@ -52,15 +64,18 @@ def cmd_run(args) -> int:
         overrides.append(f"workers={args.workers}")
     cfg = config_mod.load(path, overrides)
     out = _output_dir(Path(args.out) if args.out else default_out(cfg), "--out")
-    # Everything that can be wrong with the config or the data is found before anything is written.
-    ds, engine = pipeline.check_inputs(cfg)      # data, model, engine and trainer
-    execution.check_available(cfg, args.ray_address)
+    # What user code (factories, trainers) prints goes to stderr: stdout carries dpmem's table alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        # Everything that can be wrong with the config or the data is found before anything is written.
+        ds, engine = pipeline.check_inputs(cfg)      # data, model, engine, trainer, calibration, memory
+        execution.check_available(cfg, args.ray_address)
     with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
         print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, engine=engine,
-                                   ray_address=args.ray_address)
+            with contextlib.redirect_stdout(sys.stderr):
+                seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, engine=engine,
+                                       ray_address=args.ray_address)
         except KeyboardInterrupt:
             print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
                   file=sys.stderr)
@@ -111,8 +126,8 @@ def _parse_claims(items: list[str]) -> dict[str, float]:
             eps = float(value)
         except ValueError:
             eps = -1.0
-        if not sep or eps <= 0:
-            raise UsageError(f"--claim {item!r}: expected VARIANT=EPSILON with a positive epsilon")
+        if not sep or not math.isfinite(eps) or eps <= 0:
+            raise UsageError(f"--claim {item!r}: expected VARIANT=EPSILON with a positive, finite epsilon")
         claims[name.strip()] = eps
     return claims
 
@@ -131,6 +146,8 @@ def cmd_check(args) -> int:
             raise UsageError(f"--claim names variant {name!r}, not in this run ({', '.join(names)})")
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.write_baseline:
+        _output_file(Path(args.write_baseline), "--write-baseline")
     base = baseline_mod.load_baseline(args.baseline) if args.baseline else None
     result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False,
                               parametric=not args.no_parametric)
@@ -318,6 +335,8 @@ def cmd_loo(args) -> int:
         raise UsageError(f"--qs values must be in (0, 1), got {args.qs}")
     if any(k < 2 for k in ks):
         raise UsageError(f"--ks values must be >= 2, got {args.ks}")
+    if args.examples < 1:
+        raise UsageError(f"--examples must be >= 1, got {args.examples}")
     out = _output_dir(Path(args.out) if args.out else store.root / "loo", "--out")
     loo_cfg = study_execution(args, cfg)
     with store.acquire():              # the LOO models and subset runs are stored inside the run
@@ -454,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         args.args = [*args.args, *extra]
     try:
         return args.func(args)
+    except KeyboardInterrupt:      # Ctrl-C outside training (start-up, analysis, reports)
+        print(f"\ndpmem: interrupted during `dpmem {args.command}`; stored files are intact, run it again", file=sys.stderr)
+        return 130
+    except SystemExit as e:        # user code (a factory, a trainer, an import) called sys.exit
+        print(f"dpmem: error: user code called sys.exit({e.code!r}) during `dpmem {args.command}`", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as e:
         print(f"dpmem: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,7 @@ Every field is validated here, so a bad value fails before any work starts and n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -131,6 +132,12 @@ def validate(c: Config) -> None:
     from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     from dpmem.bench.data import DATASETS
     from dpmem.privacy.audit import SAMPLINGS
+    # Infinite or NaN floats pass most range checks below (inf > 0) and then train NaN models.
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            _check(not isinstance(v, float) or math.isfinite(v), f.name, f"must be finite, got {v}")
     _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {', '.join(DATASETS)}")
     _check(c.dataset != "file" or bool(c.data_path), "data_path", "dataset = 'file' needs data_path = PATH.npz")
     _check(c.dataset == "file" or not c.data_path, "data_path", f"only read with dataset = 'file', not {c.dataset!r}")
@@ -163,6 +170,8 @@ def validate(c: Config) -> None:
     _check(c.lr > 0 and math.isfinite(c.lr), "lr", f"must be positive, got {c.lr}")
     _check(0.0 <= c.momentum < 1.0, "momentum", f"must be in [0, 1), got {c.momentum}")
     _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
+    _check(c.noise_scale >= 0, "noise_scale", f"must be >= 0, got {c.noise_scale}")
+    _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
     _check(c.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {c.max_grad_norm}")
     _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
     _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")
@@ -212,7 +221,13 @@ def _coerce(name: str, value):
                 value = [v for v in value.split(",") if v.strip()]
             elif not isinstance(value, (list, tuple)):
                 value = [value]
+            if any(isinstance(v, bool) for v in value):
+                raise ValueError(value)
             return tuple(item_type(v) for v in value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError(value)     # TOML/YAML `lr = true` is not 1.0
+        if hint is str and not isinstance(value, str):
+            raise ValueError(value)
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -242,8 +257,36 @@ def _apply(values: dict, source: str, *, stored: bool = False) -> dict:
         elif key in RENAMED:
             raise ConfigError(key, f"renamed to {RENAMED[key]!r} (in {source})")
         if key not in _FIELDS:
-            raise ConfigError(key, f"no such config key (in {source}); known keys: {', '.join(_FIELDS)}")
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(_FIELDS)}"
+            raise ConfigError(key, f"no such config key (in {source}); {hint}")
         out[key] = _coerce(key, value)
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice")
+        out[key] = value
     return out
 
 
@@ -256,12 +299,12 @@ def read_file(path: str | Path) -> dict:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         elif path.suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
             raise UsageError(f"config file {path}: use .toml, .yaml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, _DuplicateKey) as e:
         raise UsageError(f"config file {path} is not valid: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path}: expected a table of key = value")
@@ -274,6 +317,8 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise UsageError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
+        if key.strip() in out:
+            raise UsageError(f"override {key.strip()!r} is given twice ({key.strip()}={out[key.strip()]} and {item})")
         out[key.strip()] = value.strip()
     return out
 

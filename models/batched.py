@@ -28,7 +28,9 @@ __all__ = ["stack_class", "supports", "train"]
 
 def stack_class(spec: TrainSpec) -> type[ModelStack]:
     """The hand-written MLP stack for MLPs and logistic regression (faster on them), else the general one."""
-    return MLPStack if is_mlp(build_model(spec)) else ModelStack
+    module = build_model(spec)
+    # the fast path's fused update trains every parameter; a partly frozen MLP takes the general one
+    return MLPStack if is_mlp(module) and all(p.requires_grad for p in module.parameters()) else ModelStack
 
 
 def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "cpu",

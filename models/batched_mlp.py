@@ -154,6 +154,8 @@ class MLPStack(ModelStack):
         super().__init__(*args, **kwargs)
         if not is_mlp(self.module):
             raise ValueError("MLPStack trains Flatten? Linear (ReLU Linear)* modules only")
+        if not all(self.trainable):
+            raise ValueError("MLPStack trains every parameter; frozen ones (requires_grad=False) need ModelStack")
         self.layers: Params = list(zip(self.params[0::2], self.params[1::2]))  # views of self.params
         self._work = Workspace(self.device)
         if self.spec.dp is not None:

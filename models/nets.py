@@ -76,7 +76,9 @@ def build_model(spec: TrainSpec) -> nn.Module:
         factory = load_callable(spec.arch, "model")
         try:
             module = factory(tuple(spec.input_shape), spec.n_classes)
-        except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
             raise ConfigError("model", f"factory {spec.arch} raised {one_line(e)}") from None
         if not isinstance(module, nn.Module):
             raise ConfigError("model", f"factory {spec.arch} returned a {type(module).__name__}, "

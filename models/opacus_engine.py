@@ -96,12 +96,19 @@ def _dp_optimizer(spec: TrainSpec, params, expected_batch_size: int, generator: 
     )
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer steps: frozen ones (requires_grad=False) are not handed to it."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 @torch.no_grad()
 def _zero_grads(module: nn.Module) -> None:
     for p in module.parameters():
         # a zero gradient rather than None, so an empty batch still takes an SGD step
-        # (torch.optim.SGD skips parameters without a gradient, momentum included)
-        p.grad = torch.zeros_like(p)
+        # (torch.optim.SGD skips parameters without a gradient, momentum included); a frozen
+        # parameter keeps None, so that SGD (weight decay and momentum included) leaves it alone
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
 
 
 def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_seed: int,
@@ -126,14 +133,14 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
         canary_ids = torch.arange(spec.canaries, device=device)
     if dp is None:
         network = model
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.SGD(trainable(model), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
         canary_net = canaries
         if canaries is not None:
             canary_opt = torch.optim.SGD(canaries.parameters(), lr=spec.lr, momentum=spec.momentum,
                                          weight_decay=spec.weight_decay)
     else:
         network = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        optimizer = _dp_optimizer(spec, network.parameters(), expected_batch_size,
+        optimizer = _dp_optimizer(spec, trainable(network), expected_batch_size,
                                   torch.Generator(device=device).manual_seed(noise_seed))
         if canaries is not None:
             canary_net = GradSampleModule(canaries, batch_first=True, loss_reduction="sum")

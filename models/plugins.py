@@ -27,7 +27,9 @@ def load_callable(path: str, field: str):
     module_name, attribute = path.split(":")
     try:
         obj = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
         raise ConfigError(field, f"cannot import {module_name!r} ({one_line(e)})") from None
     for part in attribute.split("."):
         if not hasattr(obj, part):

@@ -17,6 +17,8 @@ Semantics shared by every engine (Opacus's; models/README.md, "The semantics eve
 - DP-SGD clips each example's whole gradient (all layers together) to ``max_grad_norm`` with
   factor ``min(1, C / (||g_i|| + 1e-6))`` and adds Gaussian noise of std
   ``noise_multiplier * max_grad_norm`` to every coordinate of the summed gradient.
+- A parameter with ``requires_grad=False`` is frozen, as in Opacus: no gradient, no share of the
+  per-example norm that clipping uses, no noise, no update (weight decay and momentum included).
 - Randomness is per model (``stream_seeds``): model k's initialisation and Poisson coins come
   only from ``SeedSequence([seed, stream_ids[k]])``, its DP noise only from
   ``SeedSequence([noise_seed, stream_ids[k]])``. A model's arrays therefore do not depend on

@@ -54,15 +54,23 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
-                 max_grad_norm: float) -> tuple[list[Tensor], Tensor]:
+                 max_grad_norm: float, trainable: list[bool] | None = None) -> tuple[list[Tensor], Tensor]:
     """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
-    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy."""
+    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy.
+
+    ``trainable`` (per parameter; None: all) marks frozen parameters as Opacus treats them: they
+    add nothing to the norms and their sums are zero."""
+    frozen = net.frozen_names(trainable)
     records: list[Record] = []
     logits = net.forward([p.detach() for p in params], x, records)
     loss = _loss(logits, y, valid.to(logits.dtype))
+    records = [r for r in records if r.layer not in frozen or frozen[r.layer] != net.layer_param_names(r.layer)]
+    if not records:   # every parameter frozen: nothing to clip or sum
+        return [torch.zeros_like(p) for p in params], torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
     grads = torch.autograd.grad(loss, [r.output for r in records])
     with torch.no_grad():
-        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g) for r, g in zip(records, grads)}
+        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, frozen.get(r.layer, frozenset()))
+                    for r, g in zip(records, grads)}
         del records, grads, logits, loss
         sq = None
         for s in samplers.values():
@@ -72,18 +80,25 @@ def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid
         sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
     out = []
     position: dict[int, int] = {}
-    for j, _ in net.param_slots:
+    for (j, name), p in zip(net.param_slots, params, strict=True):
         i = position.get(j, 0)
-        out.append(sums[j][i])
         position[j] = i + 1
+        out.append(torch.zeros_like(p) if name in frozen.get(j, ()) else sums[j][i])
     return out, sq.sqrt()
 
 
-def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor) -> list[Tensor]:
-    """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network."""
-    leaves = [p.detach().requires_grad_(True) for p in params]
+def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor,
+                  trainable: list[bool] | None = None) -> list[Tensor]:
+    """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network
+    (zero for parameters that ``trainable`` marks frozen)."""
+    trainable = [True] * len(params) if trainable is None else trainable
+    leaves = [p.detach().requires_grad_(t) for p, t in zip(params, trainable, strict=True)]
+    wanted = [leaf for leaf, t in zip(leaves, trainable) if t]
+    if not wanted:
+        return [torch.zeros_like(p) for p in params]
     loss = _loss(net.forward(leaves, x), y, weight)
-    return list(torch.autograd.grad(loss, leaves))
+    grads = iter(torch.autograd.grad(loss, wanted))
+    return [next(grads) if t else torch.zeros_like(p) for p, t in zip(params, trainable)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +142,8 @@ class ModelStack:
         self.net = self._net(self.K)
         self.widest = WideNet(module, 1).trace(spec.input_shape)
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
+        # requires_grad=False, as Opacus: no gradient, no share of the clipping norm, no noise, no update
+        self.trainable = [p.requires_grad for p in module.parameters()]
         self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
         ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
         self.inv_ebs = ebs.reciprocal()
@@ -135,7 +152,7 @@ class ModelStack:
         self._uniform = torch.empty(self.K, self.n, device=self.device)
         self.noise = None
         if spec.dp is not None:
-            size = sum(p[0].numel() for p in self.params)
+            size = sum(p[0].numel() for p, t in zip(self.params, self.trainable) if t)
             self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
                                        size, self.device)
         self.canaries = None
@@ -205,9 +222,10 @@ class ModelStack:
             params = [p[index] for p in self.params]
             net = self._net(len(x))
             if dp is None:
-                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1))
+                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1),
+                                     self.trainable)
             else:
-                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm)
+                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, self.trainable)
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
         if dp is None:
@@ -215,7 +233,9 @@ class ModelStack:
         noise = self.noise.take()
         std = dp.noise_multiplier * dp.max_grad_norm
         offset = 0
-        for g in grads:
+        for g, t in zip(grads, self.trainable, strict=True):
+            if not t:
+                continue
             size = g[0].numel()
             z = noise[:, offset:offset + size].view_as(g)
             offset += size
@@ -223,10 +243,14 @@ class ModelStack:
         return grads
 
     @torch.no_grad()
-    def apply(self, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None) -> None:
-        """torch.optim.SGD's update (weight decay, momentum with dampening 0) in place."""
+    def apply(self, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+              trainable: list[bool] | None = None) -> None:
+        """torch.optim.SGD's update (weight decay, momentum with dampening 0) in place; parameters
+        that ``trainable`` marks frozen are left alone (SGD skips a parameter without a gradient)."""
         spec = self.spec
         for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if trainable is not None and not trainable[j]:
+                continue
             if spec.weight_decay:
                 g = g.add(p, alpha=spec.weight_decay)
             if bufs is not None:
@@ -235,7 +259,7 @@ class ModelStack:
 
     def step_on(self, batch: PoissonBatch) -> None:
         grads = self.gradients(batch)
-        self.apply(self.params, grads, self.momentum_bufs)
+        self.apply(self.params, grads, self.momentum_bufs, self.trainable)
         if self.canaries is not None:
             self.canaries.step(self)
         self.steps_done += 1

@@ -19,8 +19,10 @@ dpmem keeps the subsets, seeds, calibration, store, estimators, audit and report
 ``fit`` returns, for every split in ``evals``, ``"{split}_correct"`` (bool [m]: the prediction is
 the label) and ``"{split}_margin"`` (float [m]: true-label logit minus the largest other logit,
 no NaN), with the model in eval mode. dpmem checks every return; a wrong key, shape, dtype, a NaN
-margin, or an exception inside ``fit`` stops the run with one line naming the model index. Units
-already stored stay stored: fix the trainer and rerun the same command to resume.
+margin, or an exception inside ``fit`` (``sys.exit()`` included) stops the run with one line naming
+the model index. Units already stored stay stored: fix the trainer and rerun the same command to
+resume. Margins beyond float16's range (infinite ones included) are stored as +-65504, and the
+run says so in one line. The arrays ``fit`` gets are read-only copies of dpmem's.
 
 Honest DP-SGD on the user's side means: Poisson sampling of ``train_indices`` at
 ``params.sample_rate`` for ``params.steps`` steps, per-example clipping to
@@ -30,6 +32,7 @@ Honest DP-SGD on the user's side means: Poisson sampling of ``train_indices`` at
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -83,7 +86,7 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
            for split, (_, y) in req.evals.items() for key, dtype in (("correct", bool), ("margin", np.float16))}
     for k in range(K):
         index = int(stream_ids[k])
-        train_indices = np.flatnonzero(masks[k]).astype(np.int64)
+        train_indices = read_only(np.flatnonzero(masks[k]).astype(np.int64))
         seed, noise_seed = model_seeds(req.seed, req.noise_seed, index)
         params = TrainerParams(
             noise_multiplier=None if spec.dp is None else spec.dp.noise_multiplier,
@@ -91,16 +94,32 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
             sample_rate=spec.sample_rate, steps=spec.steps,
             expected_batch_size=max(1, int(spec.sample_rate * len(train_indices))),
             lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        # Each fit gets its own read-only copies: a trainer that writes into its inputs (numpy raises;
+        # through torch.as_tensor, which cannot see the flag, it changes this model's copy only)
+        # never changes the data of later models.
+        x_train, y_train = read_only(req.x_train), read_only(req.y_train)
+        evals = {split: (read_only(x), read_only(y)) for split, (x, y) in req.evals.items()}
         try:
-            result = fit(index=index, train_indices=train_indices, x_train=req.x_train, y_train=req.y_train,
-                         evals=req.evals, seed=seed, noise_seed=noise_seed, params=params)
-        except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                result = fit(index=index, train_indices=train_indices, x_train=x_train, y_train=y_train,
+                             evals=evals, seed=seed, noise_seed=noise_seed, params=params)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
             raise UsageError(f"trainer {spec.trainer} failed on model {index}: {one_line(e)}") from None
         for key, value in checked_result(result, req.evals, index=index, trainer=spec.trainer).items():
             out[key][k] = value
         if progress is not None:
             progress((k + 1) * spec.steps)
     return out
+
+
+def read_only(array) -> np.ndarray:
+    """A copy of ``array`` that cannot be written."""
+    copy = np.array(array, copy=True)
+    copy.setflags(write=False)
+    return copy
 
 
 def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *, index: int,
@@ -131,6 +150,7 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
                     raise fail(f"{name} has dtype {value.dtype}, expected a float dtype")
                 if np.isnan(value).any():
                     raise fail(f"{name} holds NaN")
-                value = value.astype(np.float16)
+                with np.errstate(over="ignore"):   # beyond float16: +-inf, clipped and reported when stored
+                    value = value.astype(np.float16)
             out[name] = value
     return out

@@ -197,6 +197,19 @@ class WideNet:
                 self.param_slots.append((j, name))
         self.param_layers = sorted({j for j, _ in self.param_slots})
 
+    def layer_param_names(self, j: int) -> frozenset:
+        return frozenset(name for layer, name in self.param_slots if layer == j)
+
+    def frozen_names(self, trainable: list[bool] | None) -> dict[int, frozenset]:
+        """layer index -> names of its frozen parameters (``trainable`` per parameter; None: all trainable)."""
+        if trainable is None or all(trainable):
+            return {}
+        out: dict[int, set] = {}
+        for (j, name), t in zip(self.param_slots, trainable, strict=True):
+            if not t:
+                out.setdefault(j, set()).add(name)
+        return {j: frozenset(names) for j, names in out.items()}
+
     def layer_params(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:
         out: dict[int, dict[str, Tensor]] = {}
         for (j, name), p in zip(self.param_slots, params, strict=True):

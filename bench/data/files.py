@@ -27,11 +27,21 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise bad("no such file")
+    with open(file, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise bad("is a single .npy array, not an .npz archive (np.savez(path, x_train=..., y_train=..., ...))")
+    if head[:4] != b"PK\x03\x04":
+        raise bad("is not a readable .npz archive: no zip header (write it with np.savez)")
     try:
         with np.load(file, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-    except Exception as e:  # noqa: BLE001 - a zip, header or pickle problem: all mean "unreadable"
-        raise bad(f"not a readable .npz without pickled objects ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):   # numpy's refusal of object arrays
+            raise bad("holds pickled objects (object arrays), which dpmem never loads") from None
+        raise bad(f"is not a readable .npz archive (ValueError: {e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip or array header
+        raise bad(f"is not a readable .npz archive ({type(e).__name__}: {e})") from None
     for name in FILE_ARRAYS:
         if name not in arrays:
             raise bad(f"missing array {name!r} (needs {', '.join(FILE_ARRAYS)})")
@@ -59,6 +69,19 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     n_classes = int(arrays["y_train"].max()) + 1
     if n_classes < 2:
         raise bad("y_train holds a single class")
+    # A class id no training example has would silently widen every model's output layer (and a huge
+    # one allocate for nothing): classes are 0..C-1, every one present.
+    present = np.unique(arrays["y_train"])
+    if len(present) != n_classes:
+        absent = np.setdiff1d(np.arange(min(n_classes, len(present) + 3)), present)[:3]
+        raise bad(f"y_train labels must be 0..C-1 without gaps; it has {len(present)} classes, the largest "
+                  f"{n_classes - 1}, and none labelled {', '.join(map(str, absent.tolist()))}")
+    if given:
+        n_examples = len(x_train) + len(x_test)
+        for name in FILE_SUBGROUPS:
+            if arrays[name].max() >= n_examples:
+                raise bad(f"{name} has subgroup id {int(arrays[name].max())}; ids must be below the number of "
+                          f"examples ({n_examples}), e.g. 0..S-1")
     if arrays["y_test"].max() >= n_classes:
         raise bad(f"y_test has label {int(arrays['y_test'].max())}, out of range for the classes "
                   f"0..{n_classes - 1} of y_train")

@@ -49,9 +49,46 @@ def _ratio(k: np.ndarray, n: np.ndarray) -> np.ndarray:
         return np.where(n > 0, k / np.maximum(n, 1), np.nan)
 
 
+def indicator(array, name: str) -> np.ndarray:
+    """``array`` as a bool array, accepting bool or integer 0/1 only; a ValueError naming ``name``
+    otherwise. Casting floats to bool would read a probability of 0.3 (and NaN) as True."""
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        return a
+    if np.issubdtype(a.dtype, np.integer):
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool), found values in [{a.min()}, {a.max()}]")
+        return a.astype(bool)
+    what = f"dtype {a.dtype}"
+    if np.issubdtype(a.dtype, np.floating) and np.isnan(a).any():
+        what += " with NaN"
+    raise ValueError(f"{name} must be a bool (or 0/1 integer) array, got {what}; threshold scores or "
+                     f"probabilities yourself (e.g. {name} = probs > 0.5)")
+
+
+def checked_pair(masks, outcomes, name: str, *, same_n: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(masks [K, n], outcomes [K, m]) as bool arrays with matching model counts (and m = n with
+    ``same_n``), or a ValueError naming the argument."""
+    masks, outcomes = indicator(masks, "masks"), indicator(outcomes, name)
+    if masks.ndim != 2 or masks.shape[0] < 1 or masks.shape[1] < 1:
+        raise ValueError(f"masks must be [K models, n examples] with K, n >= 1, got shape {masks.shape}")
+    if outcomes.ndim != 2 or outcomes.shape[0] != masks.shape[0]:
+        raise ValueError(f"{name} must be [K, ...] with the K = {masks.shape[0]} models of masks, "
+                         f"got shape {outcomes.shape}")
+    if same_n and outcomes.shape != masks.shape:
+        raise ValueError(f"{name} must have the shape of masks {masks.shape}, got {outcomes.shape}")
+    return masks, outcomes
+
+
+def comparable(masks: np.ndarray) -> np.ndarray:
+    """bool [n]: examples with at least one in-model and one out-model (the others cannot be estimated)."""
+    n_in = masks.sum(axis=0)
+    return (n_in > 0) & (n_in < masks.shape[0])
+
+
 def memorization(masks: np.ndarray, correct: np.ndarray) -> Memorization:
     """mem(i) = mean over in-models of correct[k, i] minus the mean over out-models."""
-    return Memorization(**per_example_counts(np.asarray(masks, bool), np.asarray(correct, bool)))
+    return Memorization(**per_example_counts(*checked_pair(masks, correct, "correct", same_n=True)))
 
 
 def influence_blocks(masks: np.ndarray, correct_test: np.ndarray, *, block: int = 1024):
@@ -60,8 +97,9 @@ def influence_blocks(masks: np.ndarray, correct_test: np.ndarray, *, block: int 
     Two matrix products per block (masks^T @ correct / n_in minus the complement), so the n x m matrix
     never has to be held at once.
     """
-    m = np.asarray(masks, np.float32)
-    c = np.asarray(correct_test, np.float32)
+    masks, correct_test = checked_pair(masks, correct_test, "correct_test", same_n=False)
+    m = masks.astype(np.float32)
+    c = correct_test.astype(np.float32)
     total = c.sum(0)                                   # [m]
     n_in = m.sum(0)
     n_out = m.shape[0] - n_in

@@ -156,7 +156,15 @@ class RayExecutor:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             unit = pending.pop(done[0])
-            arrays, seconds = ray.get(done[0])
+            try:
+                arrays, seconds = ray.get(done[0])
+            except ray.exceptions.RayError as e:   # one line, as in a serial run: a worker's error names its unit
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, UsageError):
+                    raise UsageError(str(cause)) from None
+                from dpmem.models.plugins import one_line
+                raise UsageError(f"variant {unit.cell}, models {unit.models.start}-{unit.models.stop - 1}: a Ray "
+                                 f"worker failed: {one_line(cause if isinstance(cause, BaseException) else e)}") from None
             bar.update(unit.models.size)          # models finished, counted across all workers
             yield unit, arrays, seconds
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
-from dpmem.bench.run import execution, units
+from dpmem.bench.run import execution, resources, units
 from dpmem.bench.run.plan import (as_inputs, noise_seed, plan_variant, provenance, run_seed, schedule,
                                   train_spec)
 from dpmem.bench.run.subsets import CANARY_MASK_STREAM, make_masks
@@ -32,17 +32,39 @@ def check_inputs(cfg: Config) -> tuple[Dataset, str]:
 
     from dpmem.models.nets import build_model
     from dpmem.models.plugins import load_callable, one_line
+    from dpmem.models.runtime import resolve_device
+    try:
+        resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError("device", str(e)) from None
     ds = load_dataset(cfg)
-    spec = train_spec(cfg, ds, plan_variant(cfg, None, schedule(cfg, ds.n_train)))
+    resources.check_arrays_fit(cfg, ds.n_train, ds.n_test)
+    sched = schedule(cfg, ds.n_train)
+    for epsilon in cfg.epsilons:   # calibration fails for budgets no noise can meet: say so now
+        try:
+            plan_variant(cfg, epsilon, sched)
+        except ValueError as e:
+            raise ConfigError("epsilons", f"cannot train for epsilon {epsilon:g}: {e}") from None
+    spec = train_spec(cfg, ds, plan_variant(cfg, None, sched))
     if cfg.trainer:
         load_callable(cfg.trainer, "trainer")
         return ds, "user"
+    parameters = resources.parameter_count(spec)
+    if parameters is not None:
+        resources.check_model_fits(cfg, parameters)
     module = build_model(spec).eval()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        frozen = sum(1 for _ in module.parameters())
+        raise ConfigError("model", f"{cfg.model} has no trainable parameters"
+                                   + (f" (all {frozen} have requires_grad=False)" if frozen else ""))
     probe = torch.as_tensor(as_inputs(ds.x_train[:2]))
     try:
         with torch.no_grad():
             logits = module(probe)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
         raise ConfigError("model", f"{cfg.model} fails on inputs of shape {tuple(ds.input_shape)}: {one_line(e)}") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(probe), ds.n_classes):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

@@ -15,6 +15,7 @@ Only this process writes the store, so its guarantees do not depend on how many 
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from dpmem.bench.run import execution
 from dpmem.bench.run.execution import Unit
 from dpmem.bench.store.run_store import ModelRange, RunStore
 from dpmem.models.spec import TrainSpec
+from dpmem.privacy.errors import UsageError
+
+# float16's largest finite value: margins beyond it are stored as +-FLOAT16_MAX.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +58,36 @@ class Cell:
                    else self.stream_ids[rows])
         return Unit(cell=self.name, models=models, masks=self.masks[rows], stream_ids=streams, seed=self.seed,
                     noise_seed=self.noise_seed, engine=self.engine)
+
+
+def checked_outputs(cfg: Config, unit: Unit, arrays: dict[str, np.ndarray],
+                    noted: set | None = None) -> dict[str, np.ndarray]:
+    """A unit's arrays as they may be stored: NaN outputs (a diverged model) are refused, naming the
+    cell, the model and the architecture; infinite margins are clipped to float16's range, said in
+    one line (once per cell when ``noted`` collects the cells already noted)."""
+    what = f"trainer {cfg.trainer}" if cfg.trainer else f"model {cfg.model}"
+    out = dict(arrays)
+    for key, value in arrays.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        bad = np.isnan(value)
+        if bad.any():
+            k = unit.models.start + int(np.argwhere(bad)[0][0]) // (len(unit.masks) // unit.models.size)
+            raise UsageError(f"variant {unit.cell}, {what}: model {k} produced NaN {key} (training diverged; "
+                             f"try a smaller lr); units stored so far are kept")
+        inf = np.isinf(value)
+        if inf.any() and key.endswith("_margin"):
+            if noted is None or unit.cell not in noted:
+                print(f"dpmem: note: variant {unit.cell}: margins beyond float16's range (infinite ones "
+                      f"included) are stored as +-{FLOAT16_MAX:g}; first in {key} of models "
+                      f"{unit.models.start}-{unit.models.stop - 1}", file=sys.stderr)
+            if noted is not None:
+                noted.add(unit.cell)
+            out[key] = np.clip(value, -FLOAT16_MAX, FLOAT16_MAX).astype(value.dtype)
+        elif inf.any():
+            k = unit.models.start + int(np.argwhere(inf)[0][0]) // (len(unit.masks) // unit.models.size)
+            raise UsageError(f"variant {unit.cell}, {what}: model {k} produced infinite {key}")
+    return out
 
 
 def pending(store: RunStore, cell: Cell, unit_size: int) -> list[ModelRange]:
@@ -82,12 +117,14 @@ def train_units(store: RunStore, cells: list[Cell], inputs: dict, cfg: Config, *
         bar.close()
         return
     executor = execution.executor(cfg, ray_address)
+    noted: set[str] = set()   # cells whose clipped margins were reported
     try:
         while todo:
             outstanding = Counter(unit.cell for unit in todo)
             retry = []
             for unit, arrays, seconds in executor.map(specs, inputs, todo, bar):
                 cell = by_name[unit.cell]
+                arrays = checked_outputs(cfg, unit, arrays, noted)
                 kept = cell.stored(unit.models, arrays) if cell.stored else arrays
                 store.write_unit(cell.name, unit.models, kept, {"seconds": seconds, "models": unit.models.size})
                 outstanding[cell.name] -= 1

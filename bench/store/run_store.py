@@ -28,6 +28,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,27 +91,97 @@ class StoreBusy(UsageError):
     """Another process holds the run directory's lock."""
 
 
+class _DirectoryLock:
+    """An exclusive flock on a run directory's own descriptor, held per process and counted (the
+    ``.lock`` file's filelock is reentrant in a process too). A second process waits for it however
+    the directory's entries change; the kernel drops it when the holder's process ends."""
+
+    _held: dict[tuple[int, int], list[int]] = {}   # (st_dev, st_ino) -> [descriptor, holds]
+    _mutex = threading.Lock()
+    POLL_S = 0.05
+
+    @classmethod
+    def _key(cls, root: Path) -> tuple[int, int]:
+        st = os.stat(root)
+        return st.st_dev, st.st_ino
+
+    @classmethod
+    def acquire(cls, root: Path, timeout: float) -> tuple[int, int]:
+        """Hold the lock of ``root`` (waiting up to ``timeout`` seconds); returns the key to release."""
+        key = cls._key(root)
+        with cls._mutex:
+            if key in cls._held:
+                cls._held[key][1] += 1
+                return key
+        try:
+            import fcntl
+        except ImportError:   # no flock (Windows): the .lock file's lock alone
+            with cls._mutex:
+                cls._held[key] = [-1, 1]
+            return key
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreBusy(f"{root} is being written by another dpmem process (its directory is locked); "
+                                    "wait for it to finish or use another --out") from None
+                time.sleep(cls.POLL_S)
+        with cls._mutex:
+            cls._held[key] = [fd, 1]
+        return key
+
+    @classmethod
+    def release(cls, key: tuple[int, int]) -> None:
+        with cls._mutex:
+            entry = cls._held.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del cls._held[key]
+                if entry[0] >= 0:
+                    os.close(entry[0])   # closing the last descriptor releases the flock
+
+
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._lock = None
+        self._dir_locks: list[tuple[int, int]] = []   # this store's holds of _DirectoryLock
 
     # -- the writer's lock -----------------------------------------------------------------
     def acquire(self, wait: float | None = None) -> "RunStore":
         """Become the directory's one writer (waiting up to ``wait`` seconds), or raise StoreBusy.
 
-        The lock is an OS file lock (filelock): a killed holder releases it with its process."""
+        Two OS locks, both released with a killed holder's process: the ``.lock`` file (filelock),
+        and a flock on the run directory's own descriptor, which deleting ``.lock`` cannot defeat."""
         from filelock import FileLock, Timeout
         if self._lock is None:
             self._lock = FileLock(self.root / LOCK_NAME, is_singleton=True, thread_local=False, mode=file_mode())
+        timeout = LOCK_WAIT_S if wait is None else wait
+        busy = StoreBusy(f"{self.root} is being written by another dpmem process (lock {self.root / LOCK_NAME}); "
+                         "wait for it to finish or use another --out")
+        deadline = time.monotonic() + timeout
         try:
-            self._lock.acquire(timeout=LOCK_WAIT_S if wait is None else wait)
+            self._lock.acquire(timeout=timeout)
         except Timeout:
-            raise StoreBusy(f"{self.root} is being written by another dpmem process (lock {self.root / LOCK_NAME}); "
-                            "wait for it to finish or use another --out") from None
+            raise busy from None
+        try:
+            self._dir_locks.append(_DirectoryLock.acquire(self.root, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
     def release(self) -> None:
+        """Give up one hold of the lock (``acquire`` calls nest)."""
+        if self._dir_locks:
+            _DirectoryLock.release(self._dir_locks.pop())
         if self._lock is not None and self._lock.is_locked:
             self._lock.release()
 
@@ -155,11 +227,15 @@ class RunStore:
 
     def _check_resumable(self, cfg: Config, fingerprint: dict | None) -> None:
         stored = self.meta()
+        self.config()   # a config.json without its config or its hash is refused as such
         if stored.get("format", 1) != STORE_FORMAT:
             raise UsageError(f"{self.root} was written by an older dpmem (store format {stored.get('format', 1)}, "
                              f"seeds drawn per unit): `dpmem report` and `check` read it, but it cannot be resumed; "
                              "use another --out")
         if stored.get("hash") != cfg.hash():
+            edited = self._edited_config()
+            if edited is not None:
+                raise edited
             raise UsageError(
                 f"{self.root} holds a run with a different config (hash {stored.get('hash')} vs "
                 f"{cfg.hash()}); use another --out or the same settings to resume it")
@@ -179,15 +255,35 @@ class RunStore:
 
     def config(self) -> Config:
         raw = self.meta()
+        path = self.root / "config.json"
         if "config" not in raw or not isinstance(raw["config"], dict):
-            raise UsageError(f"corrupt file {self.root / 'config.json'}: no 'config' table")
-        return config_mod.from_dict(raw["config"])
+            raise UsageError(f"corrupt file {path}: no 'config' table")
+        if not isinstance(raw.get("hash"), str):
+            raise UsageError(f"corrupt file {path}: no config hash")
+        try:
+            cfg = config_mod.from_dict(raw["config"])
+        except UsageError as e:
+            raise UsageError(f"corrupt file {path}: {e}") from None
+        return cfg
+
+    def _edited_config(self) -> UsageError | None:
+        """The error to raise when config.json's config no longer hashes to its recorded hash (edited
+        by hand); None when it does, or for format 1, whose hash covered the execution settings too."""
+        raw = self.meta()
+        if raw.get("format", 1) < 2 or self.config().hash() == raw["hash"]:
+            return None
+        return UsageError(f"corrupt file {self.root / 'config.json'}: its config does not match its recorded hash "
+                          f"{raw['hash']} (edited by hand?); the run's arrays were made with the recorded config")
 
     def meta(self) -> dict:
         return read_json(self.root / "config.json")
 
     @property
     def format(self) -> int:
+        """The layout version; a store without config.json (a study's sub-store, e.g. RUN/loo/VARIANT)
+        is written by this dpmem."""
+        if not (self.root / "config.json").exists():
+            return STORE_FORMAT
         return int(self.meta().get("format", 1))
 
     # -- provenance: the data the run was trained on ---------------------------------------
@@ -266,6 +362,9 @@ class RunStore:
         masks = load_npy(path, self._checked("masks.npy"))
         models = self.config().models
         if masks.ndim != 2 or masks.shape[0] != models or masks.dtype != bool:
+            edited = self._edited_config()
+            if edited is not None:
+                raise edited
             raise UsageError(f"misshapen file {path}: expected bool [{models}, n_train], got {masks.dtype} {list(masks.shape)}")
         return masks
 
@@ -407,13 +506,19 @@ class RunStore:
         """Files of a complete variant that no longer match its completion record."""
         vdir = self.variant_dir(name)
         try:
-            sums = self.variant_record(name).get("sha256", {})
+            record = self.variant_record(name)
         except UsageError:
             return [vdir / "complete.json"]
+        sums, arrays = record.get("sha256"), record.get("arrays")
+        if self.format < 2:   # format 1 recorded no checksums: only those it has are checked
+            sums, arrays = (sums if isinstance(sums, dict) else {}), [k for k in record.get("arrays", []) if k in (sums or {})]
+        elif not isinstance(sums, dict) or not isinstance(arrays, list) or not arrays:
+            return [vdir / "complete.json"]
         bad = []
-        for key in self.variant_record(name).get("arrays", []):
+        for key in arrays:
             try:
-                if key in sums and sha256_file(vdir / f"{key}.npy") != sums[key]:
+                # an array without a recorded checksum cannot be trusted: damaged
+                if key not in sums or sha256_file(vdir / f"{key}.npy") != sums[key]:
                     bad.append(vdir / f"{key}.npy")
             except OSError:
                 bad.append(vdir / f"{key}.npy")
@@ -434,8 +539,18 @@ class RunStore:
         if not self.variant_complete(name):
             raise UsageError(f"variant {name!r} in {self.root} is not complete; run `dpmem run` again to finish it")
         done = self.variant_record(name)
-        sums = done.get("sha256", {})
-        out = {key: load_npy(vdir / f"{key}.npy", sums.get(key)) for key in done.get("arrays", [])}
+        sums, arrays = done.get("sha256"), done.get("arrays")
+        if self.format < 2:   # format 1 recorded no checksums
+            sums, arrays = (sums if isinstance(sums, dict) else {}), (arrays if isinstance(arrays, list) else [])
+        elif not isinstance(sums, dict) or not isinstance(arrays, list) or not arrays:
+            raise UsageError(f"damaged file {vdir / 'complete.json'}: no array checksums; `dpmem run` with the "
+                             "same config on this directory retrains the variant")
+        else:
+            for key in arrays:
+                if not isinstance(sums.get(key), str):
+                    raise UsageError(f"damaged file {vdir / 'complete.json'}: no checksum for {key}.npy; `dpmem "
+                                     "run` with the same config on this directory retrains the variant")
+        out = {key: load_npy(vdir / f"{key}.npy", sums.get(key)) for key in arrays}
         for key, array in out.items():
             if array.ndim < 1 or array.shape[0] != done.get("models", array.shape[0]):
                 raise UsageError(f"misshapen file {vdir / f'{key}.npy'}: expected {done.get('models')} rows, "

@@ -24,9 +24,11 @@ class ConvSampler:
     rule = "mixed"
     row_block_floats = 1 << 18
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor):
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor,
+                 frozen: frozenset = frozenset()):
         self.layer, self.K, self.a, self.g = layer, K, saved, grad
         self.bias = layer.bias is not None
+        self.frozen = frozen
         B = grad.shape[0]
         G = layer.groups
         self.p = layer.out_channels // G
@@ -86,7 +88,9 @@ class ConvSampler:
 
     def sq_norms(self) -> Tensor:
         B, K, G = self.gk.shape[:3]
-        if self.direct:
+        if "weight" in self.frozen:
+            total = torch.zeros(B, K, dtype=self.g.dtype, device=self.g.device)
+        elif self.direct:
             # Per-example gradients [B, K, G, p, d], kept for the clipped sum: the weight gradient of
             # one convolution whose groups are the B * K * G (example, model, group) triples, which
             # the convolution kernels compute 2.5-4x faster than unfold + batched matmul.
@@ -102,7 +106,7 @@ class ConvSampler:
                 g = self.gk[r0:r1]
                 gg = torch.matmul(g.transpose(3, 4), g)   # [rows, K, G, T, T]
                 total[r0:r1] = (self._position_gram(r0, r1) * gg).view(r1 - r0, K, -1).sum(dim=2)
-        if self.bias:
+        if self.bias and "bias" not in self.frozen:
             total += sq_sum(self.bias_grads, (2,))
         return total.transpose(0, 1)
 

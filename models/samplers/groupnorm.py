@@ -12,14 +12,16 @@ class GroupNormSampler:
     """saved (the normalised input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule
     (normalised input * g summed over positions for the weight, g for the bias)."""
 
-    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor):
+    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor, frozen: frozenset = frozenset()):
         B = grad.shape[0]
         dims = tuple(range(2, grad.dim()))
         self.gw = (saved * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
         self.gb = grad.sum(dim=dims).reshape(B, K, -1)
+        self.frozen = frozen
 
     def sq_norms(self) -> Tensor:
-        return (sq_sum(self.gw, (2,)) + sq_sum(self.gb, (2,))).transpose(0, 1)
+        parts = [sq_sum(g, (2,)) for name, g in (("weight", self.gw), ("bias", self.gb)) if name not in self.frozen]
+        return sum(parts).transpose(0, 1)
 
     def clipped(self, c: Tensor) -> list[Tensor]:
         weights = c.transpose(0, 1)

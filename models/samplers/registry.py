@@ -1,9 +1,11 @@
 """The per-layer rules of the DP step, registered by layer type as Opacus registers its grad samplers.
 
-A rule is a class built from (layer, K, saved input, output gradient) with two methods:
+A rule is a class built from (layer, K, saved input, output gradient, frozen parameter names) with
+two methods:
 ``sq_norms()`` -> [K, B] per-example squared gradient norms of the layer's parameters, and
 ``clipped(factors)`` -> the clip-weighted sum over examples, one [K, *shape] tensor per parameter
-(in ``named_parameters`` order). A new rule is one module that calls ``register``.
+(in ``named_parameters`` order). Frozen parameters (``requires_grad=False``) add nothing to the
+norms, as in Opacus. A new rule is one module that calls ``register``.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ def register(*layer_types: type):
     return add
 
 
-def sampler_for(layer: nn.Module, K: int, saved: Tensor, grad: Tensor):
+def sampler_for(layer: nn.Module, K: int, saved: Tensor, grad: Tensor, frozen: frozenset = frozenset()):
     for kind, sampler in GRAD_SAMPLERS.items():
         if isinstance(layer, kind):
-            return sampler(layer, K, saved, grad)
+            return sampler(layer, K, saved, grad, frozen)
     raise ValueError(f"no per-example rule for {type(layer).__name__}")
 
 
