@@ -10,6 +10,7 @@ from dpmem.bench import estimators, subgroups
 from dpmem.bench.errors import UsageError
 from dpmem.bench.store import RunStore, read_json
 from dpmem.bench.subsets import CANARY_MASKS_FILE
+from dpmem.models.spec import expected_batch_sizes
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit
 from dpmem.privacy.family import bonferroni_share
@@ -72,8 +73,11 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         if canary_masks is not None:
             if "canary_score" not in arrays:
                 raise UsageError(f"run {store.root} has {CANARY_MASKS_FILE} but variant {name!r} has no canary_score.npy")
-            canary_audits[name] = canary_audit(variant=name, scores=arrays["canary_score"], masks=canary_masks,
-                                               epsilon=claimed, delta=delta, alpha=share)
+            # every update of model k carried 1/ebs_k (its real subset's expected batch size): scaled
+            # back, every model's scores share one scale and the (model, canary) pairs are i.i.d.
+            ebs = np.asarray(expected_batch_sizes(masks, plan.get("sample_rate", 1.0)), dtype=float)
+            canary_audits[name] = canary_audit(variant=name, scores=arrays["canary_score"] * ebs[:, None],
+                                               masks=canary_masks, epsilon=claimed, delta=delta, alpha=share)
         mem = estimators.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
         found = estimators.controlled_findings(

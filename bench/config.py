@@ -167,8 +167,6 @@ def validate(c: Config) -> None:
     _check(c.gradient_canaries >= 0, "gradient_canaries", f"must be >= 0, got {c.gradient_canaries}")
     _check(c.gradient_canaries == 0 or c.models >= 4, "gradient_canaries",
            f"the canary audit holds out half the models to choose its threshold: needs models >= 4, got {c.models}")
-    _check(c.gradient_canaries == 0 or not c.trainer, "gradient_canaries",
-           "gradient canaries are planted by dpmem's own engines; a user trainer cannot carry them")
     _check(c.canary_norm > 0 and math.isfinite(c.canary_norm), "canary_norm",
            f"must be positive and finite, got {c.canary_norm}")
     _check(c.n_train >= 0, "n_train", f"must be >= 0, got {c.n_train}")
