@@ -227,3 +227,35 @@ def test_a_trainer_without_canary_scores_stops_the_run_with_one_line(tmp_path, c
                      "trainer=test_user_canaries:no_canary_score_fit"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "model 0" in errors[0] and "missing ['canary_score']" in errors[0], errors
+
+
+# -- planted bugs in the user's code (bench/planted_trainer.py) ----------------------------------------
+
+@pytest.mark.parametrize("bug, sigma, clip, loader", [
+    ("honest", 1.5, 1.0, "DPDataLoader"), ("half_noise", 0.75, 1.0, "DPDataLoader"),
+    ("no_clipping", 1.5e-12, 1e12, "DPDataLoader"), ("fixed_batches", 1.5, 1.0, "DataLoader"),
+])
+def test_each_planted_bug_is_what_it_says(monkeypatch, bug, sigma, clip, loader):
+    from opacus import PrivacyEngine
+
+    from dpmem.bench import planted_trainer
+    seen = {}
+    real_make_private = PrivacyEngine.make_private
+
+    def recording(self, **kw):
+        seen.update(sigma=kw["noise_multiplier"], clip=kw["max_grad_norm"], loader=type(kw["data_loader"]).__name__,
+                    batch=getattr(kw["data_loader"], "batch_size", None))
+        return real_make_private(self, **kw)
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", recording)
+    x, y = (t.numpy() for t in _data())
+    params = TrainerParams(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.25, steps=2, expected_batch_size=5,
+                           lr=0.1, momentum=0.0, weight_decay=0.0)
+    out = getattr(planted_trainer, bug)(
+        index=0, train_indices=np.arange(20), x_train=x, y_train=y, evals={"test": (x, y)}, seed=0, noise_seed=1,
+        params=params, canaries=TrainerCanaries(ids=np.arange(0, 8, 2), count=8, grad_norm=2.0, seed=0))
+    assert seen["sigma"] == pytest.approx(sigma) and seen["clip"] == pytest.approx(clip)
+    assert seen["loader"] == loader
+    if bug == "fixed_batches":
+        assert seen["batch"] == 6                        # round(0.25 * (20 real + 4 canary rows)), every batch
+    assert out["canary_score"].shape == (8,)
