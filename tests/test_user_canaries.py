@@ -214,19 +214,31 @@ def test_a_bad_canary_score_names_the_model(monkeypatch, score, fragment):
     assert fragment in str(e.value)
 
 
-def no_canary_score_fit(**kw):
-    import my_trainer
-    kw.pop("canaries")
-    return my_trainer.fit(**kw)
+def scoreless_from_fit(**kw):
+    """The canary example, but models from DPMEM_TEST_SCORELESS_FROM on forget canary_score."""
+    import os
+
+    import opacus_canary_trainer
+    out = opacus_canary_trainer.fit(**kw)
+    if kw["index"] >= int(os.environ.get("DPMEM_TEST_SCORELESS_FROM", "1000000")):
+        del out["canary_score"]
+    return out
 
 
-def test_a_trainer_without_canary_scores_stops_the_run_with_one_line(tmp_path, capsys):
+def test_a_trainer_without_canary_scores_stops_with_one_line_and_keeps_the_stored_units(tmp_path, capsys,
+                                                                                         monkeypatch):
     out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--quiet", *CANARY_RUN, "trainer=test_user_canaries:scoreless_from_fit"]
+    monkeypatch.setenv("DPMEM_TEST_SCORELESS_FROM", "5")
     capsys.readouterr()
-    assert cli.main(["run", "--out", str(out), "--quiet", *CANARY_RUN,
-                     "trainer=test_user_canaries:no_canary_score_fit"]) == 2
+    assert cli.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "model 0" in errors[0] and "missing ['canary_score']" in errors[0], errors
+    assert len(errors) == 1 and "model 5" in errors[0] and "missing ['canary_score']" in errors[0], errors
+    chunks = out / "variants" / "nonprivate" / "chunks"
+    assert sorted(p.name for p in chunks.glob("*.json")) == ["000000-000004.json"]    # models 0-3 kept
+    monkeypatch.delenv("DPMEM_TEST_SCORELESS_FROM")
+    assert cli.main(argv) == 0                                                         # fixed: it resumes
+    assert RunStore.open(out).variant_arrays("dp-eps4")["canary_score"].shape == (8, 40)
 
 
 # -- planted bugs in the user's code (bench/planted_trainer.py) ----------------------------------------
@@ -259,3 +271,8 @@ def test_each_planted_bug_is_what_it_says(monkeypatch, bug, sigma, clip, loader)
     if bug == "fixed_batches":
         assert seen["batch"] == 6                        # round(0.25 * (20 real + 4 canary rows)), every batch
     assert out["canary_score"].shape == (8,)
+
+
+def test_the_docs_show_exactly_the_example_the_tests_run():
+    fragment = (Path(__file__).parent.parent / "models" / "README.issue18.md").read_text()
+    assert (EXAMPLES / "opacus_canary_trainer.py").read_text().rstrip() in fragment
