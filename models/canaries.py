@@ -8,9 +8,10 @@ samples, clips, noises and normalises them; it computes no clipping or noise its
 - ``CanaryModel(module, count)`` holds the user's module and theta_c as ``nn.Linear(count, 1)``
   (no bias, initialised to 0). ``model(x)`` returns the module's logits unchanged;
   ``model(x, ids)`` also returns, for every row, theta_c . selector(row), where the selector of
-  canary row j is the unit vector e_j and that of a real row (id -1) is 0. Opacus knows how to
-  compute per-example gradients of a Linear layer in every grad_sample_mode ("hooks",
-  "functorch", "ew", "ghost"), so it clips and noises theta_c like any other weight.
+  canary row j is the unit vector e_j and that of a real row (id -1) is 0. Opacus computes the
+  per-example gradients (or, in ghost clipping, the per-example norms) of a Linear layer itself,
+  so it clips and noises theta_c like any other weight (tests: grad_sample_mode "hooks" and
+  "ghost").
 - ``CanaryLoss(criterion, grad_norm)`` is the per-row loss: the criterion's loss on a real row,
   ``-grad_norm * theta_c[j]`` on canary row j. A canary row's per-example gradient is therefore
   exactly ``-grad_norm * e_j`` on theta_c and 0 on the network (its logits are not in the loss);
@@ -45,7 +46,7 @@ from torch.utils.data import TensorDataset
 if TYPE_CHECKING:
     from dpmem.models.trainer import TrainerCanaries, TrainerParams
 
-__all__ = ["CanaryLoss", "CanaryModel", "CanaryOutput", "Canaries", "with_canary_rows"]
+__all__ = ["CanaryLoss", "CanaryModel", "CanaryOutput", "CanaryRows", "Canaries", "with_canary_rows"]
 
 
 class CanaryOutput(NamedTuple):
@@ -157,18 +158,19 @@ def with_canary_rows(dataset: TensorDataset, ids) -> TensorDataset:
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1))
     m = len(ids)
     return CanaryRows(torch.cat([x, x.new_zeros((m, *x.shape[1:]))]),
-                         torch.cat([y, y.new_zeros((m, *y.shape[1:]))]),
-                         torch.cat([torch.full((len(x),), -1, dtype=torch.int64), ids]))
+                      torch.cat([y, y.new_zeros((m, *y.shape[1:]))]),
+                      torch.cat([torch.full((len(x),), -1, dtype=torch.int64), ids]))
 
 
 class Canaries:
     """The gradient canaries of one ``fit`` call (``canaries`` None: no canaries, training unchanged)."""
 
     def __init__(self, canaries: TrainerCanaries | None, params: TrainerParams):
-        self.spec = canaries
         self.params = params
         self.count = 0 if canaries is None else int(canaries.count)
-        self.ids = np.zeros(0, np.int64) if canaries is None else np.asarray(canaries.ids, dtype=np.int64)
+        self.ids = np.zeros(0, np.int64) if canaries is None else np.asarray(canaries.ids, dtype=np.int64).reshape(-1)
+        if self.ids.size and (self.ids.min() < 0 or self.ids.max() >= self.count):
+            raise ValueError(f"canary ids must lie in [0, {self.count}), got [{self.ids.min()}, {self.ids.max()}]")
         self.grad_norm = 1.0 if canaries is None else float(canaries.grad_norm)
         self._model: CanaryModel | None = None
 

@@ -3,12 +3,14 @@
 dpmem keeps the subsets, seeds, calibration, store, estimators, audit and reports; the user's
 ``fit`` trains one model. It is called once per model, with keyword arguments only::
 
-    def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, params) -> Mapping:
+    def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, params,
+            canaries=None) -> Mapping:
         ...
 
 - ``index`` (int): the model's index in its variant, 0 .. models-1.
 - ``train_indices`` (int64 [|T_k|]): the model's training subset, rows of ``x_train`` / ``y_train``.
-- ``x_train`` (float32 [n, *input_shape]), ``y_train`` (int64 [n]): the whole training set.
+- ``x_train`` (float32 [n, *input_shape]), ``y_train`` (int64 [n]): the whole training set (real
+  examples only; gradient canaries come as ids, below).
 - ``evals``: split name -> (x, y) to predict on after training: ``"train"`` (the whole training
   set) and ``"test"``.
 - ``seed``, ``noise_seed`` (ints): the model's initialisation/batch-sampling seed, shared by every
