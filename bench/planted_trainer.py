@@ -34,7 +34,8 @@ def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, para
     if bug not in BUGS:
         raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
     torch.manual_seed(seed)
-    n_classes = int(y_train.max()) + 1
+    # every label seen anywhere: a rare class can be missing from a small training set
+    n_classes = 1 + max(int(y_train.max()), *(int(np.max(y)) for _, y in evals.values()))
     kit = dpmem_canaries.Canaries(canaries, params)
     model = kit.model(nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(x_train.shape[1:])), n_classes)))
     optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,

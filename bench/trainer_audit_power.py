@@ -108,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canaries", type=int, default=1000, help="gradient canaries per model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", default="results")
+    p.add_argument("--merge", nargs="+", metavar="CSV",
+                   help="no training: write the tables of these runs' CSVs together (seeds split over processes)")
     args = p.parse_args(argv)
+    if args.merge:
+        runs = pd.concat([pd.read_csv(path) for path in args.merge], ignore_index=True)
+        if runs.duplicated(["bug", "seed", "variant"]).any():
+            p.error("the CSVs overlap: a (bug, seed, variant) appears twice")
+        print(write(runs, Path(args.out), f"Merged from {', '.join(args.merge)}.\n\n"))
+        return 0
     bugs = [b for b in args.bugs.split(",") if b]
     unknown = set(bugs) - set(BUG_RUNS)
     if unknown:
