@@ -166,6 +166,16 @@ def test_the_opacus_canary_example_runs_end_to_end_and_check_audits_it(tmp_path,
     report = json.loads(capsys.readouterr().out)
     audit = report["canary_audits"]["dp-eps4"]
     assert audit["epsilon_claimed"] == 4.0 and audit["eps_lb"] is not None and audit["consistent"]
+    # the audit tests ebs_k * score: each model's 1/(expected batch size) divided out
+    from dpmem.models.spec import expected_batch_sizes
+    from dpmem.privacy.canary_audit import canary_audit
+    plan = json.loads((out / "variants" / "dp-eps4" / "plan.json").read_text())
+    ebs = np.asarray(expected_batch_sizes(store.masks(), plan["sample_rate"]), dtype=float)
+    assert len(set(ebs)) > 1
+    share = json.loads((out / "summary.json").read_text())["run"]["alpha_per_test"]
+    direct = canary_audit(variant="dp-eps4", scores=scores * ebs[:, None], masks=canary_masks, epsilon=4.0,
+                          delta=plan["delta"], alpha=share)
+    assert audit["threshold"] == pytest.approx(direct.threshold) and audit["tpr_lo"] == pytest.approx(direct.tpr_lo)
 
 
 def test_the_canary_example_without_canaries_is_the_readme_trainer(tmp_path):
