@@ -23,7 +23,7 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpmem import canaries as dpmem_canaries
+from dpmem.models import canaries as dpmem_canaries
 
 BUGS = ("honest", "half_noise", "no_clipping", "fixed_batches")
 # "Clipping off": every per-example gradient passes whole (the same constant as privacy/faults.py).
