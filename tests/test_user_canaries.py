@@ -286,3 +286,24 @@ def test_each_planted_bug_is_what_it_says(monkeypatch, bug, sigma, clip, loader)
 def test_the_docs_show_exactly_the_example_the_tests_run():
     fragment = (Path(__file__).parent.parent / "models" / "README.issue18.md").read_text()
     assert (EXAMPLES / "opacus_canary_trainer.py").read_text().rstrip() in fragment
+
+
+def test_the_power_table_counts_seeds_not_rows():
+    import pandas as pd
+
+    from dpmem.bench.trainer_audit_power import tables
+    rows = []
+    for seed in range(4):
+        for bug, refuted in (("honest", False), ("half_noise", seed != 0)):
+            for variant, eps in (("nonprivate", None), ("dp-eps1", 1.0), ("dp-eps4", 4.0)):
+                rows.append({"bug": bug, "seed": seed, "variant": variant, "epsilon": eps,
+                             "gate_failed": bug == "honest" and seed == 3, "canary_refuted": refuted and eps is not None,
+                             "canary_eps_lb": 0.5, "blackbox_refuted": False, "n_in": 10, "n_out": 10, "models": 8,
+                             "canaries": 5, "steps": 1, "run_wall_s": 1.0, "run_cpu_s": 0.5})
+    t = tables(pd.DataFrame(rows))
+    half = t["refuted"][t["refuted"].bug.str.startswith("half")]
+    assert list(half.refuted) == [3, 3] and list(half.seeds) == [4, 4]
+    assert half.rate_lo.iloc[0] == pytest.approx(0.194, abs=1e-3)          # exact interval of 3 of 4
+    validity = t["validity"].iloc[0]
+    assert validity.seeds == 4 and validity.refuted == 1                    # one honest seed failed the gate
+    assert t["cost"].set_index("bug").loc["honest", "total_cpu_s"] == pytest.approx(2.0)
