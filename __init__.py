@@ -17,6 +17,8 @@ The public Python API (everything else is private by convention)::
     infl = dpmem.influence(masks, correct_test)             # [n, m]
     verdict, per_example = dpmem.audit(masks, correct, epsilon=1.0, delta=1e-5, alpha=0.05)
 
+    from dpmem import canaries    # gradient canaries inside your own Opacus loop (trainer protocol)
+
 The repository's folders install as ``dpmem.bench`` (data, pipeline, store, estimators, reports,
 the command line), ``dpmem.models`` (architectures, engines, the trainer protocol) and
 ``dpmem.privacy`` (accounting, bounds, audits, planted faults).
@@ -36,8 +38,17 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __version__ = "0.2.0"
-__all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "influence", "load_config", "memorization", "open_run",
-           "run"]
+__all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence", "load_config",
+           "memorization", "open_run", "run"]
+
+
+def __getattr__(name: str):
+    """``dpmem.canaries`` (models/canaries.py: gradient canaries in your own Opacus loop), imported on
+    first use so that ``import dpmem`` stays free of torch."""
+    if name == "canaries":
+        import importlib
+        return importlib.import_module("dpmem.models.canaries")
+    raise AttributeError(f"module 'dpmem' has no attribute {name!r}")
 
 
 def load_config(config: str | Path | dict | Config | None = None, **overrides) -> Config:

@@ -179,8 +179,6 @@ def validate(c: Config) -> None:
     _check(c.gradient_canaries == 0 or c.models > ONE_RUN_MAX_MODELS or c.q == 0.5, "gradient_canaries",
            f"with models <= {ONE_RUN_MAX_MODELS} the canary audit is the one-run audit, whose guessing game needs "
            f"canaries included with probability q = 0.5; got models = {c.models}, q = {c.q:g}")
-    _check(c.gradient_canaries == 0 or not c.trainer, "gradient_canaries",
-           "gradient canaries are planted by dpmem's own engines; a user trainer cannot carry them")
     _check(c.canary_norm > 0 and math.isfinite(c.canary_norm), "canary_norm",
            f"must be positive and finite, got {c.canary_norm}")
     _check(c.n_train >= 0, "n_train", f"must be >= 0, got {c.n_train}")

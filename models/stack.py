@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpmem.models.canaries import GradientCanaries
+from dpmem.models.canary_stack import GradientCanaries
 from dpmem.models.nets import build_model
 from dpmem.models.noise import GaussianNoise
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory

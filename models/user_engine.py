@@ -3,12 +3,14 @@
 dpmem keeps the subsets, seeds, calibration, store, estimators, audit and reports; the user's
 ``fit`` trains one model. It is called once per model, with keyword arguments only::
 
-    def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, params) -> Mapping:
+    def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, params,
+            canaries=None) -> Mapping:
         ...
 
 - ``index`` (int): the model's index in its variant, 0 .. models-1.
 - ``train_indices`` (int64 [|T_k|]): the model's training subset, rows of ``x_train`` / ``y_train``.
-- ``x_train`` (float32 [n, *input_shape]), ``y_train`` (int64 [n]): the whole training set.
+- ``x_train`` (float32 [n, *input_shape]), ``y_train`` (int64 [n]): the whole training set (real
+  examples only; gradient canaries come as ids, below).
 - ``evals``: split name -> (x, y) to predict on after training: ``"train"`` (the whole training
   set) and ``"test"``.
 - ``seed``, ``noise_seed`` (ints): the model's initialisation/batch-sampling seed, shared by every
@@ -26,9 +28,33 @@ run says so in one line. The arrays ``fit`` gets are read-only copies of dpmem's
 
 Honest DP-SGD on the user's side means: Poisson sampling of ``train_indices`` at
 ``params.sample_rate`` for ``params.steps`` steps, per-example clipping to
-``params.max_grad_norm`` and Gaussian noise ``params.noise_multiplier * params.max_grad_norm``
+``params.max_grad_norm``, Gaussian noise ``params.noise_multiplier * params.max_grad_norm`` on
+every coordinate of the clipped sum, and the noisy sum divided by ``params.expected_batch_size``
 (for instance Opacus's ``PrivacyEngine.make_private`` with those values and
 ``poisson_sampling=True``). ``dpmem check`` then audits the claim.
+
+Gradient canaries (``gradient_canaries = m``). ``fit`` then also receives ``canaries``, a
+``TrainerCanaries``: ``ids`` (int64: the canaries in this model's subset, drawn by dpmem as
+Bernoulli(q) from their own stream, the rows of ``canary_masks.npy``), ``count`` (m),
+``grad_norm`` (s, the canary gradient norm: ``canary_norm`` times the claimed
+``params.max_grad_norm``, times 1 without DP) and ``seed`` (for any randomness the trainer
+spends on canaries, apart from the model's own streams). Without canaries ``fit`` is called
+exactly as above, with no ``canaries`` argument.
+- A canary j in 0 .. m-1 is an extra trainable scalar theta_c[j], initialised to 0, that the
+  network never reads, and a training "example" whose per-example gradient is ``-s * e_j``: s on
+  theta_c[j] alone, 0 on every other parameter. Every canary has its theta_c[j], member or not.
+- Honest DP-SGD treats the member canaries (``ids``) as examples of the subset: each is
+  Poisson-sampled at ``params.sample_rate`` like any example, its whole gradient is clipped to
+  ``params.max_grad_norm``, the clipped gradients are summed with everything else's, the same
+  Gaussian noise goes onto every theta_c[j] (members and non-members) as onto every other
+  coordinate, and the update divides by ``params.expected_batch_size`` (which counts real
+  examples only) with the same lr, momentum and weight decay.
+- ``fit`` returns ``"canary_score"`` (float [m]): theta_c[j] after the last step, for every j.
+  A missing, misshapen, non-float or non-finite ``canary_score`` stops the run like any bad
+  return (one line naming the model, exit code 2, stored units kept).
+- The audit multiplies model k's scores by ``params.expected_batch_size`` (the 1/(expected batch
+  size) every update carried) before its test, so the scores of all models share one scale.
+``dpmem.canaries`` (models/canaries.py) does all of this inside a plain Opacus loop.
 """
 from __future__ import annotations
 
@@ -41,7 +67,7 @@ from torch import nn
 
 from dpmem.privacy.errors import UsageError
 from dpmem.models.plugins import load_callable, one_line
-from dpmem.models.spec import TrainRequest, TrainSpec
+from dpmem.models.spec import CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +87,20 @@ class TrainerParams:
         return self.noise_multiplier is not None
 
 
-def model_seeds(seed: int, noise_seed: int, stream_id: int) -> tuple[int, int]:
-    """(seed, noise_seed) of one model: from (seed, stream id) and (noise seed, stream id) only."""
+@dataclass(frozen=True, kw_only=True)
+class TrainerCanaries:
+    """The gradient canaries of one model (see the module docstring)."""
+    ids: np.ndarray      # int64 [members]: the canaries in this model's subset, ascending
+    count: int           # m: canaries per model, members or not (canary_score has this length)
+    grad_norm: float     # s: the norm of a canary's per-example gradient -s * e_j
+    seed: int            # for randomness the trainer spends on canaries
+
+
+def model_seeds(seed: int, noise_seed: int, stream_id: int, *extra: int) -> tuple[int, int]:
+    """(seed, noise_seed) of one model: from (seed, stream id) and (noise seed, stream id) only
+    (``extra`` words give further streams of the same model, e.g. its canaries')."""
     def child(base: int) -> int:
-        return int(np.random.SeedSequence([int(base), int(stream_id)]).generate_state(1)[0])
+        return int(np.random.SeedSequence([int(base), int(stream_id), *map(int, extra)]).generate_state(1)[0])
     return child(seed), child(noise_seed)
 
 
@@ -79,14 +115,21 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
     if not spec.trainer:
         raise ValueError("the user engine needs spec.trainer = 'package.module:fit'")
     fit = load_callable(spec.trainer, "trainer")
+    layout = canary_layout(spec, req)
     masks = np.asarray(req.masks, dtype=bool)
     K = masks.shape[0]
+    # gradient canaries are placeholder rows of the request: fit sees real rows only, canaries by id
+    x_train, y_train = req.x_train, req.y_train
+    if len(layout.real) < masks.shape[1]:
+        x_train, y_train = np.asarray(x_train)[layout.real], np.asarray(y_train)[layout.real]
     stream_ids = np.arange(K) if req.stream_ids is None else np.asarray(req.stream_ids, dtype=np.int64)
     out = {f"{split}_{key}": np.empty((K, len(y)), dtype=dtype)
            for split, (_, y) in req.evals.items() for key, dtype in (("correct", bool), ("margin", np.float16))}
+    if spec.canaries:
+        out["canary_score"] = np.empty((K, spec.canaries), dtype=np.float32)
     for k in range(K):
         index = int(stream_ids[k])
-        train_indices = read_only(np.flatnonzero(masks[k]).astype(np.int64))
+        train_indices = read_only(np.flatnonzero(masks[k, layout.real]).astype(np.int64))
         seed, noise_seed = model_seeds(req.seed, req.noise_seed, index)
         params = TrainerParams(
             noise_multiplier=None if spec.dp is None else spec.dp.noise_multiplier,
@@ -94,21 +137,27 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
             sample_rate=spec.sample_rate, steps=spec.steps,
             expected_batch_size=max(1, int(spec.sample_rate * len(train_indices))),
             lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        extra = {}
+        if spec.canaries:
+            extra["canaries"] = TrainerCanaries(
+                ids=read_only(np.flatnonzero(layout.members[k]).astype(np.int64)), count=spec.canaries,
+                grad_norm=canary_grad_norm(spec), seed=model_seeds(req.seed, req.noise_seed, index, CANARY_STREAM)[0])
         # Each fit gets its own read-only copies: a trainer that writes into its inputs (numpy raises;
         # through torch.as_tensor, which cannot see the flag, it changes this model's copy only)
         # never changes the data of later models.
-        x_train, y_train = read_only(req.x_train), read_only(req.y_train)
+        x_fit, y_fit = read_only(x_train), read_only(y_train)
         evals = {split: (read_only(x), read_only(y)) for split, (x, y) in req.evals.items()}
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                result = fit(index=index, train_indices=train_indices, x_train=x_train, y_train=y_train,
-                             evals=evals, seed=seed, noise_seed=noise_seed, params=params)
+                result = fit(index=index, train_indices=train_indices, x_train=x_fit, y_train=y_fit,
+                             evals=evals, seed=seed, noise_seed=noise_seed, params=params, **extra)
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
             raise UsageError(f"trainer {spec.trainer} failed on model {index}: {one_line(e)}") from None
-        for key, value in checked_result(result, req.evals, index=index, trainer=spec.trainer).items():
+        checked = checked_result(result, req.evals, index=index, trainer=spec.trainer, canaries=spec.canaries)
+        for key, value in checked.items():
             out[key][k] = value
         if progress is not None:
             progress((k + 1) * spec.steps)
@@ -123,7 +172,7 @@ def read_only(array) -> np.ndarray:
 
 
 def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *, index: int,
-                   trainer: str) -> dict[str, np.ndarray]:
+                   trainer: str, canaries: int = 0) -> dict[str, np.ndarray]:
     """The arrays of one ``fit`` return, or a UsageError naming the model index and the problem."""
     def fail(msg: str) -> UsageError:
         return UsageError(f"trainer {trainer} returned a bad result for model {index}: {msg}")
@@ -131,6 +180,8 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
     if not isinstance(result, Mapping):
         raise fail(f"expected a mapping of arrays, got {type(result).__name__}")
     expected = {f"{split}_{key}" for split in evals for key in ("correct", "margin")}
+    if canaries:
+        expected.add("canary_score")
     if set(result) != expected:
         missing, extra = sorted(expected - set(result)), sorted(set(result) - expected)
         raise fail(f"keys must be {sorted(expected)}" + (f"; missing {missing}" if missing else "")
@@ -153,4 +204,13 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
                 with np.errstate(over="ignore"):   # beyond float16: +-inf, clipped and reported when stored
                     value = value.astype(np.float16)
             out[name] = value
+    if canaries:
+        value = np.asarray(result["canary_score"])
+        if value.shape != (canaries,):
+            raise fail(f"canary_score has shape {value.shape}, expected ({canaries},)")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise fail(f"canary_score has dtype {value.dtype}, expected a float dtype")
+        if not np.isfinite(value).all():
+            raise fail("canary_score holds NaN or inf")
+        out["canary_score"] = value.astype(np.float32)
     return out

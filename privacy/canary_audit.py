@@ -1,6 +1,6 @@
 """Audit DP-SGD from gradient-canary scores: a rigorous epsilon lower bound and a Gaussian estimate.
 
-Input: ``scores`` float [K, m], model k's final ``theta_c[j]`` for canary j (models/canaries.py),
+Input: ``scores`` float [K, m], model k's final ``theta_c[j]`` for canary j (models/canary_stack.py and models/canaries.py),
 and ``masks`` bool [K, m], whether canary j was in model k's subset. Each (model, canary) pair is
 one observation of the mechanism "train with or without this canary, release its score".
 

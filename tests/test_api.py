@@ -129,5 +129,9 @@ def test_the_install_maps_every_package_under_dpmem():
     on_disk = {"dpmem"} | {"dpmem." + ".".join(init.parent.relative_to(ROOT).parts)
                            for folder in folders for init in folder.rglob("__init__.py")}
     assert packages == on_disk
-    assert dpmem.__all__ == ["Config", "ConfigError", "Run", "UsageError", "audit", "influence", "load_config",
-                             "memorization", "open_run", "run"]
+    assert dpmem.__all__ == ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence",
+                             "load_config", "memorization", "open_run", "run"]
+    from dpmem import canaries     # a module attribute, imported on first use
+    assert canaries.__name__ == "dpmem.models.canaries" and dpmem.canaries is canaries
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dpmem.nope

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import dpmem.models.batched as batched
-from dpmem.models import canaries, noise, runtime, stack, streams, wide
+from dpmem.models import canary_stack, noise, runtime, stack, streams, wide
 from dpmem.models.samplers import conv
 import dpmem.models.opacus_engine as opacus_engine
 from dpmem import models
@@ -456,7 +456,7 @@ def test_canary_clipped_sums_equal_opacus():
         spec = TrainSpec(arch="logreg", input_shape=(2,), n_classes=2, steps=1, sample_rate=0.5, lr=1.0,
                          dp=DPParams(noise_multiplier=0.0, max_grad_norm=C), canaries=m_c, canary_norm=canary_norm)
         sampled = torch.tensor([[True, False, True, True, False]])
-        engine = canaries.GradientCanaries(spec, np.ones((1, m_c), bool), seed=0, noise_seed=0, streams=np.arange(1),
+        engine = canary_stack.GradientCanaries(spec, np.ones((1, m_c), bool), seed=0, noise_seed=0, streams=np.arange(1),
                                           inv_ebs=torch.ones(1), device=torch.device("cpu")).clipped_sum(sampled)
         block = opacus_engine.CanaryBlock(m_c, canary_norm * C)
         gsm = GradSampleModule(block, batch_first=True, loss_reduction="sum")
