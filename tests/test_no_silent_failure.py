@@ -537,7 +537,7 @@ def test_infinite_margins_are_stored_in_float16_range_and_said_in_one_line(tmp_p
 # -- 11 and 12. the lock ------------------------------------------------------------------------------
 
 def _try_lock(root: Path) -> int:
-    code = ("import sys; from dpmem.bench import store; store.LOCK_WAIT_S = 0.2\n"
+    code = ("import sys; from dpmem.bench.store import run_store as store; store.LOCK_WAIT_S = 0.2\n"
             "try:\n    store.RunStore(sys.argv[1]).acquire()\nexcept store.StoreBusy:\n    sys.exit(3)")
     env = {**os.environ, "PYTHONPATH": str(Path(dpmem.__file__).parent.parent)}
     return subprocess.run([sys.executable, "-c", code, str(root)], env=env, timeout=120).returncode
