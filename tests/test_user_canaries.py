@@ -133,7 +133,7 @@ def test_no_canaries_leave_the_model_and_data_as_they_were():
 
 # -- the trainer protocol ----------------------------------------------------------------------------
 
-CANARY_RUN = ["dataset=synthetic", "n_train=60", "n_test=100", "n_subgroups=10", "dim=8", "models=8",
+CANARY_RUN = ["dataset=synthetic", "n_train=60", "n_test=100", "n_subgroups=10", "dim=8", "models=20",
               "unit_size=4", "epochs=2", "batch_size=16", "epsilons=4", "lr=0.2", "gradient_canaries=40",
               "canary_norm=2", "threads=1"]
 
@@ -152,7 +152,7 @@ def test_the_opacus_canary_example_runs_end_to_end_and_check_audits_it(tmp_path,
                      "trainer=opacus_canary_trainer:recording_fit"]) == 0
     store = RunStore.open(out)
     canary_masks = store.canary_masks()
-    assert canary_masks.shape == (8, 40)
+    assert canary_masks.shape == (20, 40)
     for kw in seen:
         c = kw["canaries"]
         np.testing.assert_array_equal(c.ids, np.flatnonzero(canary_masks[kw["index"]]))
@@ -160,7 +160,7 @@ def test_the_opacus_canary_example_runs_end_to_end_and_check_audits_it(tmp_path,
         assert c.grad_norm == pytest.approx(2.0 * (kw["params"].max_grad_norm or 1.0))
         assert len(kw["x_train"]) == 60          # real rows only: the canaries come as ids
     scores = store.variant_arrays("dp-eps4")["canary_score"]
-    assert scores.shape == (8, 40) and scores.dtype == np.float32 and np.all(scores != 0)
+    assert scores.shape == (20, 40) and scores.dtype == np.float32 and np.all(scores != 0)
     capsys.readouterr()
     assert cli.main(["check", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -244,11 +244,11 @@ def test_a_trainer_without_canary_scores_stops_with_one_line_and_keeps_the_store
     assert cli.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "model 5" in errors[0] and "missing ['canary_score']" in errors[0], errors
-    chunks = out / "variants" / "nonprivate" / "units"
-    assert sorted(p.name for p in chunks.glob("*.json")) == ["000000-000004.json"]    # models 0-3 kept
+    units = out / "variants" / "nonprivate" / "units"
+    assert sorted(p.name for p in units.glob("*.json")) == ["000000-000004.json"]    # models 0-3 kept
     monkeypatch.delenv("DPMEM_TEST_SCORELESS_FROM")
     assert cli.main(argv) == 0                                                         # fixed: it resumes
-    assert RunStore.open(out).variant_arrays("dp-eps4")["canary_score"].shape == (8, 40)
+    assert RunStore.open(out).variant_arrays("dp-eps4")["canary_score"].shape == (20, 40)
 
 
 # -- planted bugs in the user's code (bench/tools/planted_trainer.py) ----------------------------------------
