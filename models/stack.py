@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpmem.models.augment import augment_batch
 from dpmem.models.canaries import GradientCanaries
 from dpmem.models.nets import build_model
 from dpmem.models.noise import GaussianNoise
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.samplers import sampler_for
-from dpmem.models.spec import CLIP_EPS, TrainSpec, expected_batch_sizes
+from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
 from dpmem.models.streams import coin_generator, initial_params, stream_generator
-from dpmem.models.wide import Record, WideNet, supports
+from dpmem.models.graph import GraphNet, supports, wide_network
+from dpmem.models.wide import Record, WideNet
 
 # Evaluation runs at least this many rows per forward pass when the budget allows.
 EVAL_ROWS = 256
@@ -53,16 +55,27 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
 
 
-def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
-                 max_grad_norm: float) -> tuple[list[Tensor], Tensor]:
+def _row_weights(valid: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
+    """Per-row loss weights [K, B * copies]: 1 / copies on an example's copies, 0 on padding."""
+    if copies == 1:
+        return valid.to(dtype)
+    return valid.to(dtype).repeat_interleave(copies, dim=1) / copies
+
+
+def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
+                 max_grad_norm: float, copies: int = 1) -> tuple[list[Tensor], Tensor]:
     """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
-    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy."""
+    gradient norms [K, B] (zero on padded rows) of the summed cross-entropy.
+
+    With ``copies`` m > 1, ``x`` and ``y`` hold m augmented copies per example ([K, B * m],
+    example-major) and an example's gradient is the mean of its copies' gradients."""
     records: list[Record] = []
     logits = net.forward([p.detach() for p in params], x, records)
-    loss = _loss(logits, y, valid.to(logits.dtype))
+    loss = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
     grads = torch.autograd.grad(loss, [r.output for r in records])
     with torch.no_grad():
-        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g) for r, g in zip(records, grads)}
+        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, copies=copies)
+                    for r, g in zip(records, grads)}
         del records, grads, logits, loss
         sq = None
         for s in samplers.values():
@@ -79,7 +92,7 @@ def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid
     return out, sq.sqrt()
 
 
-def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor) -> list[Tensor]:
+def sgd_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor) -> list[Tensor]:
     """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network."""
     leaves = [p.detach().requires_grad_(True) for p in params]
     loss = _loss(net.forward(leaves, x), y, weight)
@@ -88,9 +101,10 @@ def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weig
 
 @dataclass(frozen=True, kw_only=True)
 class PoissonBatch:
-    x: Tensor       # float32 [K, B, *input_shape], padded rows hold example 0
-    y: Tensor       # int64 [K, B]
-    valid: Tensor   # bool [K, B]
+    x: Tensor       # float32 [K, B * copies, *input_shape], padded rows hold example 0
+    y: Tensor       # int64 [K, B * copies]
+    valid: Tensor   # bool [K, B]: example b of model k is real (its copies are rows b * copies ...)
+    copies: int = 1  # augmented copies per example (models/augment.py)
 
 
 class ModelStack:
@@ -123,9 +137,9 @@ class ModelStack:
         if self.streams.shape != (self.K,):
             raise ValueError(f"stream_ids must have shape ({self.K},), got {self.streams.shape}")
         self.module = module
-        self._nets: dict[int, WideNet] = {}
+        self._nets: dict[int, WideNet | GraphNet] = {}
         self.net = self._net(self.K)
-        self.widest = WideNet(module, 1).trace(spec.input_shape)
+        self.widest = wide_network(module, 1).trace(spec.input_shape)
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
         self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
         ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
@@ -138,6 +152,11 @@ class ModelStack:
             size = sum(p[0].numel() for p in self.params)
             self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
                                        size, self.device)
+        self.augmenters = None
+        if spec.augment != "none" or spec.augment_multiplicity > 1:
+            if spec.augment != "none" and len(spec.input_shape) != 3:
+                raise ValueError(f"augment {spec.augment!r} needs (C, H, W) inputs, got {spec.input_shape}")
+            self.augmenters = [stream_generator(seed, s, AUGMENT_STREAM, device=self.device) for s in self.streams]
         self.canaries = None
         if spec.canaries:
             members = np.zeros((self.K, spec.canaries), bool) if canary_members is None else np.asarray(canary_members, bool)
@@ -164,7 +183,19 @@ class ModelStack:
         x = self.x_train.index_select(0, index).view(self.K, width, *self.x_train.shape[1:])
         y = self.y_train.index_select(0, index).view(self.K, width)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
-        return PoissonBatch(x=x, y=y, valid=valid)
+        if self.augmenters is None:
+            return PoissonBatch(x=x, y=y, valid=valid)
+        return self._augmented(x, y, valid, counts)
+
+    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor) -> PoissonBatch:
+        """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
+        generator (b * m draws for b examples: never for padding, so not depending on other models)."""
+        m = self.spec.augment_multiplicity
+        rows = x.repeat_interleave(m, dim=1) if m > 1 else x.clone()
+        for k, (generator, count) in enumerate(zip(self.augmenters, counts.tolist(), strict=True)):
+            if count:
+                rows[k, :count * m] = augment_batch(x[k, :count], self.spec.augment, m, generator)
+        return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m)
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
@@ -175,24 +206,25 @@ class ModelStack:
         in index order compute 22% more rows than there are examples, in size order 2%. A
         model's numbers do not depend on its group (tested), so the grouping changes only time."""
         B = batch.valid.shape[1]
+        m = batch.copies
         budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
-        size = max(1, min(self.K, budget // max(1, B * self.widest)))
+        size = max(1, min(self.K, budget // max(1, B * m * self.widest)))
         counts = batch.valid.sum(dim=1).cpu()
         if size >= self.K:
             width = max(1, int(counts.max()))
-            yield slice(0, self.K), batch.x[:, :width], batch.y[:, :width], batch.valid[:, :width]
+            yield slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width]
             return
         order = torch.argsort(counts, stable=True)
         for start in range(0, self.K, size):
             members = order[start:start + size]
             width = max(1, int(counts[members].max()))
             index = members.to(self.device)
-            yield (index, batch.x.index_select(0, index)[:, :width], batch.y.index_select(0, index)[:, :width],
+            yield (index, batch.x.index_select(0, index)[:, :width * m], batch.y.index_select(0, index)[:, :width * m],
                    batch.valid.index_select(0, index)[:, :width])
 
-    def _net(self, K: int) -> WideNet:
+    def _net(self, K: int) -> WideNet | GraphNet:
         if K not in self._nets:
-            self._nets[K] = WideNet(self.module, K)
+            self._nets[K] = wide_network(self.module, K)
         return self._nets[K]
 
     def gradients(self, batch: PoissonBatch) -> list[Tensor]:
@@ -205,9 +237,12 @@ class ModelStack:
             params = [p[index] for p in self.params]
             net = self._net(len(x))
             if dp is None:
-                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1))
+                weight = valid.float() * self.inv_ebs[index].unsqueeze(1)
+                if batch.copies > 1:  # an example's gradient: the mean over its copies
+                    weight = weight.repeat_interleave(batch.copies, dim=1) / batch.copies
+                part = sgd_gradients(net, params, x, y, weight)
             else:
-                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm)
+                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies)
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
         if dp is None:

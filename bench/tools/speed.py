@@ -7,7 +7,8 @@ optimisation step per model for
   - Opacus DP-SGD with ghost clipping (``PrivacyEngine.make_private(grad_sample_mode="ghost")``),
   - the batched engine, non-private and DP, K models per step (time per model = step time / K),
 on MLPs 784-256-10 and 64-128-10 (batch 256, K=64) and the built-in CNN on 1x28x28 inputs
-(channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences with batches of a fixed size (every batch is the
+(channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences, and
+the residual ResNet-20 (GroupNorm, widths 16-32-64) on 1x28x28 inputs (batch 64, K=8) with batches of a fixed size (every batch is the
 same random batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's
 MLP DP step (forward, backward, per-example norms, clipped product) next to a large float32
 matmul. ``--device cuda`` times everything on the GPU (synchronising around every step).
@@ -37,7 +38,8 @@ from dpmem.models.spec import DPParams, TrainSpec
 # name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
          "cnn 1x28x28 16-32": ("cnn", (1, 28, 28), (16, 32), 10, "cnn"),
-         "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn")}
+         "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn"),
+         "resnet20 1x28x28 16-32-64": ("resnet20", (1, 28, 28), (16, 32, 64), 10, "resnet")}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
 TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targets
     "mlp": {
@@ -51,6 +53,7 @@ TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targ
         "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
     },
 }
+TARGETS["resnet"] = TARGETS["cnn"]
 
 
 DEVICE = torch.device("cpu")
@@ -153,8 +156,8 @@ def matmul_gflops(size: int = 2048) -> float:
 
 
 def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
-        only: tuple[str, ...] = ("mlp", "cnn")) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """``sizes``: kind ("mlp" / "cnn") -> (K models per engine step, batch)."""
+        only: tuple[str, ...] = ("mlp", "cnn", "resnet")) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``sizes``: kind ("mlp" / "cnn" / "resnet") -> (K models per engine step, batch)."""
     torch.set_num_threads(threads)
     retain_freed_memory()  # as the trainers do, for every method alike (before anything is timed)
     rows, ratios, flops = [], [], {}
@@ -195,7 +198,7 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
         print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in values.items()), file=sys.stderr)
     flops["matmul 2048x2048"] = matmul_gflops()
     if DEVICE.type == "cuda":  # the GPU target: engine DP model-steps per second over Opacus's one at a time
-        for name in {r["arch"] for r in rows if r["arch"].startswith("cnn")}:
+        for name in {r["arch"] for r in rows if r["arch"].startswith(("cnn", "resnet"))}:
             times = {r["method"].split(" (")[0]: r["per_model_step_ms"] for r in rows if r["arch"] == name}
             ratios.append(dict(arch=name, ratio="Opacus hooks time / engine DP time (GPU)",
                                value=times["Opacus hooks"] / times["engine DP"], target=">= 20 (K >= 256)"))
@@ -237,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="examples per MLP batch (default 256)")
     parser.add_argument("--cnn-models", type=int, default=16, help="K CNNs per engine step (default 16)")
     parser.add_argument("--cnn-batch", type=int, default=64, help="examples per CNN batch (default 64)")
+    parser.add_argument("--resnet-models", type=int, default=8, help="K ResNet-20s per engine step (default 8)")
+    parser.add_argument("--resnet-batch", type=int, default=64, help="examples per ResNet-20 batch (default 64)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
-    parser.add_argument("--only", choices=["mlp", "cnn"], help="time only these rows")
+    parser.add_argument("--only", choices=["mlp", "cnn", "resnet"], help="time only these rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure everything this many times, interleaved; report medians and the ratios' range")
@@ -248,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus's secure-RNG and hook notices
     global DEVICE
     DEVICE = resolve_device(args.device)
-    sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch)}
-    only = (args.only,) if args.only else ("mlp", "cnn")
+    sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch),
+             "resnet": (args.resnet_models, args.resnet_batch)}
+    only = (args.only,) if args.only else ("mlp", "cnn", "resnet")
     runs = [run(args.threads, sizes, args.reps, only) for _ in range(args.repeat)]
     times, ratios, flops = median_of_runs(runs)
     out = Path(args.out)
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Training speed",
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
-        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models} (a fixed batch reused "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; ResNet-20: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
         f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
         + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1
            else "") + ".",
