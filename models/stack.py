@@ -26,7 +26,7 @@ from torch import Tensor
 from dpmem.models.augment import augment_batch
 from dpmem.models.canaries import GradientCanaries
 from dpmem.models.nets import build_model
-from dpmem.models.noise import GaussianNoise
+from dpmem.models.noise import NOISE_SCHEMES, CounterNoise, GaussianNoise, counter_keys
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.samplers import sampler_for
 from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
@@ -150,8 +150,11 @@ class ModelStack:
         self.noise = None
         if spec.dp is not None:
             size = sum(p[0].numel() for p in self.params)
-            self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
-                                       size, self.device)
+            if NOISE_SCHEMES.get(self.device.type, "counter") == "counter":
+                self.noise = CounterNoise(counter_keys(noise_seed, self.streams, self.device), size)
+            else:
+                self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
+                                           size, self.device)
         self.augmenters = None
         if spec.augment != "none" or spec.augment_multiplicity > 1:
             if spec.augment != "none" and len(spec.input_shape) != 3:
