@@ -31,30 +31,44 @@ def flips(augment: str) -> bool:
     return augment in ("flip", "crop-flip")
 
 
+def draw(augment: str, n: int, generator: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
+    """The random choices for n copies: shifts int64 [n, 2] in [0, 2 * CROP_PADDING] (the crop's
+    top-left corner in the padded image; CROP_PADDING is no shift), then flips bool [n], each None
+    when the augmentation does not use it. Drawn in that order from ``generator``."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
+    shifts = (torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=generator, device=generator.device)
+              if crops(augment) and n else None)
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5 if flips(augment) and n else None
+    return shifts, flip
+
+
+def apply(rows: Tensor, shifts: Tensor | None, flip: Tensor | None) -> Tensor:
+    """Images [n, C, H, W], each shifted (zeros shifted in) and/or mirrored as drawn by ``draw``."""
+    n, channels, H, W = rows.shape
+    device = rows.device
+    if shifts is not None:
+        p = CROP_PADDING
+        shifts = shifts.to(device)
+        padded = F.pad(rows, (p, p, p, p))
+        ys = (shifts[:, 0:1] + torch.arange(H, device=device)).view(n, 1, H, 1)
+        xs = (shifts[:, 1:2] + torch.arange(W, device=device)).view(n, 1, 1, W)
+        index = (ys * (W + 2 * p) + xs).expand(n, channels, H, W).reshape(n, channels, -1)
+        rows = padded.reshape(n, channels, -1).gather(2, index).view(n, channels, H, W)
+    if flip is not None:
+        rows = torch.where(flip.to(device).view(n, 1, 1, 1), rows.flip(-1), rows)
+    return rows
+
+
 def augment_batch(x: Tensor, augment: str, copies: int, generator: torch.Generator) -> Tensor:
     """[b, C, H, W] -> [b * copies, C, H, W]: row i * copies + j is copy j of example i, each
     shifted by (dy, dx) uniform in [-CROP_PADDING, CROP_PADDING] (zeros shifted in) and/or
     mirrored left-right with probability 1/2. Draws: the shifts [b * copies, 2], then the flips
     [b * copies], from ``generator``."""
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
     rows = x.repeat_interleave(copies, dim=0) if copies > 1 else x
-    n = rows.shape[0]
-    if augment == "none" or n == 0:
+    shifts, flip = draw(augment, rows.shape[0], generator)
+    if shifts is None and flip is None:
         return rows
     if x.dim() != 4:
         raise ValueError(f"augment {augment!r} needs image batches [b, C, H, W], got {tuple(x.shape)}")
-    device = x.device
-    if crops(augment):
-        p = CROP_PADDING
-        shifts = torch.randint(0, 2 * p + 1, (n, 2), generator=generator, device=generator.device).to(device)
-        H, W = rows.shape[2:]
-        padded = F.pad(rows, (p, p, p, p))
-        ys = (shifts[:, 0:1] + torch.arange(H, device=device)).view(n, 1, H, 1)
-        xs = (shifts[:, 1:2] + torch.arange(W, device=device)).view(n, 1, 1, W)
-        index = (ys * (W + 2 * p) + xs).expand(n, rows.shape[1], H, W).reshape(n, rows.shape[1], -1)
-        rows = padded.reshape(n, rows.shape[1], -1).gather(2, index).view_as(rows)
-    if flips(augment):
-        flip = torch.rand(n, generator=generator, device=generator.device).to(device) < 0.5
-        rows = torch.where(flip.view(n, 1, 1, 1), rows.flip(-1), rows)
-    return rows
+    return apply(rows, shifts, flip)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpmem.models.augment import augment_batch
+from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canaries import GradientCanaries
 from dpmem.models.nets import build_model
 from dpmem.models.noise import NOISE_SCHEMES, CounterNoise, GaussianNoise, counter_keys
@@ -194,10 +194,22 @@ class ModelStack:
         """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
         generator (b * m draws for b examples: never for padding, so not depending on other models)."""
         m = self.spec.augment_multiplicity
-        rows = x.repeat_interleave(m, dim=1) if m > 1 else x.clone()
+        rows = x.repeat_interleave(m, dim=1) if m > 1 else x
+        K, width = rows.shape[:2]
+        # each model's choices from its own generator (augment.draw, as augment_batch draws them), then
+        # one pass over every row; padded rows keep the identity (no shift, no flip)
+        shifts = torch.full((K, width, 2), CROP_PADDING, dtype=torch.long, device=self.device)
+        flip = torch.zeros(K, width, dtype=torch.bool, device=self.device)
         for k, (generator, count) in enumerate(zip(self.augmenters, counts.tolist(), strict=True)):
-            if count:
-                rows[k, :count * m] = augment_batch(x[k, :count], self.spec.augment, m, generator)
+            drawn_shifts, drawn_flip = draw(self.spec.augment, count * m, generator)
+            if drawn_shifts is not None:
+                shifts[k, :count * m] = drawn_shifts
+            if drawn_flip is not None:
+                flip[k, :count * m] = drawn_flip
+        if crops(self.spec.augment) or flips(self.spec.augment):
+            flat = apply(rows.reshape(K * width, *rows.shape[2:]), shifts.view(-1, 2) if crops(self.spec.augment)
+                         else None, flip.view(-1) if flips(self.spec.augment) else None)
+            rows = flat.view_as(rows)
         return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m)
 
     # -- one step --

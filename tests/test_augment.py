@@ -16,7 +16,8 @@ from dpmem.bench.config import Config
 from dpmem.models import graph, opacus_engine, stack
 from dpmem.models.augment import CROP_PADDING, augment_batch
 from dpmem.models.nets import build_model
-from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
+from dpmem.models.spec import AUGMENT_STREAM, DPParams, TrainRequest, TrainSpec
+from dpmem.models.streams import stream_generator
 from dpmem.privacy.errors import ConfigError
 
 
@@ -176,3 +177,26 @@ def test_config_keys_refused_with_the_field_and_absent_from_old_identities():
         with pytest.raises(ConfigError) as e:
             Config(**kwargs)
         assert e.value.field == field
+
+
+def test_the_engines_copies_are_augment_batch_of_each_models_batch_from_its_stream():
+    """The engine draws each model's choices from SeedSequence([seed, stream id, AUGMENT_STREAM]) and
+    applies them to all rows at once: its copies equal augment_batch (the Opacus path's function)
+    of the model's own batch with that generator; padded rows (example 0) stay unaugmented."""
+    x, y, masks = _data(K=3)
+    streams = np.array([5, 0, 9])
+    plain = stack.ModelStack(_spec(augment="none", copies=1), x, y, masks, seed=2, noise_seed=1, stream_ids=streams)
+    augmented = stack.ModelStack(_spec(augment="crop-flip", copies=3), x, y, masks, seed=2, noise_seed=1,
+                                 stream_ids=streams)
+    generators = [stream_generator(2, int(s), AUGMENT_STREAM, device=torch.device("cpu")) for s in streams]
+    for _ in range(2):   # two steps: each generator moves on
+        base, batch = plain.sample_batch(), augmented.sample_batch()
+        assert torch.equal(base.valid, batch.valid) and batch.copies == 3
+        for k, gen in enumerate(generators):
+            n = int(base.valid[k].sum())
+            expected = augment_batch(base.x[k, :n], "crop-flip", 3, gen)
+            assert torch.equal(batch.x[k, :3 * n], expected)
+            assert torch.equal(batch.y[k, :3 * n], base.y[k, :n].repeat_interleave(3))
+            assert torch.equal(batch.x[k, 3 * n:], torch.as_tensor(x[:1]).expand(batch.x.shape[1] - 3 * n, -1, -1, -1))
+    plain.close()
+    augmented.close()
