@@ -18,6 +18,7 @@ import yaml
 
 from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.models import ENGINES
+from dpmem.models.spec import AUGMENTS
 from dpmem.models.plugins import is_import_path
 from dpmem.privacy.faults import FAULTS
 
@@ -35,6 +36,8 @@ EXECUTION = ("unit_size", "threads", "workers", "device")
 # Version of the run directory layout. Format 1 (no marker in config.json) hashed every field,
 # execution settings included, and drew seeds per unit.
 STORE_FORMAT = 2
+# Fields added to the identity after STORE_FORMAT 2, with the value that means "as before".
+ADDED_DEFAULTS = {"augment": "none", "augment_multiplicity": 1}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +67,8 @@ class Config:
     momentum: float = 0.0
     weight_decay: float = 0.0        # L2 penalty (makes logreg strongly convex)
     max_grad_norm: float = 1.0
+    augment: str = "none"            # none | crop | flip | crop-flip: per example and step (models/augment.py)
+    augment_multiplicity: int = 1    # augmented copies per example; their gradients are averaged before clipping
     engine: str = "auto"             # auto | batched | opacus | user (models/__init__.py ENGINES)
     trainer: str = ""                # "package.module:fit": user code trains every model (models/user_engine.py)
     # privacy
@@ -96,8 +101,10 @@ class Config:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def identity(self) -> dict:
-        """The fields that change a run's numbers (everything but EXECUTION)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION}
+        """The fields that change a run's numbers (everything but EXECUTION). Fields added since
+        format 2 enter only when set, so runs written before them keep their hash (and resume)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in EXECUTION and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
 
     def hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
@@ -173,6 +180,12 @@ def validate(c: Config) -> None:
     _check(c.noise_scale >= 0, "noise_scale", f"must be >= 0, got {c.noise_scale}")
     _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
     _check(c.max_grad_norm > 0, "max_grad_norm", f"must be positive, got {c.max_grad_norm}")
+    _check(c.augment in AUGMENTS, "augment", f"unknown augment {c.augment!r}; choose from {', '.join(AUGMENTS)}")
+    _check(c.augment_multiplicity >= 1, "augment_multiplicity", f"must be >= 1, got {c.augment_multiplicity}")
+    _check(c.augment_multiplicity == 1 or c.augment != "none", "augment_multiplicity",
+           "copies of an example differ only by augmentation: set augment too")
+    _check(c.augment == "none" or not c.trainer, "augment",
+           "augmentation is done by dpmem's own engines; a user trainer augments its own data")
     _check(0.0 <= c.label_noise < 1.0, "label_noise", f"must be in [0, 1), got {c.label_noise}")
     _check(c.canaries >= 0, "canaries", f"must be >= 0, got {c.canaries}")
     _check(c.gradient_canaries >= 0, "gradient_canaries", f"must be >= 0, got {c.gradient_canaries}")

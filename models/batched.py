@@ -1,6 +1,7 @@
 """The many-model engine: K copies of one module trained in one step, as one wide module.
 
-Any ``nn.Sequential`` (nested ones too) of supported layers trains here (``supports``, wide.py).
+Any ``nn.Sequential`` (nested ones too) of supported layers trains here (wide.py), and any module
+whose ``torch.fx`` graph has only supported layers and per-example functions (graph.py; ``supports``).
 ``ModelStack`` (stack.py) steps the K models; MLPs and logistic regression take the hand-written
 ``MLPStack`` (batched_mlp.py). The per-layer rules of the DP step live in samplers/, the noise in
 noise.py, the gradient canaries in canaries.py, the per-model random streams in streams.py.
@@ -21,16 +22,18 @@ from dpmem.models.batched_mlp import MLPStack, is_mlp
 from dpmem.models.nets import build_model
 from dpmem.models.spec import TrainRequest, TrainSpec, canary_layout, model_streams
 from dpmem.models.stack import ModelStack
-from dpmem.models.wide import supports
+from dpmem.models.graph import supports
 
 __all__ = ["stack_class", "supports", "train"]
 
 
 def stack_class(spec: TrainSpec) -> type[ModelStack]:
-    """The hand-written MLP stack for MLPs and logistic regression (faster on them), else the general one."""
+    """The hand-written MLP stack for MLPs and logistic regression (faster on them), else the general
+    one (which alone augments data and freezes parameters)."""
+    plain = spec.augment == "none" and spec.augment_multiplicity == 1
     module = build_model(spec)
     # the fast path's fused update trains every parameter; a partly frozen MLP takes the general one
-    return MLPStack if is_mlp(module) and all(p.requires_grad for p in module.parameters()) else ModelStack
+    return MLPStack if plain and is_mlp(module) and all(p.requires_grad for p in module.parameters()) else ModelStack
 
 
 def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "cpu",

@@ -1,7 +1,8 @@
 """The architectures: a registry of built-in ones and user factories, as ``torch.nn`` modules.
 
 ``build_model(spec)`` is the one way to get a freshly initialised module for a ``TrainSpec``:
-``spec.arch`` is a name in ``ARCHITECTURES`` (logistic regression, MLP, a small GroupNorm CNN and its 1-D twin) or a
+``spec.arch`` is a name in ``ARCHITECTURES`` (logistic regression, MLP, a small GroupNorm CNN and its 1-D twin,
+ResNet-20 and WRN-16-k with GroupNorm) or a
 user factory ``"package.module:factory"`` called as ``factory(input_shape, n_classes)``. Every
 module is checked with Opacus's ``ModuleValidator`` (BatchNorm and other layers that mix examples
 are refused with Opacus's reason), so no engine ever trains a module DP-SGD cannot handle.
@@ -164,10 +165,39 @@ def _build_cnn(spec: TrainSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+# Residual nets: basic blocks per stage (ResNet-20: 6 * 3 + 2 layers; WRN-16-k: 6 * 2 + 4).
+_RESNET20_BLOCKS = 3
+_WRN16_BLOCKS = 2
+
+
+def _image_widths(spec: TrainSpec) -> tuple[int, ...]:
+    if len(spec.input_shape) != 3:
+        raise ValueError(f"{spec.arch} needs (C, H, W) inputs, got input_shape={spec.input_shape}")
+    if not spec.hidden:
+        raise ValueError(f"{spec.arch} needs at least one stage width in hidden")
+    return tuple(spec.hidden)
+
+
+def _build_resnet20(spec: TrainSpec) -> nn.Module:
+    """ResNet-20 with GroupNorm (models/residual.py): a stage of 3 basic blocks per width in
+    ``hidden`` (He et al.: 16, 32, 64), each stage after the first at half the resolution."""
+    from dpmem.models.residual import ResNet
+    return ResNet(spec.input_shape[0], _image_widths(spec), _RESNET20_BLOCKS, spec.n_classes)
+
+
+def _build_wrn16(spec: TrainSpec) -> nn.Module:
+    """WRN-16-k with GroupNorm (models/residual.py): ``hidden`` = (16k, 32k, 64k), e.g. 64, 128, 256
+    for De et al.'s WRN-16-4; 2 pre-activation blocks per stage after a 16-channel stem."""
+    from dpmem.models.residual import WideResNet
+    return WideResNet(spec.input_shape[0], _image_widths(spec), _WRN16_BLOCKS, spec.n_classes)
+
+
 # The built-in architectures by config name.
 ARCHITECTURES: dict[str, Callable[[TrainSpec], nn.Module]] = {
     "logreg": _fully_connected,
     "mlp": _fully_connected,
     "cnn": _build_cnn,
     "cnn1d": _build_cnn1d,
+    "resnet20": _build_resnet20,
+    "wrn16": _build_wrn16,
 }

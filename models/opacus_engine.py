@@ -33,9 +33,10 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from dpmem.models.augment import augment_batch
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.streams import initial_model
-from dpmem.models.spec import (CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
+from dpmem.models.spec import (AUGMENT_STREAM, CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
                                expected_batch_sizes, model_streams, stream_seeds)
 
 # Evaluation forward passes keep the largest activation at about this many floats (64 MiB).
@@ -114,16 +115,22 @@ def _zero_grads(module: nn.Module) -> None:
 def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_seed: int,
               noise_seed: int, device: torch.device = torch.device("cpu"),
               canary_members: np.ndarray | None = None, canary_seeds: tuple[int, int] = (0, 0),
+              augment_seed: int = 0,
               progress: Callable[[int], None] | None = None) -> tuple[nn.Module, Tensor | None]:
     """Train one model on (x, y) = its own subset (real examples) for ``spec.steps`` steps.
 
     ``canary_members`` (bool [m_c]) are its gradient canaries, ``canary_seeds`` the seeds of
-    their coins and noise. Returns the model and theta_c (None without canaries)."""
+    their coins and noise, ``augment_seed`` the seed of its augmentation stream. Returns the model
+    and theta_c (None without canaries)."""
     expected_batch_size = expected_batch_sizes(np.ones((1, len(x)), dtype=bool), spec.sample_rate)[0]
     batch_generator = torch.Generator().manual_seed(batch_seed)
     model.to(device).train()
     _zero_grads(model)
     dp = spec.dp
+    copies = spec.augment_multiplicity
+    augmenter = None
+    if spec.augment != "none" or copies > 1:
+        augmenter = torch.Generator(device=device).manual_seed(augment_seed)
     canaries = None
     if spec.canaries:
         members = torch.as_tensor(np.zeros(spec.canaries, bool) if canary_members is None else canary_members).to(device)
@@ -152,8 +159,15 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
         for s, (xb, yb) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
             optimizer.zero_grad(set_to_none=False)
             if len(xb):
-                loss = nn.functional.cross_entropy(network(xb.to(device)), yb.to(device), reduction="sum")
+                xb, yb = xb.to(device), yb.to(device)
+                if augmenter is not None:
+                    xb, yb = augment_batch(xb, spec.augment, copies, augmenter), yb.repeat_interleave(copies)
+                loss = nn.functional.cross_entropy(network(xb), yb, reduction="sum")
+                if copies > 1:
+                    loss = loss / copies   # an example's gradient: the mean over its copies
                 (loss if dp is not None else loss / expected_batch_size).backward()
+                if dp is not None and copies > 1:
+                    _sum_copies(optimizer, copies)
             elif dp is not None:
                 _empty_grad_samples(optimizer)
             optimizer.step()
@@ -179,6 +193,15 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
 def _report(progress: Callable[[int], None] | None, done: int, total: int) -> None:
     if progress is not None and (done % PROGRESS_EVERY == 0 or done == total):
         progress(done)
+
+
+def _sum_copies(optimizer: DPOptimizer, copies: int) -> None:
+    """Augmentation multiplicity: Opacus computed one gradient per row (copy); an example's
+    per-sample gradient, which DPOptimizer clips, is the sum over its copies' rows (the loss
+    already carries 1 / copies)."""
+    for p in optimizer.params:
+        if getattr(p, "grad_sample", None) is not None:
+            p.grad_sample = p.grad_sample.view(-1, copies, *p.shape).sum(dim=1)
 
 
 def _empty_grad_samples(optimizer: DPOptimizer) -> None:
@@ -255,7 +278,7 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "c
             batch_seed=stream_seeds(req.seed, sid, count=2)[1], noise_seed=stream_seeds(req.noise_seed, sid)[0],
             device=device, canary_members=layout.members[k],
             canary_seeds=(stream_seeds(req.seed, sid, CANARY_STREAM)[0], stream_seeds(req.noise_seed, sid, CANARY_STREAM)[0]),
-            progress=report)
+            augment_seed=stream_seeds(req.seed, sid, AUGMENT_STREAM)[0], progress=report)
         if rows is None:
             rows = max(1, EVAL_BLOCK_FLOATS // widest_activation(model, spec.input_shape))
         for name, (x, y) in req.evals.items():

@@ -30,6 +30,10 @@ Semantics shared by every engine (Opacus's; models/README.md, "The semantics eve
   the non-private variant), clipped, noised, normalised and updated like every other coordinate,
   with coins and noise from their own streams (``CANARY_STREAM``), so real examples train bit
   for bit as without canaries. ``canary_score[k, j]`` is model k's ``theta_c[j]`` after training.
+- Augmentation (``TrainSpec.augment``, models/augment.py): every step each sampled example becomes
+  ``augment_multiplicity`` randomly cropped and/or flipped copies, drawn from the model's own
+  stream ``SeedSequence([seed, stream_id, AUGMENT_STREAM])``; the example's gradient is the mean
+  of its copies' gradients, clipped as one (De et al. 2022). Sampling and accounting are unchanged.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ import numpy as np
 
 # The third SeedSequence word of the gradient canaries' coin and noise streams.
 CANARY_STREAM = 7
+# The third SeedSequence word of each model's data-augmentation stream (models/augment.py).
+AUGMENT_STREAM = 11
+# Data augmentations (models/augment.py): random crop with zero padding, horizontal flip, both.
+AUGMENTS = ("none", "crop", "flip", "crop-flip")
 # Opacus's constant in the clip factor C / (norm + eps).
 CLIP_EPS = 1e-6
 
@@ -64,6 +72,8 @@ class TrainSpec:
     trainer: str | None = None        # "package.module:fit": user code trains the models (models.trainer)
     canaries: int = 0                 # m_c gradient canaries (scalar parameters theta_c, see above)
     canary_norm: float = 1.0          # canary gradient norm, a multiple of max_grad_norm (of 1 without DP)
+    augment: str = "none"             # "none" | "crop" | "flip" | "crop-flip" (models/augment.py)
+    augment_multiplicity: int = 1     # augmented copies per example, gradients averaged before clipping
 
 
 @dataclass(frozen=True, kw_only=True)

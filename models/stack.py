@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
 from dpmem.models.nets import build_model
-from dpmem.models.noise import GaussianNoise
+from dpmem.models.noise import NOISE_SCHEMES, CounterNoise, GaussianNoise, counter_keys
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.samplers import sampler_for
-from dpmem.models.spec import CLIP_EPS, TrainSpec, expected_batch_sizes
+from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
 from dpmem.models.streams import coin_generator, initial_params, stream_generator
-from dpmem.models.wide import Record, WideNet, supports
+from dpmem.models.graph import GraphNet, supports, wide_network
+from dpmem.models.wide import Record, WideNet, frozen_layers
 
 # Evaluation runs at least this many rows per forward pass when the budget allows.
 EVAL_ROWS = 256
@@ -53,23 +55,35 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
 
 
-def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
-                 max_grad_norm: float, trainable: list[bool] | None = None) -> tuple[list[Tensor], Tensor]:
+def _row_weights(valid: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
+    """Per-row loss weights [K, B * copies]: 1 / copies on an example's copies, 0 on padding."""
+    if copies == 1:
+        return valid.to(dtype)
+    return valid.to(dtype).repeat_interleave(copies, dim=1) / copies
+
+
+def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
+                 max_grad_norm: float, copies: int = 1,
+                 trainable: list[bool] | None = None) -> tuple[list[Tensor], Tensor]:
     """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
     gradient norms [K, B] (zero on padded rows) of the summed cross-entropy.
 
+    With ``copies`` m > 1, ``x`` and ``y`` hold m augmented copies per example ([K, B * m],
+    example-major) and an example's gradient is the mean of its copies' gradients.
     ``trainable`` (per parameter; None: all) marks frozen parameters as Opacus treats them: they
     add nothing to the norms and their sums are zero."""
-    frozen = net.frozen_names(trainable)
+    frozen = frozen_layers(net.param_slots, trainable)
     records: list[Record] = []
     logits = net.forward([p.detach() for p in params], x, records)
-    loss = _loss(logits, y, valid.to(logits.dtype))
-    records = [r for r in records if r.layer not in frozen or frozen[r.layer] != net.layer_param_names(r.layer)]
+    loss = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
+    own = {j: frozenset(name for layer, name in net.param_slots if layer == j) for j in frozen}
+    records = [r for r in records if r.layer not in frozen or frozen[r.layer] != own[r.layer]]
     if not records:   # every parameter frozen: nothing to clip or sum
         return [torch.zeros_like(p) for p in params], torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
     grads = torch.autograd.grad(loss, [r.output for r in records])
     with torch.no_grad():
-        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, frozen.get(r.layer, frozenset()))
+        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, copies=copies,
+                                         frozen=frozen.get(r.layer, frozenset()))
                     for r, g in zip(records, grads)}
         del records, grads, logits, loss
         sq = None
@@ -87,7 +101,7 @@ def dp_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, valid
     return out, sq.sqrt()
 
 
-def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor,
+def sgd_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor,
                   trainable: list[bool] | None = None) -> list[Tensor]:
     """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network
     (zero for parameters that ``trainable`` marks frozen)."""
@@ -103,9 +117,10 @@ def sgd_gradients(net: WideNet, params: list[Tensor], x: Tensor, y: Tensor, weig
 
 @dataclass(frozen=True, kw_only=True)
 class PoissonBatch:
-    x: Tensor       # float32 [K, B, *input_shape], padded rows hold example 0
-    y: Tensor       # int64 [K, B]
-    valid: Tensor   # bool [K, B]
+    x: Tensor       # float32 [K, B * copies, *input_shape], padded rows hold example 0
+    y: Tensor       # int64 [K, B * copies]
+    valid: Tensor   # bool [K, B]: example b of model k is real (its copies are rows b * copies ...)
+    copies: int = 1  # augmented copies per example (models/augment.py)
 
 
 class ModelStack:
@@ -138,9 +153,9 @@ class ModelStack:
         if self.streams.shape != (self.K,):
             raise ValueError(f"stream_ids must have shape ({self.K},), got {self.streams.shape}")
         self.module = module
-        self._nets: dict[int, WideNet] = {}
+        self._nets: dict[int, WideNet | GraphNet] = {}
         self.net = self._net(self.K)
-        self.widest = WideNet(module, 1).trace(spec.input_shape)
+        self.widest = wide_network(module, 1).trace(spec.input_shape)
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
         # requires_grad=False, as Opacus: no gradient, no share of the clipping norm, no noise, no update
         self.trainable = [p.requires_grad for p in module.parameters()]
@@ -153,8 +168,16 @@ class ModelStack:
         self.noise = None
         if spec.dp is not None:
             size = sum(p[0].numel() for p, t in zip(self.params, self.trainable) if t)
-            self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
-                                       size, self.device)
+            if NOISE_SCHEMES.get(self.device.type, "counter") == "counter":
+                self.noise = CounterNoise(counter_keys(noise_seed, self.streams, self.device), size)
+            else:
+                self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
+                                           size, self.device)
+        self.augmenters = None
+        if spec.augment != "none" or spec.augment_multiplicity > 1:
+            if spec.augment != "none" and len(spec.input_shape) != 3:
+                raise ValueError(f"augment {spec.augment!r} needs (C, H, W) inputs, got {spec.input_shape}")
+            self.augmenters = [stream_generator(seed, s, AUGMENT_STREAM, device=self.device) for s in self.streams]
         self.canaries = None
         if spec.canaries:
             members = np.zeros((self.K, spec.canaries), bool) if canary_members is None else np.asarray(canary_members, bool)
@@ -181,7 +204,31 @@ class ModelStack:
         x = self.x_train.index_select(0, index).view(self.K, width, *self.x_train.shape[1:])
         y = self.y_train.index_select(0, index).view(self.K, width)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
-        return PoissonBatch(x=x, y=y, valid=valid)
+        if self.augmenters is None:
+            return PoissonBatch(x=x, y=y, valid=valid)
+        return self._augmented(x, y, valid, counts)
+
+    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor) -> PoissonBatch:
+        """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
+        generator (b * m draws for b examples: never for padding, so not depending on other models)."""
+        m = self.spec.augment_multiplicity
+        rows = x.repeat_interleave(m, dim=1) if m > 1 else x
+        K, width = rows.shape[:2]
+        # each model's choices from its own generator (augment.draw, as augment_batch draws them), then
+        # one pass over every row; padded rows keep the identity (no shift, no flip)
+        shifts = torch.full((K, width, 2), CROP_PADDING, dtype=torch.long, device=self.device)
+        flip = torch.zeros(K, width, dtype=torch.bool, device=self.device)
+        for k, (generator, count) in enumerate(zip(self.augmenters, counts.tolist(), strict=True)):
+            drawn_shifts, drawn_flip = draw(self.spec.augment, count * m, generator)
+            if drawn_shifts is not None:
+                shifts[k, :count * m] = drawn_shifts
+            if drawn_flip is not None:
+                flip[k, :count * m] = drawn_flip
+        if crops(self.spec.augment) or flips(self.spec.augment):
+            flat = apply(rows.reshape(K * width, *rows.shape[2:]), shifts.view(-1, 2) if crops(self.spec.augment)
+                         else None, flip.view(-1) if flips(self.spec.augment) else None)
+            rows = flat.view_as(rows)
+        return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m)
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
@@ -192,24 +239,25 @@ class ModelStack:
         in index order compute 22% more rows than there are examples, in size order 2%. A
         model's numbers do not depend on its group (tested), so the grouping changes only time."""
         B = batch.valid.shape[1]
+        m = batch.copies
         budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
-        size = max(1, min(self.K, budget // max(1, B * self.widest)))
+        size = max(1, min(self.K, budget // max(1, B * m * self.widest)))
         counts = batch.valid.sum(dim=1).cpu()
         if size >= self.K:
             width = max(1, int(counts.max()))
-            yield slice(0, self.K), batch.x[:, :width], batch.y[:, :width], batch.valid[:, :width]
+            yield slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width]
             return
         order = torch.argsort(counts, stable=True)
         for start in range(0, self.K, size):
             members = order[start:start + size]
             width = max(1, int(counts[members].max()))
             index = members.to(self.device)
-            yield (index, batch.x.index_select(0, index)[:, :width], batch.y.index_select(0, index)[:, :width],
+            yield (index, batch.x.index_select(0, index)[:, :width * m], batch.y.index_select(0, index)[:, :width * m],
                    batch.valid.index_select(0, index)[:, :width])
 
-    def _net(self, K: int) -> WideNet:
+    def _net(self, K: int) -> WideNet | GraphNet:
         if K not in self._nets:
-            self._nets[K] = WideNet(self.module, K)
+            self._nets[K] = wide_network(self.module, K)
         return self._nets[K]
 
     def gradients(self, batch: PoissonBatch) -> list[Tensor]:
@@ -222,10 +270,12 @@ class ModelStack:
             params = [p[index] for p in self.params]
             net = self._net(len(x))
             if dp is None:
-                part = sgd_gradients(net, params, x, y, valid.float() * self.inv_ebs[index].unsqueeze(1),
-                                     self.trainable)
+                weight = valid.float() * self.inv_ebs[index].unsqueeze(1)
+                if batch.copies > 1:  # an example's gradient: the mean over its copies
+                    weight = weight.repeat_interleave(batch.copies, dim=1) / batch.copies
+                part = sgd_gradients(net, params, x, y, weight, self.trainable)
             else:
-                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, self.trainable)
+                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies, self.trainable)
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
         if dp is None:

@@ -38,8 +38,8 @@ def _layer_problem(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Linear):
         return None
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        if isinstance(layer.padding, str):
-            return f"{name} with padding={layer.padding!r} (give the padding as numbers)"
+        if isinstance(layer.padding, str) and _numeric_padding(layer) is None:
+            return f"{name} with padding={layer.padding!r} needs an even total padding per axis (odd kernel)"
         if layer.padding_mode != "zeros":
             return f"{name} with padding_mode={layer.padding_mode!r}"
         return None
@@ -82,12 +82,32 @@ def supports(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> s
 
 # -- the wide network --------------------------------------------------------------------------
 
+def _numeric_padding(layer: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """A convolution's padding as numbers: ``"valid"`` is 0; ``"same"`` (stride 1) is
+    ``dilation * (kernel - 1) / 2`` per axis when that is a whole number (PyTorch pads an odd
+    total unevenly, which one padding per axis cannot express: None)."""
+    if not isinstance(layer.padding, str):
+        return tuple(layer.padding)
+    if layer.padding == "valid":
+        return (0,) * len(layer.kernel_size)
+    totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+    if any(t % 2 for t in totals):
+        return None
+    return tuple(t // 2 for t in totals)
+
+
 def _out_of_place(layer: nn.Module) -> nn.Module:
     """An in-place activation would overwrite a layer output that the DP step differentiates
-    against; the engine runs a copy that computes out of place."""
+    against; the engine runs a copy that computes out of place. A convolution with
+    ``padding="same"`` or ``"valid"`` runs as a copy with the same padding as numbers (which the
+    grouped convolution and the per-example rules take)."""
     if getattr(layer, "inplace", False):
         layer = copy.copy(layer)
         layer.inplace = False
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and isinstance(layer.padding, str):
+        padding = _numeric_padding(layer)
+        layer = copy.copy(layer)
+        layer.padding = padding
     return layer
 
 
@@ -173,6 +193,55 @@ def _adaptive_avg_pool(layer: nn.Module, a: Tensor, cache: dict) -> Tensor:
     return torch.matmul(mats[0].T, torch.matmul(a, mats[1]))
 
 
+def channels_to_vectors(a: Tensor, K: int) -> Tensor:
+    """Flatten: [B, K*C, *spatial] -> [K, B, C * prod(spatial)]."""
+    return a.reshape(a.shape[0], K, -1).transpose(0, 1)
+
+
+def parametrised_layer(layer: nn.Module, p: dict[str, Tensor], a: Tensor, vector: bool, K: int,
+                       keep_normalised: bool) -> tuple[Tensor, Tensor]:
+    """(saved, output) of a Linear, Conv1d, Conv2d or GroupNorm on the wide tensor ``a`` with the
+    K models' parameters ``p`` (name -> [K, *shape]). ``saved`` is the layer's input, for GroupNorm
+    with ``keep_normalised`` its normalised input (what the DP rule needs)."""
+    saved = a
+    if isinstance(layer, nn.Linear):
+        if not vector:
+            raise ValueError("a Linear layer must follow Flatten (or take vector inputs)")
+        w, b = p["weight"], p.get("bias")
+        out = torch.bmm(a, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), a, w.transpose(1, 2))
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        if vector or a.dim() != (3 if isinstance(layer, nn.Conv1d) else 4):
+            raise ValueError(f"{type(layer).__name__} got an input of the wrong rank")
+        w, b = p["weight"], p.get("bias")
+        conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+        out = conv(a, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), layer.stride,
+                   layer.padding, layer.dilation, K * layer.groups)
+    elif isinstance(layer, nn.GroupNorm):
+        if vector:
+            raise ValueError("GroupNorm must act on channels, not on flattened vectors")
+        if not keep_normalised:
+            out = F.group_norm(a, K * layer.num_groups, p["weight"].reshape(-1), p["bias"].reshape(-1), layer.eps)
+        else:  # the DP rule needs the normalised input: keep it instead of computing it twice
+            saved = F.group_norm(a, K * layer.num_groups, eps=layer.eps)
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            out = torch.addcmul(p["bias"].reshape(shape), saved, p["weight"].reshape(shape))
+    else:
+        raise ValueError(f"layer {type(layer).__name__} is not supported by the batched engine")
+    return saved, out
+
+
+def channelwise_layer(layer: nn.Module, a: Tensor, cache: dict) -> Tensor:
+    """A pooling layer on the wide channel tensor, through the faster equivalent forms where they apply."""
+    window = _tiled_max_pool_window(layer)
+    if window is not None and a.dim() == 3:
+        return _tiled_max_pool1d(a, window)
+    if isinstance(layer, nn.MaxPool2d) and a.device.type == "cpu" and a.dim() == 4:
+        return _max_pool2d(layer, a)
+    if isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return _adaptive_avg_pool(layer, a, cache)
+    return layer(a)
+
+
 class WideNet:
     """The layer sequence of one module, run as K copies at once on stacked parameters.
 
@@ -196,19 +265,6 @@ class WideNet:
             for name, _ in layer.named_parameters(recurse=False):
                 self.param_slots.append((j, name))
         self.param_layers = sorted({j for j, _ in self.param_slots})
-
-    def layer_param_names(self, j: int) -> frozenset:
-        return frozenset(name for layer, name in self.param_slots if layer == j)
-
-    def frozen_names(self, trainable: list[bool] | None) -> dict[int, frozenset]:
-        """layer index -> names of its frozen parameters (``trainable`` per parameter; None: all trainable)."""
-        if trainable is None or all(trainable):
-            return {}
-        out: dict[int, set] = {}
-        for (j, name), t in zip(self.param_slots, trainable, strict=True):
-            if not t:
-                out.setdefault(j, set()).add(name)
-        return {j: frozenset(names) for j, names in out.items()}
 
     def layer_params(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:
         out: dict[int, dict[str, Tensor]] = {}
@@ -237,46 +293,17 @@ class WideNet:
             layer = self.layers[j]
             p = by_layer.get(j)
             saved = a
-            if isinstance(layer, nn.Linear):
-                if not vector:
-                    raise ValueError("a Linear layer must follow Flatten (or take vector inputs)")
-                w, b = p["weight"], p.get("bias")
-                out = torch.bmm(a, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), a, w.transpose(1, 2))
-            elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-                if vector or a.dim() != (3 if isinstance(layer, nn.Conv1d) else 4):
-                    raise ValueError(f"{type(layer).__name__} got an input of the wrong rank")
-                w, b = p["weight"], p.get("bias")
-                conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
-                out = conv(a, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), layer.stride,
-                           layer.padding, layer.dilation, K * layer.groups)
-            elif isinstance(layer, nn.GroupNorm):
-                if vector:
-                    raise ValueError("GroupNorm must act on channels, not on flattened vectors")
-                if records is None:
-                    out = F.group_norm(a, K * layer.num_groups, p["weight"].reshape(-1), p["bias"].reshape(-1),
-                                       layer.eps)
-                else:  # the DP rule needs the normalised input: keep it instead of computing it twice
-                    saved = F.group_norm(a, K * layer.num_groups, eps=layer.eps)
-                    shape = (1, -1) + (1,) * (a.dim() - 2)
-                    out = torch.addcmul(p["bias"].reshape(shape), saved, p["weight"].reshape(shape))
+            if p is not None:
+                saved, out = parametrised_layer(layer, p, a, vector, K, records is not None)
             elif isinstance(layer, nn.Flatten):
                 if not vector:
-                    B = a.shape[0]
-                    a = a.reshape(B, K, -1).transpose(0, 1)
+                    a = channels_to_vectors(a, K)
                     vector = True
                 continue
             elif isinstance(layer, CHANNELWISE):
                 if vector:
                     raise ValueError(f"{type(layer).__name__} must act on channels, not on flattened vectors")
-                window = _tiled_max_pool_window(layer)
-                if window is not None and a.dim() == 3:
-                    a = _tiled_max_pool1d(a, window)
-                elif isinstance(layer, nn.MaxPool2d) and a.device.type == "cpu" and a.dim() == 4:
-                    a = _max_pool2d(layer, a)
-                elif isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-                    a = _adaptive_avg_pool(layer, a, self._matrices)
-                else:
-                    a = layer(a)
+                a = channelwise_layer(layer, a, self._matrices)
                 continue
             else:  # elementwise
                 a = layer(a)
@@ -303,3 +330,16 @@ class WideNet:
             logits = self.forward(params, x, records)
         widest += [r.output.numel() for r in records]
         return max(widest + [logits.numel()])
+
+
+def frozen_layers(param_slots: list[tuple[int, str]], trainable: list[bool] | None) -> dict[int, frozenset]:
+    """layer index -> names of its frozen parameters, for a wide network's ``param_slots`` (layer,
+    name) and ``trainable`` per parameter (None: all trainable)."""
+    if trainable is None or all(trainable):
+        return {}
+    out: dict[int, set] = {}
+    for (j, name), t in zip(param_slots, trainable, strict=True):
+        if not t:
+            out.setdefault(j, set()).add(name)
+    return {j: frozenset(names) for j, names in out.items()}
+

@@ -194,8 +194,8 @@ def test_mixed_rule_uses_both_paths_on_the_cnn():
     seen = []
     original = conv.ConvSampler.__init__
 
-    def spy(self, *args):
-        original(self, *args)
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         seen.append(self.direct)
 
     factory, shape = MODULES["conv2d_stride_pad_maxpool"]
@@ -285,8 +285,10 @@ def test_export_import_round_trip_and_prediction_match_modules():
 def test_supports_names_the_problem():
     assert batched.supports(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is None
     assert "BatchNorm" in batched.supports(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
-    assert "nn.Sequential" in batched.supports(nn.Linear(3, 2))
-    assert "padding" in batched.supports(nn.Sequential(nn.Conv1d(1, 2, 3, padding="same")))
+    assert "reads weight directly" in batched.supports(nn.Linear(3, 2))   # a module's own forward: its graph
+    assert "padding" in batched.supports(nn.Sequential(nn.Conv1d(1, 2, 2, padding="same")))   # uneven padding
+    assert batched.supports(nn.Sequential(nn.Conv1d(1, 2, 3, padding="same"), nn.Conv1d(2, 2, 3, padding="valid"),
+                                          nn.Flatten(), nn.Linear(6, 2)), (1, 5)) is None
     assert "Linear" in batched.supports(nn.Sequential(nn.Linear(5, 3)), (2, 5))  # Linear on a sequence
     assert batched.supports(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 2)), (1, 5)) is None
 

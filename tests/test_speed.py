@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from dpmem.bench.tools.speed import median_of_runs
+from dpmem.bench.tools.speed import interleaved_median_seconds, median_of_runs
 
 
 def _run(ms: float, ratio: float, gflops: float):
@@ -24,3 +24,11 @@ def test_repeated_runs_give_medians_and_each_ratios_range():
 def test_one_run_is_returned_as_is():
     run = _run(10.0, 1.2, 90.0)
     assert median_of_runs([run]) is run
+
+
+def test_interleaved_timing_takes_one_step_of_each_method_per_round():
+    calls = []
+    seconds = interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                         warmup=1, reps=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3      # warm-up of each, then rounds of one step each
+    assert set(seconds) == {"a", "b"} and all(v >= 0 for v in seconds.values())

@@ -19,6 +19,7 @@ from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset
 from dpmem.models.spec import DPParams, TrainSpec
 from dpmem.privacy import accounting, faults
+from dpmem.privacy.errors import ConfigError
 
 # Each study's own random stream (a run's models use the run's seed itself).
 STUDY_STREAMS = {"loo": 7_919, "utility": 7_031}
@@ -71,10 +72,14 @@ def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
     canary_norm = cfg.canary_norm
     if dp is not None:  # the auditor sizes its canaries by the claimed clipping bound, not by a faulty one
         canary_norm *= plan["max_grad_norm"] / dp.max_grad_norm
+    if cfg.augment != "none" and len(ds.input_shape) != 3:
+        raise ConfigError("augment", f"crops and flips need images (C, H, W); {cfg.dataset} has inputs of shape "
+                                     f"{tuple(ds.input_shape)}")
     return TrainSpec(arch=cfg.model, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,
                      hidden=cfg.hidden, steps=plan["steps"], sample_rate=plan["sample_rate"], lr=cfg.lr,
                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, dp=dp, trainer=cfg.trainer or None,
-                     canaries=cfg.gradient_canaries, canary_norm=canary_norm)
+                     canaries=cfg.gradient_canaries, canary_norm=canary_norm, augment=cfg.augment,
+                     augment_multiplicity=cfg.augment_multiplicity)
 
 
 

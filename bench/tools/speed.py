@@ -7,10 +7,14 @@ optimisation step per model for
   - Opacus DP-SGD with ghost clipping (``PrivacyEngine.make_private(grad_sample_mode="ghost")``),
   - the batched engine, non-private and DP, K models per step (time per model = step time / K),
 on MLPs 784-256-10 and 64-128-10 (batch 256, K=64) and the built-in CNN on 1x28x28 inputs
-(channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences with batches of a fixed size (every batch is the
+(channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences, and
+with ``--only resnet`` the residual ResNet-20 (GroupNorm, widths 16-32-64) on 1x28x28 inputs (batch 64, K=8),
+with batches of a fixed size (every batch is the
 same random batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's
 MLP DP step (forward, backward, per-example norms, clipped product) next to a large float32
 matmul. ``--device cuda`` times everything on the GPU (synchronising around every step).
+``--interleave`` times an architecture's five methods in turn, one step of each per round, so a change of
+the machine's load during the measurement hits them alike (the residual rows were measured so).
 ``--repeat N`` repeats the whole measurement N times and reports medians (and each ratio's range):
 timings on a shared machine move by 10-30% between runs. Writes ``speed.csv`` and ``speed.md`` into
 the output folder.
@@ -37,7 +41,8 @@ from dpmem.models.spec import DPParams, TrainSpec
 # name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
          "cnn 1x28x28 16-32": ("cnn", (1, 28, 28), (16, 32), 10, "cnn"),
-         "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn")}
+         "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn"),
+         "resnet20 1x28x28 16-32-64": ("resnet20", (1, 28, 28), (16, 32, 64), 10, "resnet")}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
 TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targets
     "mlp": {
@@ -51,6 +56,7 @@ TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targ
         "dp_over_plain_sgd": ("engine DP time / plain single-model SGD time", "<= 1"),
     },
 }
+TARGETS["resnet"] = TARGETS["cnn"]
 
 
 DEVICE = torch.device("cpu")
@@ -72,6 +78,23 @@ def median_seconds(fn, *, warmup: int, reps: int) -> float:
         _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(steps: dict[str, callable], *, warmup: int, reps: int) -> dict[str, float]:
+    """``median_seconds`` of several steps timed in turn (one step of each per round), so that a
+    change in the machine's load during the measurement hits every method alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            _sync()
+            start = time.perf_counter()
+            step()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _spec(arch, shape, hidden, classes, dp):
@@ -153,8 +176,10 @@ def matmul_gflops(size: int = 2048) -> float:
 
 
 def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
-        only: tuple[str, ...] = ("mlp", "cnn")) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """``sizes``: kind ("mlp" / "cnn") -> (K models per engine step, batch)."""
+        only: tuple[str, ...] = ("mlp", "cnn", "resnet"), interleave: bool = False
+        ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``sizes``: kind ("mlp" / "cnn" / "resnet") -> (K models per engine step, batch). With
+    ``interleave`` the five methods of an architecture are timed in turn, one step each per round."""
     torch.set_num_threads(threads)
     retain_freed_memory()  # as the trainers do, for every method alike (before anything is timed)
     rows, ratios, flops = [], [], {}
@@ -167,16 +192,29 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
         x = torch.randn(batch, *shape, generator=g).to(DEVICE)
         y = torch.randint(0, classes, (batch,), generator=g).to(DEVICE)
         per_model = {}
-        for method, make in [("plain SGD (1 model)", plain_sgd_step), ("Opacus hooks (1 model)", opacus_hooks_step),
-                             ("Opacus ghost (1 model)", opacus_ghost_step)]:
-            seconds = median_seconds(make(arch, x, y), warmup=3, reps=reps)
+        single = [("plain SGD (1 model)", plain_sgd_step), ("Opacus hooks (1 model)", opacus_hooks_step),
+                  ("Opacus ghost (1 model)", opacus_ghost_step)]
+        engines = [(f"engine non-private (K={K})", False), (f"engine DP (K={K})", True)]
+        timed = {}
+        if interleave:
+            trainers = {method: engine_trainer(arch, K, batch, private) for method, private in engines}
+            steps = {method: make(arch, x, y) for method, make in single}
+            steps.update({method: trainer_step[1] for method, trainer_step in trainers.items()})
+            timed = interleaved_median_seconds(steps, warmup=3, reps=reps)
+            for trainer, _ in trainers.values():
+                trainer.close()
+        for method, make in single:
+            seconds = timed[method] if interleave else median_seconds(make(arch, x, y), warmup=3, reps=reps)
             per_model[method] = seconds
             rows.append(dict(arch=name, method=method, models_per_step=1, batch=batch, threads=threads,
                              step_ms=seconds * 1e3, per_model_step_ms=seconds * 1e3, reps=reps))
-        for method, private in [(f"engine non-private (K={K})", False), (f"engine DP (K={K})", True)]:
-            trainer, step = engine_trainer(arch, K, batch, private)
-            seconds = median_seconds(step, warmup=3, reps=reps)
-            trainer.close()
+        for method, private in engines:
+            if interleave:
+                seconds = timed[method]
+            else:
+                trainer, step = engine_trainer(arch, K, batch, private)
+                seconds = median_seconds(step, warmup=3, reps=reps)
+                trainer.close()
             per_model[method] = seconds / K
             rows.append(dict(arch=name, method=method, models_per_step=K, batch=batch, threads=threads,
                              step_ms=seconds * 1e3, per_model_step_ms=seconds / K * 1e3, reps=reps))
@@ -195,7 +233,7 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
         print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in values.items()), file=sys.stderr)
     flops["matmul 2048x2048"] = matmul_gflops()
     if DEVICE.type == "cuda":  # the GPU target: engine DP model-steps per second over Opacus's one at a time
-        for name in {r["arch"] for r in rows if r["arch"].startswith("cnn")}:
+        for name in {r["arch"] for r in rows if r["arch"].startswith(("cnn", "resnet"))}:
             times = {r["method"].split(" (")[0]: r["per_model_step_ms"] for r in rows if r["arch"] == name}
             ratios.append(dict(arch=name, ratio="Opacus hooks time / engine DP time (GPU)",
                                value=times["Opacus hooks"] / times["engine DP"], target=">= 20 (K >= 256)"))
@@ -237,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="examples per MLP batch (default 256)")
     parser.add_argument("--cnn-models", type=int, default=16, help="K CNNs per engine step (default 16)")
     parser.add_argument("--cnn-batch", type=int, default=64, help="examples per CNN batch (default 64)")
+    parser.add_argument("--resnet-models", type=int, default=8, help="K ResNet-20s per engine step (default 8)")
+    parser.add_argument("--resnet-batch", type=int, default=64, help="examples per ResNet-20 batch (default 64)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
-    parser.add_argument("--only", choices=["mlp", "cnn"], help="time only these rows")
+    parser.add_argument("--only", choices=["mlp", "cnn", "resnet"],
+                        help="time only these rows (default: mlp and cnn; the ResNet-20 rows only with --only resnet)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time an architecture's methods in turn, one step each per round (a shared machine)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure everything this many times, interleaved; report medians and the ratios' range")
     args = parser.parse_args(argv)
@@ -248,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus's secure-RNG and hook notices
     global DEVICE
     DEVICE = resolve_device(args.device)
-    sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch)}
-    only = (args.only,) if args.only else ("mlp", "cnn")
-    runs = [run(args.threads, sizes, args.reps, only) for _ in range(args.repeat)]
+    sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch),
+             "resnet": (args.resnet_models, args.resnet_batch)}
+    only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
+    runs = [run(args.threads, sizes, args.reps, only, args.interleave) for _ in range(args.repeat)]
     times, ratios, flops = median_of_runs(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Training speed",
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
-        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models} (a fixed batch reused "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; ResNet-20: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
         f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
+        + ("; an architecture's methods timed in turn, one step each per round" if args.interleave else "")
         + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1
            else "") + ".",
         "",

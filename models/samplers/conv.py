@@ -24,10 +24,11 @@ class ConvSampler:
     rule = "mixed"
     row_block_floats = 1 << 18
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor,
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor, copies: int = 1,
                  frozen: frozenset = frozenset()):
         self.layer, self.K, self.a, self.g = layer, K, saved, grad
         self.bias = layer.bias is not None
+        self.copies = copies
         self.frozen = frozen
         B = grad.shape[0]
         G = layer.groups
@@ -35,10 +36,14 @@ class ConvSampler:
         self.d = layer.in_channels // G * math.prod(layer.kernel_size)
         self.T = math.prod(grad.shape[2:])
         self.gk = grad.reshape(B, K, G, self.p, self.T)
-        self.direct = (self.rule == "per_example"
+        # augmentation copies (rows = copies x examples) take per-example gradients, summed over
+        # each example's copies (a ghost norm would need the Gram matrices across copies)
+        self.direct = (copies > 1 or self.rule == "per_example"
                        or self.rule == "mixed" and 2 * self.T * self.T > self.d * self.p)
         self.per_example: Tensor | None = None
         self.bias_grads = self.gk.sum(dim=4).reshape(B, K, -1) if self.bias else None   # [B, K, C_out]
+        if self.bias and copies > 1:
+            self.bias_grads = self.bias_grads.view(B // copies, copies, K, -1).sum(dim=1)
 
     def _unfold(self, a: Tensor) -> Tensor:
         layer = self.layer
@@ -89,7 +94,7 @@ class ConvSampler:
     def sq_norms(self) -> Tensor:
         B, K, G = self.gk.shape[:3]
         if "weight" in self.frozen:
-            total = torch.zeros(B, K, dtype=self.g.dtype, device=self.g.device)
+            total = torch.zeros(B // self.copies, K, dtype=self.g.dtype, device=self.g.device)
         elif self.direct:
             # Per-example gradients [B, K, G, p, d], kept for the clipped sum: the weight gradient of
             # one convolution whose groups are the B * K * G (example, model, group) triples, which
@@ -99,6 +104,9 @@ class ConvSampler:
                 self.a.reshape(1, -1, *self.a.shape[2:]),
                 (B * K * layer.out_channels, layer.in_channels // G, *layer.kernel_size),
                 self.g.reshape(1, -1, *self.g.shape[2:]), B * K * G).view(B, K, G, self.p, self.d)
+            if self.copies > 1:
+                B //= self.copies
+                self.per_example = self.per_example.view(B, self.copies, K, G, self.p, self.d).sum(dim=1)
             total = sq_sum(self.per_example.view(B, K, -1), (2,))
         else:
             total = torch.empty(B, K, dtype=self.g.dtype, device=self.g.device)
@@ -111,11 +119,13 @@ class ConvSampler:
         return total.transpose(0, 1)
 
     def clipped(self, c: Tensor) -> list[Tensor]:
-        B, K = self.gk.shape[:2]
+        B, K = self.gk.shape[0] // self.copies, self.gk.shape[1]
         layer = self.layer
         shape = (K, layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
         weights = c.transpose(0, 1)  # [B, K]
-        if self.per_example is not None:
+        if "weight" in self.frozen:   # no gradient: the step leaves it alone
+            dw = torch.zeros(shape, dtype=self.g.dtype, device=self.g.device)
+        elif self.per_example is not None:
             dw = torch.einsum("bk,bkm->km", weights, self.per_example.view(B, K, -1)).reshape(shape)
         else:  # the weight gradient of the wide convolution with each row's output gradient scaled
             scaled = (self.gk * weights.reshape(B, K, 1, 1, 1)).view_as(self.g)

@@ -12,11 +12,15 @@ class GroupNormSampler:
     """saved (the normalised input) and g, both [B, K*C, *S]; Opacus's GroupNorm rule
     (normalised input * g summed over positions for the weight, g for the bias)."""
 
-    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor, frozen: frozenset = frozenset()):
+    def __init__(self, layer: nn.GroupNorm, K: int, saved: Tensor, grad: Tensor, copies: int = 1,
+                 frozen: frozenset = frozenset()):
         B = grad.shape[0]
         dims = tuple(range(2, grad.dim()))
         self.gw = (saved * grad).sum(dim=dims).reshape(B, K, -1)   # [B, K, C]
         self.gb = grad.sum(dim=dims).reshape(B, K, -1)
+        if copies > 1:  # an example's gradient: the sum over its copies' rows
+            self.gw = self.gw.view(B // copies, copies, K, -1).sum(dim=1)
+            self.gb = self.gb.view(B // copies, copies, K, -1).sum(dim=1)
         self.frozen = frozen
 
     def sq_norms(self) -> Tensor:
