@@ -2,7 +2,6 @@
 own stream, multiplicity averaged before clipping, equal clipped sums in both engines, config keys."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -21,19 +20,7 @@ from dpmem.models.streams import stream_generator
 from dpmem.privacy.errors import ConfigError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_opacus():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 
 
 def test_crops_are_zero_filled_shifts_and_flips_mirror_each_copy():

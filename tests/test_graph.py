@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +21,14 @@ from dpmem.models import batched, graph, stack
 from dpmem.models.nets import build_model
 from dpmem.models.samplers import conv
 from dpmem.models.spec import DPParams, TrainSpec
+from opacus_reference import assert_two_steps_equal_opacus
 
 EXAMPLES = Path(__file__).parent / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_opacus():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 
 
 class Branchy(nn.Module):
@@ -140,40 +128,7 @@ def test_residual_training_steps_equal_opacus_steps(arch, shape, hidden, private
     dp = DPParams(noise_multiplier=0.0, max_grad_norm=0.5) if private else None
     spec = TrainSpec(arch=arch, input_shape=shape, n_classes=5, hidden=hidden, steps=2, sample_rate=0.25,
                      lr=0.3, momentum=0.9, weight_decay=0.01, dp=dp)
-    K, n = 3, 40
-    rng = np.random.default_rng(0)
-    x_train = rng.normal(size=(n, *shape)).astype(np.float32) * 2
-    y_train = rng.integers(0, 5, n)
-    masks = rng.random((K, n)) < 0.6
-    trainer = stack.ModelStack(spec, x_train, y_train, masks, seed=3, noise_seed=4)
-    start = [trainer.model_state(k) for k in range(K)]
-    draws = [trainer.sample_batch() for _ in range(2)]
-    for batch in draws:
-        trainer.step_on(batch)
-    ebs = models.spec.expected_batch_sizes(masks, spec.sample_rate)
-    for k in range(K):
-        model = build_model(spec)
-        model.load_state_dict(start[k])
-        if private:
-            module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-            optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                                    weight_decay=spec.weight_decay),
-                                    noise_multiplier=0.0, max_grad_norm=dp.max_grad_norm,
-                                    expected_batch_size=ebs[k], loss_reduction="mean")
-        else:
-            module = model
-            optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                        weight_decay=spec.weight_decay)
-        for batch in draws:
-            xb, yb = batch.x[k][batch.valid[k]], batch.y[k][batch.valid[k]]
-            optimizer.zero_grad()
-            loss = F.cross_entropy(module(xb), yb, reduction="sum")
-            (loss if private else loss / ebs[k]).backward()
-            optimizer.step()
-        mine = trainer.model_state(k)
-        for name, ref in model.state_dict().items():
-            torch.testing.assert_close(mine[name], ref, rtol=1e-4, atol=1e-5)
-    trainer.close()
+    assert_two_steps_equal_opacus(spec)
 
 
 def test_a_residual_model_does_not_depend_on_its_neighbours():
