@@ -199,6 +199,33 @@ def test_mixed_rule_uses_both_paths_on_the_cnn():
     assert seen == [True, False]
 
 
+def test_mixed_rule_takes_ghost_norms_only_on_the_last_stage_of_resnet20():
+    """By multiply-adds: the 3x3 stride-1 convolutions on ResNet-20's 7x7 maps take ghost norms (a
+    padded 9x9 input's Gram matrix is 4x cheaper than per-example gradients); the strided ones into
+    that stage, the 1x1 shortcuts and every convolution on the 28x28 and 14x14 maps take per-example
+    gradients."""
+    from dpmem.models import graph
+    seen = []
+    original = conv.ConvSampler.__init__
+
+    def spy(self, layer, K, saved, grad, **kwargs):
+        original(self, layer, K, saved, grad, **kwargs)
+        seen.append((tuple(grad.shape[2:]), layer.stride, layer.kernel_size, self.direct))
+
+    spec = TrainSpec(arch="resnet20", input_shape=(1, 28, 28), n_classes=10, hidden=(16, 32, 64), steps=1,
+                     sample_rate=0.1, lr=0.1)
+    module = build_model(spec)
+    params = [p.detach().unsqueeze(0) for p in module.parameters()]
+    conv.ConvSampler.__init__ = spy
+    try:
+        stack.dp_gradients(graph.wide_network(module, 1), params, torch.randn(1, 2, 1, 28, 28),
+                           torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), 1.0)
+    finally:
+        conv.ConvSampler.__init__ = original
+    ghost = [(shape, stride, kernel) for shape, stride, kernel, direct in seen if not direct]
+    assert len(seen) == 21 and ghost == [((7, 7), (1, 1), (3, 3))] * 5
+
+
 # -- full steps ----------------------------------------------------------------------------------
 
 STEP_CASES = [("mlp", (16,), (24,)), ("cnn", (1, 12, 12), (8, 16)), ("cnn1d", (1, 40), (8, 16))]

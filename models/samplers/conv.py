@@ -1,7 +1,8 @@
-"""Conv1d and Conv2d (Bu et al. 2022's mixed rule): per-example gradients when 2 T^2 > d p (T output
-positions, d = C_in/groups * kernel size, p = C_out/groups), else the ghost norm <u u^T, g g^T> over
-positions (for Conv1d from the padded input's Gram matrix, without unfolding); the clipped sum is
-a grouped-convolution weight gradient."""
+"""Conv1d and Conv2d (after Bu et al. 2022's mixed rule): per layer, per-example gradients or the ghost
+norm <u u^T, g g^T> over output positions, whichever costs fewer multiply-adds (``_direct_is_cheaper``;
+T output positions, d = C_in/groups * kernel size, p = C_out/groups). Ghost norms take the padded
+input's own Gram matrix, never the unfolded input; their clipped sum is a grouped-convolution weight
+gradient of the clip-scaled output gradient."""
 from __future__ import annotations
 
 import math
@@ -38,52 +39,62 @@ class ConvSampler:
         self.gk = grad.reshape(B, K, G, self.p, self.T)
         # augmentation copies (rows = copies x examples) take per-example gradients, summed over
         # each example's copies (a ghost norm would need the Gram matrices across copies)
-        self.direct = (copies > 1 or self.rule == "per_example"
-                       or self.rule == "mixed" and 2 * self.T * self.T > self.d * self.p)
+        self.direct = copies > 1 or self.rule == "per_example" or self.rule == "mixed" and self._direct_is_cheaper()
         self.per_example: Tensor | None = None
         self.bias_grads = self.gk.sum(dim=4).reshape(B, K, -1) if self.bias else None   # [B, K, C_out]
         if self.bias and copies > 1:
             self.bias_grads = self.bias_grads.view(B // copies, copies, K, -1).sum(dim=1)
 
-    def _unfold(self, a: Tensor) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Conv2d):
-            u = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        else:
-            u = F.unfold(a.unsqueeze(2), (1, layer.kernel_size[0]), (1, layer.dilation[0]),
-                         (0, layer.padding[0]), (1, layer.stride[0]))
-        return u.view(a.shape[0], self.K, self.layer.groups, self.d, self.T)
+    def _direct_is_cheaper(self) -> bool:
+        """The mixed rule, by multiply-adds per example and group: ghost norms cost the two Gram
+        matrices (P^2 C_in/G for the padded input's P positions, T^2 p for g) plus the clipped sum
+        (one weight gradient, T d p); per-example gradients cost T d p, but as a convolution with
+        B * K * G groups they run at about half the speed of one weight gradient, so count 2 T d p.
+        Ghost norms win only where the output map is small against the channels (ResNet-20's last
+        stage: 4x cheaper Gram matrices than per-example gradients, 1.8x faster in all)."""
+        positions = math.prod(s + 2 * p for s, p in zip(self.a.shape[2:], self.layer.padding))
+        ghost = positions * positions * (self.layer.in_channels // self.layer.groups) + self.T * self.T * self.p
+        return ghost > self.T * self.d * self.p
 
-    def _padded_1d(self, a: Tensor) -> Tensor:
-        """Rows of a Conv1d's input, zero-padded, as [rows, K, G, C_in/G, L + 2 * padding]."""
-        pad = self.layer.padding[0]
-        a = F.pad(a, (pad, pad)) if pad else a
-        return a.view(a.shape[0], self.K, self.layer.groups, -1, a.shape[-1])
+    def _padded(self, a: Tensor) -> Tensor:
+        """Rows of the input, zero-padded, positions flattened: [rows, K, G, C_in/G, P]."""
+        pad = [p for p in reversed(self.layer.padding) for _ in (0, 1)]   # F.pad's order: last dim first
+        a = F.pad(a, pad) if any(pad) else a
+        return a.reshape(a.shape[0], self.K, self.layer.groups, -1, math.prod(a.shape[2:]))
 
     def _position_gram(self, r0: int, r1: int) -> Tensor:
         """u_t . u_t' between the unfolded input's positions, rows r0:r1: [rows, K, G, T, T].
 
-        For a Conv1d without unfolding: u_t . u_t' is the sum over kernel taps j of the padded
-        input's own Gram matrix at (stride t + dil j, stride t' + dil j), so the Gram matrix of the
-        (C/G x L) input replaces the one of the (C/G * kernel x T) unfolded one (3x faster for the
-        second convolution of cnn1d)."""
-        if isinstance(self.layer, nn.Conv1d):
-            (k,), (stride,), (dil,) = self.layer.kernel_size, self.layer.stride, self.layer.dilation
-            a = self._padded_1d(self.a[r0:r1])
-            gram = torch.matmul(a.transpose(3, 4), a)   # [rows, K, G, L_pad, L_pad]
-            span = stride * (self.T - 1) + 1
-            return sum(gram[..., j * dil:j * dil + span:stride, j * dil:j * dil + span:stride] for j in range(k))
-        u = self._unfold(self.a[r0:r1])
-        return torch.matmul(u.transpose(3, 4), u)
+        Without unfolding: u_t . u_t' is the sum over kernel taps j of the padded input's own Gram
+        matrix at (stride * t + dilation * j, stride * t' + dilation * j), so the Gram matrix of the
+        (C/G x P) padded input replaces the one of the (C/G * kernel x T) unfolded one, and the
+        unfolded input (kernel-size times larger) is never written (3x faster for the second
+        convolution of cnn1d, 4x for ResNet-20's last stage)."""
+        a = self._padded(self.a[r0:r1])
+        gram = torch.matmul(a.transpose(3, 4), a)   # [rows, K, G, P, P]
+        layer = self.layer
+        padded = [s + 2 * p for s, p in zip(self.a.shape[2:], layer.padding)]
+        n = len(padded)
+        gram = gram.view(*gram.shape[:3], *padded, *padded)
+        # one spatial axis at a time, last first (for a 3x3 kernel 3 + 3 shifted sums, not 9)
+        for axis in reversed(range(n)):
+            k, dil, stride, out = layer.kernel_size[axis], layer.dilation[axis], layer.stride[axis], self.g.shape[2 + axis]
+
+            def tap(j: int) -> Tensor:
+                index = [slice(None)] * (2 * n)
+                index[axis] = index[n + axis] = slice(j * dil, j * dil + stride * (out - 1) + 1, stride)
+                return gram[(..., *index)]
+            total = tap(0)
+            for j in range(1, k):
+                total = total + tap(j)
+            gram = total
+        return gram.reshape(*gram.shape[:3], self.T, self.T)
 
     def _row_blocks(self):
         """Blocks of rows whose Gram matrices' inputs hold about ``row_block_floats`` floats."""
         B = self.gk.shape[0]
-        if isinstance(self.layer, nn.Conv1d):
-            width = (self.a.shape[-1] + 2 * self.layer.padding[0]) ** 2
-        else:
-            width = self.d * self.T
-        rows = max(1, self.row_block_floats // (self.K * self.layer.groups * width))
+        positions = math.prod(s + 2 * p for s, p in zip(self.a.shape[2:], self.layer.padding))
+        rows = max(1, self.row_block_floats // (self.K * self.layer.groups * positions * positions))
         return [(r, min(B, r + rows)) for r in range(0, B, rows)]
 
     def _weight_grad(self, a: Tensor, weight_shape: tuple[int, ...], grad: Tensor, groups: int) -> Tensor:
