@@ -228,8 +228,11 @@ def _coerce(name: str, value):
     try:
         if origin is tuple:
             (item_type, _) = typing.get_args(hint)
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
+            if isinstance(value, str):   # "1,4,16" or, as a TOML list, "[1, 4, 16]"
+                text = value.strip()
+                if text.startswith("[") and text.endswith("]"):
+                    text = text[1:-1]
+                value = [v.strip() for v in text.split(",") if v.strip()]
             elif not isinstance(value, (list, tuple)):
                 value = [value]
             if any(isinstance(v, bool) for v in value):

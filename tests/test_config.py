@@ -16,6 +16,9 @@ def test_overrides_are_typed_and_lists_are_comma_separated():
     c = config_mod.load(None, ["epsilons=1,4", "models=12", "q=0.5", "hidden=32,16", "download=true"])
     assert c.epsilons == (1.0, 4.0) and c.models == 12 and c.q == 0.5
     assert c.hidden == (32, 16) and c.download is True
+    # the TOML spelling of a list, as in the config files, reads the same
+    toml_style = config_mod.load(None, ["epsilons=[1, 4]", "hidden=[32,16]", "models=12", "q=0.5", "download=true"])
+    assert toml_style == c
 
 
 def test_toml_and_yaml_files(tmp_path):
