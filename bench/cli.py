@@ -70,6 +70,7 @@ def cmd_run(args) -> int:
         ds, engine = pipeline.check_inputs(cfg)      # data, model, engine, trainer, calibration, memory
         execution.check_available(cfg, args.ray_address)
     with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
+        pipeline.check_resume(store, cfg)
         print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
         t0 = time.perf_counter()
         try:

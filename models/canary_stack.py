@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpmem.models.spec import CANARY_STREAM, CLIP_EPS, TrainSpec, canary_grad_norm
+from dpmem.models.philox import counter_normals, counter_uniforms, philox_keys, uses_counter
+from dpmem.models.spec import CANARY_STREAM, CLIP_EPS, TrainSpec, canary_grad_norm, stream_seeds
 from dpmem.models.streams import stream_generator
 
 if TYPE_CHECKING:
@@ -34,9 +35,17 @@ class GradientCanaries:
         K, m = members.shape
         self.theta = torch.zeros(K, m, device=device)
         self.buf = torch.zeros(K, m, device=device) if spec.momentum else None
-        self.coins = [stream_generator(seed, s, CANARY_STREAM, device=device) for s in streams]
-        self.noise = ([stream_generator(noise_seed, s, CANARY_STREAM, device=device) for s in streams]
-                      if spec.dp is not None else None)
+        # the canary streams' generators (the CPU), or Philox keyed by the same seeds (a GPU: all K
+        # models' coins and noise in a few kernels; philox.RANDOM_SCHEMES)
+        self.counter = uses_counter(device)
+        self.steps_done = 0
+        if self.counter:
+            self.coin_keys = philox_keys([stream_seeds(seed, int(s), CANARY_STREAM)[0] for s in streams], device)
+            self.noise_keys = philox_keys([stream_seeds(noise_seed, int(s), CANARY_STREAM)[0] for s in streams], device)
+        else:
+            self.coins = [stream_generator(seed, s, CANARY_STREAM, device=device) for s in streams]
+            self.noise = ([stream_generator(noise_seed, s, CANARY_STREAM, device=device) for s in streams]
+                          if spec.dp is not None else None)
         self.inv_ebs = inv_ebs
         self._uniform = torch.empty(K, m, device=device)
 
@@ -48,15 +57,23 @@ class GradientCanaries:
 
     @torch.no_grad()
     def step(self, trainer: ModelStack) -> None:
-        for k, generator in enumerate(self.coins):
-            torch.rand(self._uniform.shape[1], generator=generator, out=self._uniform[k])
+        m = self._uniform.shape[1]
+        if self.counter:
+            self._uniform = counter_uniforms(self.coin_keys, self.steps_done, m)
+        else:
+            for k, generator in enumerate(self.coins):
+                torch.rand(m, generator=generator, out=self._uniform[k])
         sampled = (self._uniform < self.spec.sample_rate).logical_and_(self.members)
         grad = self.clipped_sum(sampled)
         dp = self.spec.dp
         if dp is not None:
-            z = torch.empty_like(self._uniform)
-            for k, generator in enumerate(self.noise):
-                z[k].normal_(generator=generator)
+            if self.counter:
+                z = counter_normals(self.noise_keys, self.steps_done, m)
+            else:
+                z = torch.empty_like(self._uniform)
+                for k, generator in enumerate(self.noise):
+                    z[k].normal_(generator=generator)
             grad.add_(z, alpha=dp.noise_multiplier * dp.max_grad_norm)
+        self.steps_done += 1
         grad.mul_(self.inv_ebs.unsqueeze(1))
         trainer.apply([self.theta], [grad], None if self.buf is None else [self.buf])

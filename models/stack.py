@@ -26,11 +26,12 @@ from torch import Tensor
 from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
 from dpmem.models.nets import build_model
-from dpmem.models.noise import NOISE_SCHEMES, CounterNoise, GaussianNoise, counter_keys
+from dpmem.models.noise import CounterNoise, GaussianNoise, counter_keys
+from dpmem.models.philox import counter_uniforms, philox_keys, uses_counter
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.samplers import sampler_for
 from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
-from dpmem.models.streams import coin_generator, initial_params, stream_generator
+from dpmem.models.streams import coin_generator, coin_seed, initial_params, stream_generator
 from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.wide import Record, WideNet, frozen_layers
 
@@ -159,7 +160,14 @@ class ModelStack:
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
         # requires_grad=False, as Opacus: no gradient, no share of the clipping norm, no noise, no update
         self.trainable = [p.requires_grad for p in module.parameters()]
-        self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
+        # Poisson coins: each model's own generator (the CPU), or Philox keyed by the same stream seed,
+        # all K models in a few kernels (a GPU; philox.RANDOM_SCHEMES)
+        self.counter = uses_counter(self.device)
+        if self.counter:
+            self.coin_keys = philox_keys([coin_seed(seed, int(s)) for s in self.streams], self.device)
+        else:
+            self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
+        self._coin_step = 0
         ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
         self.inv_ebs = ebs.reciprocal()
         self.momentum_bufs = [torch.zeros_like(p) for p in self.params] if spec.momentum else None
@@ -168,7 +176,7 @@ class ModelStack:
         self.noise = None
         if spec.dp is not None:
             size = sum(p[0].numel() for p, t in zip(self.params, self.trainable) if t)
-            if NOISE_SCHEMES.get(self.device.type, "counter") == "counter":
+            if self.counter:
                 self.noise = CounterNoise(counter_keys(noise_seed, self.streams, self.device), size)
             else:
                 self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
@@ -189,8 +197,12 @@ class ModelStack:
     # -- sampling --
     def sample_batch(self) -> PoissonBatch:
         """Each model's Poisson batch: i in T_k included with probability q, padded to the largest."""
-        for k, generator in enumerate(self.coins):
-            torch.rand(self.n, generator=generator, out=self._uniform[k])
+        if self.counter:
+            self._uniform = counter_uniforms(self.coin_keys, self._coin_step, self.n)
+        else:
+            for k, generator in enumerate(self.coins):
+                torch.rand(self.n, generator=generator, out=self._uniform[k])
+        self._coin_step += 1
         draw = (self._uniform < self.spec.sample_rate).logical_and_(self.masks)
         counts = draw.sum(dim=1)
         # padded to a multiple of WIDTH_BLOCK rows: elementwise kernels treat a tensor's last partial

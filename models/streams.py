@@ -26,8 +26,13 @@ def initial_model(spec: TrainSpec, seed: int, stream_id: int) -> nn.Module:
         return build_model(spec)
 
 
+def coin_seed(seed: int, stream_id: int) -> int:
+    """The seed of model ``stream_id``'s Poisson coins (the second seed of its stream)."""
+    return stream_seeds(seed, stream_id, count=2)[1]
+
+
 def coin_generator(seed: int, stream_id: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(stream_seeds(seed, stream_id, count=2)[1])
+    return torch.Generator(device=device).manual_seed(coin_seed(seed, stream_id))
 
 
 def stream_generator(seed: int, stream_id: int, *extra: int, device: torch.device) -> torch.Generator:

@@ -103,6 +103,23 @@ def test_an_old_format_run_is_read_but_not_resumed(ref, copy, capsys):
     one_line_error(capsys, "older dpmem")
 
 
+def test_a_variant_is_not_resumed_with_another_random_scheme(copy, capsys):
+    """A variant begun where coins and noise are counter-based (a GPU) is not finished with per-model
+    generators (this CPU): its models would not share batches with the other variants'."""
+    assert json.loads((copy / "variants" / "dp-eps4" / "plan.json").read_text())["random_scheme"] == "generators"
+    store = RunStore.open(copy)
+    store.discard_variant("dp-eps4")                        # unfinished again
+    plan = store.plan("dp-eps4")
+    store.save_plan("dp-eps4", {**plan, "random_scheme": "counter"})
+    assert run("run", "--out", str(copy), "--quiet", *SMALL) == 2
+    one_line_error(capsys, "counter scheme")
+    assert not store.variant_complete("dp-eps4")
+    # a plan from before the scheme was recorded drew with generators: it resumes here
+    store.save_plan("dp-eps4", {k: v for k, v in plan.items() if k != "random_scheme"})
+    assert run("run", "--out", str(copy), "--quiet", *SMALL) == 0
+    assert store.variant_complete("dp-eps4")
+
+
 def test_a_second_writer_waits_then_refuses_and_changes_nothing(copy, capsys, monkeypatch):
     from dpmem.bench.store import run_store as store_mod
     monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.3)

@@ -11,8 +11,8 @@ import numpy as np
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
 from dpmem.bench.run import execution, resources, units
-from dpmem.bench.run.plan import (as_inputs, noise_seed, plan_variant, provenance, run_seed, schedule,
-                                  train_spec)
+from dpmem.bench.run.plan import (as_inputs, noise_seed, plan_variant, provenance, random_scheme, run_seed, schedule,
+                                  stored_random_scheme, train_spec)
 from dpmem.bench.run.subsets import CANARY_MASK_STREAM, make_masks
 from dpmem.bench.store.files import atomic_write_json, read_json
 from dpmem.bench.store.run_store import RunStore, data_fingerprint
@@ -140,11 +140,27 @@ def with_gradient_canaries(x: np.ndarray, y: np.ndarray, masks: np.ndarray,
             "canary": np.concatenate([np.full(len(y), -1, dtype=np.int64), np.arange(m, dtype=np.int64)])}
 
 
+def check_resume(store: RunStore, cfg: Config) -> None:
+    """Refuse, before training, to finish a variant on a device that draws coins and noise by another
+    scheme than the one it began with (models/philox.py): its models would no longer share their
+    batches with the other variants' models of the same index."""
+    for name, _ in cfg.variants:
+        plan = store.plan(name)
+        if plan is None or store.variant_complete(name):
+            continue
+        stored, now = stored_random_scheme(plan), random_scheme(cfg, plan.get("engine", cfg.engine))
+        if stored != now:
+            raise UsageError(f"{store.root}: variant {name} drew its coins and noise with the {stored} scheme, and "
+                             f"device {cfg.device!r} draws them with the {now} scheme (models/philox.py); resume "
+                             "it on the device it started on, or use another --out")
+
+
 def run(store: RunStore, cfg: Config, *, progress: bool = True, ds: Dataset | None = None,
         engine: str | None = None, ray_address: str | None = None) -> dict[str, float]:
     """Train every variant's unfinished units; returns training seconds per variant.
 
     ``ds`` and ``engine`` are what ``check_inputs`` found (loaded and resolved here when not given)."""
+    check_resume(store, cfg)
     execution.set_threads(cfg.threads)
     ds, masks = prepare(store, cfg, ds)
     canary_masks = gradient_canary_masks(store, cfg)

@@ -84,8 +84,28 @@ def train_spec(cfg: Config, ds: Dataset, plan: dict) -> TrainSpec:
 
 
 def provenance(cfg: Config, engine: str) -> dict:
-    """Which engine trains a variant, and which architecture or trainer (recorded in its plan)."""
-    return {"engine": engine, "model": None if cfg.trainer else cfg.model, "trainer": cfg.trainer or None}
+    """Which engine trains a variant, which architecture or trainer, and how the batched engine draws
+    its coins and noise (recorded in its plan)."""
+    return {"engine": engine, "model": None if cfg.trainer else cfg.model, "trainer": cfg.trainer or None,
+            "random_scheme": random_scheme(cfg, engine)}
+
+
+def random_scheme(cfg: Config, engine: str) -> str | None:
+    """The batched engine's random scheme on the run's device (models/philox.py): per-model
+    generators ("generators", the CPU) or counter-based ("counter", a GPU); None for the other
+    engines, whose generators do not depend on the device."""
+    if engine != "batched":
+        return None
+    from dpmem.models.philox import RANDOM_SCHEMES
+    from dpmem.models.runtime import resolve_device
+    return RANDOM_SCHEMES.get(resolve_device(cfg.device).type, "counter")
+
+
+def stored_random_scheme(plan: dict) -> str | None:
+    """A stored plan's random scheme; plans written before it was recorded drew with generators."""
+    if plan.get("engine") != "batched":
+        return None
+    return plan.get("random_scheme", "generators")
 
 
 def run_seed(cfg: Config) -> int:
