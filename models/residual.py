@@ -1,7 +1,7 @@
 """Residual convnets with GroupNorm, as DP-SGD papers train them (no BatchNorm: its statistics mix
 the examples of a batch, which per-example clipping forbids).
 
-- ``ResNet``: He et al.'s CIFAR ResNet-(6n+2) (ResNet-20: n = 3 basic blocks per stage), a 3x3
+- ``ResNet``: He et al.'s CIFAR ResNet-(6n+2) (ResNet-20: n = 3 basic blocks per stage; ResNet-8: n = 1), a 3x3
   stem, stages of basic blocks (conv-GN-ReLU-conv-GN, plus the shortcut, then ReLU), each stage
   after the first halving the map with stride 2; a 1x1 convolution with GroupNorm on the
   shortcut where the shape changes.

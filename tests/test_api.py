@@ -90,7 +90,7 @@ def test_architectures_registry_and_factories():
 
     from dpmem.models.nets import ARCHITECTURES, build_model
     from dpmem.models.spec import TrainSpec
-    assert set(ARCHITECTURES) == {"logreg", "mlp", "cnn", "cnn1d", "resnet20", "wrn16"}
+    assert set(ARCHITECTURES) == {"logreg", "mlp", "cnn", "cnn1d", "resnet8", "resnet20", "wrn16"}
     spec = TrainSpec(arch="mlp", input_shape=(1, 8, 8), n_classes=10, hidden=(5,), steps=1, sample_rate=0.1, lr=0.1)
     assert [type(m) for m in build_model(spec)] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
     with pytest.raises(ConfigError, match="choose from logreg, mlp, cnn"):

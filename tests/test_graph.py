@@ -120,8 +120,9 @@ def test_graph_norms_and_clipped_sums_equal_opacus(name, rule, monkeypatch):
             torch.testing.assert_close(logits[k], mods[k](x[k]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, shape, hidden", [("resnet20", (1, 8, 8), (4, 8)), ("wrn16", (1, 8, 8), (8, 16))],
-                         ids=["resnet20", "wrn16"])
+@pytest.mark.parametrize("arch, shape, hidden", [("resnet20", (1, 8, 8), (4, 8)), ("resnet8", (1, 8, 8), (4, 8, 8)),
+                                                 ("wrn16", (1, 8, 8), (8, 16))],
+                         ids=["resnet20", "resnet8", "wrn16"])
 @pytest.mark.parametrize("private", [False, True], ids=["sgd", "dpsgd"])
 def test_residual_training_steps_equal_opacus_steps(arch, shape, hidden, private):
     """Two steps with momentum and weight decay (DP noise off) equal DPOptimizer / plain SGD."""

@@ -8,7 +8,8 @@ optimisation step per model for
   - the batched engine, non-private and DP, K models per step (time per model = step time / K),
 on MLPs 784-256-10 and 64-128-10 (batch 256, K=64) and the built-in CNN on 1x28x28 inputs
 (channels 16 and 32, GroupNorm; batch 64, K=16) and the 1-D CNN on MNIST-1D's 1x40 sequences, and
-with ``--only resnet`` the residual ResNet-20 (GroupNorm, widths 16-32-64) on 1x28x28 inputs (batch 64, K=8),
+with ``--only resnet`` the residual ResNet-20 (GroupNorm, widths 16-32-64) and ResNet-8 (widths 8-16-32, the net
+of ``bench/configs/resnet8-mnist5k.toml``) on 1x28x28 inputs (batch 64, K=8),
 with batches of a fixed size (every batch is the
 same random batch; Poisson sampling is not part of the timing), and the GFLOP/s of the engine's
 MLP DP step (forward, backward, per-example norms, clipped product) next to a large float32
@@ -42,7 +43,8 @@ from dpmem.models.spec import DPParams, TrainSpec
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
          "cnn 1x28x28 16-32": ("cnn", (1, 28, 28), (16, 32), 10, "cnn"),
          "cnn1d 1x40 16-32": ("cnn1d", (1, 40), (16, 32), 10, "cnn"),
-         "resnet20 1x28x28 16-32-64": ("resnet20", (1, 28, 28), (16, 32, 64), 10, "resnet")}
+         "resnet20 1x28x28 16-32-64": ("resnet20", (1, 28, 28), (16, 32, 64), 10, "resnet"),
+         "resnet8 1x28x28 8-16-32": ("resnet8", (1, 28, 28), (8, 16, 32), 10, "resnet")}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
 TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targets
     "mlp": {
@@ -275,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="examples per MLP batch (default 256)")
     parser.add_argument("--cnn-models", type=int, default=16, help="K CNNs per engine step (default 16)")
     parser.add_argument("--cnn-batch", type=int, default=64, help="examples per CNN batch (default 64)")
-    parser.add_argument("--resnet-models", type=int, default=8, help="K ResNet-20s per engine step (default 8)")
-    parser.add_argument("--resnet-batch", type=int, default=64, help="examples per ResNet-20 batch (default 64)")
+    parser.add_argument("--resnet-models", type=int, default=8, help="K residual nets per engine step (default 8)")
+    parser.add_argument("--resnet-batch", type=int, default=64, help="examples per residual-net batch (default 64)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
     parser.add_argument("--only", choices=["mlp", "cnn", "resnet"],
                         help="time only these rows (default: mlp and cnn; the ResNet-20 rows only with --only resnet)")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Training speed",
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
-        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; ResNet-20: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; residual nets: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
         f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
         + ("; an architecture's methods timed in turn, one step each per round" if args.interleave else "")
         + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1
