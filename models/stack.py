@@ -122,6 +122,7 @@ class PoissonBatch:
     y: Tensor       # int64 [K, B * copies]
     valid: Tensor   # bool [K, B]: example b of model k is real (its copies are rows b * copies ...)
     copies: int = 1  # augmented copies per example (models/augment.py)
+    counts: Tensor | None = None   # int64 [K] on the host: valid.sum(dim=1), known when it was sampled
 
 
 class ModelStack:
@@ -205,20 +206,23 @@ class ModelStack:
         self._coin_step += 1
         draw = (self._uniform < self.spec.sample_rate).logical_and_(self.masks)
         counts = draw.sum(dim=1)
+        # the step's one wait for the device: the largest batch sizes the padded tensors
+        host_counts = counts.cpu()
         # padded to a multiple of WIDTH_BLOCK rows: elementwise kernels treat a tensor's last partial
         # vector differently from full ones, and the width depends on the other models of the call
-        width = -(-max(1, int(counts.max())) // WIDTH_BLOCK) * WIDTH_BLOCK
-        rows, cols = draw.nonzero(as_tuple=True)  # row-major: each model's picks in order
-        starts = counts.cumsum(0) - counts
-        slots = rows * width + (torch.arange(rows.numel(), device=self.device) - starts[rows])
-        index = torch.zeros(self.K * width, dtype=torch.long, device=self.device)
-        index[slots] = cols
+        width = -(-max(1, int(host_counts.max())) // WIDTH_BLOCK) * WIDTH_BLOCK
+        # each pick's slot in its model's row (its picks in example order), the rest into a spare
+        # column: the gather index without nonzero, whose output size would be a second wait
+        slots = torch.where(draw, draw.cumsum(dim=1) - 1, width)
+        index = torch.zeros(self.K, width + 1, dtype=torch.long, device=self.device)
+        index.scatter_(1, slots, torch.arange(self.n, device=self.device).expand(self.K, -1))
+        index = index[:, :width].reshape(-1)   # padded rows hold example 0
         x = self.x_train.index_select(0, index).view(self.K, width, *self.x_train.shape[1:])
         y = self.y_train.index_select(0, index).view(self.K, width)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
         if self.augmenters is None:
-            return PoissonBatch(x=x, y=y, valid=valid)
-        return self._augmented(x, y, valid, counts)
+            return PoissonBatch(x=x, y=y, valid=valid, counts=host_counts)
+        return self._augmented(x, y, valid, host_counts)
 
     def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor) -> PoissonBatch:
         """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
@@ -240,7 +244,8 @@ class ModelStack:
             flat = apply(rows.reshape(K * width, *rows.shape[2:]), shifts.view(-1, 2) if crops(self.spec.augment)
                          else None, flip.view(-1) if flips(self.spec.augment) else None)
             rows = flat.view_as(rows)
-        return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m)
+        return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m,
+                            counts=counts)
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
@@ -254,7 +259,7 @@ class ModelStack:
         m = batch.copies
         budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
         size = max(1, min(self.K, budget // max(1, B * m * self.widest)))
-        counts = batch.valid.sum(dim=1).cpu()
+        counts = batch.valid.sum(dim=1).cpu() if batch.counts is None else batch.counts
         if size >= self.K:
             width = max(1, int(counts.max()))
             yield slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width]

@@ -532,6 +532,28 @@ def test_poisson_batches_come_from_each_subset_at_the_sample_rate():
     assert p > 1e-4
 
 
+def test_a_batch_holds_each_models_coin_picks_in_example_order_then_padding():
+    """The gather index (built without nonzero) against the step's coins: model k's rows are the
+    examples whose coin fell under q, in example order, then example 0 as padding; the host counts
+    the batch carries are its valid rows."""
+    K, n, q = 5, 37, 0.4
+    rng = np.random.default_rng(2)
+    x_train = np.arange(n, dtype=np.float32).reshape(n, 1)
+    masks = rng.random((K, n)) < 0.6
+    spec = TrainSpec(arch="logreg", input_shape=(1,), n_classes=2, steps=1, sample_rate=q, lr=0.1)
+    trainer = stack.ModelStack(spec, x_train, np.zeros(n, dtype=np.int64), masks, seed=1, noise_seed=0)
+    for _ in range(20):
+        batch = trainer.sample_batch()
+        picks = ((trainer._uniform < q) & torch.as_tensor(masks)).numpy()
+        assert batch.x.shape[1] % stack.WIDTH_BLOCK == 0
+        assert torch.equal(batch.counts, batch.valid.sum(dim=1))
+        for k in range(K):
+            chosen = np.flatnonzero(picks[k])
+            rows = batch.x[k, :, 0].long().numpy()
+            assert (rows[:len(chosen)] == chosen).all() and (rows[len(chosen):] == 0).all()
+            assert int(batch.counts[k]) == len(chosen)
+
+
 def test_padded_rows_contribute_nothing():
     factory, shape = MODULES["cnn1d"]
     mods, params = _stacked(factory, 2)
