@@ -307,3 +307,13 @@ def test_the_power_table_counts_seeds_not_rows():
     validity = t["validity"].iloc[0]
     assert validity.seeds == 4 and validity.refuted == 1                    # one honest seed failed the gate
     assert t["cost"].set_index("bug").loc["honest", "total_cpu_s"] == pytest.approx(2.0)
+
+
+def test_every_planted_bug_of_the_power_table_has_a_valid_config():
+    """The campaign's overrides load for every bug (a bug's own epochs replaces the common one)."""
+    from dpmem.bench.tools.trainer_audit_power import BUG_RUNS, bug_config, common_overrides
+    common = common_overrides(300, 1000, 2)
+    for bug in BUG_RUNS:
+        cfg = bug_config(bug, 3, common)
+        assert cfg.seed == 3 and cfg.models == 300 and cfg.trainer.endswith(f":{bug}")
+    assert bug_config("fixed_batches", 0, common).epochs == 1 and bug_config("honest", 0, common).epochs == 2

@@ -48,9 +48,22 @@ DESCRIPTION = {"honest": "honest DP-SGD (the README trainer)",
                "fixed_batches": "fixed-size shuffled batches, accountant told Poisson (rate 0.1)"}
 
 
+def common_overrides(models: int, canaries: int, epochs: int) -> list[str]:
+    return [f"models={models}", f"unit_size={models}", f"gradient_canaries={canaries}", f"epochs={epochs}",
+            "threads=1"]
+
+
+def bug_config(bug: str, seed: int, common: list[str]) -> config.Config:
+    """The audit config with the common overrides, then the bug's own (which win: fixed_batches keeps
+    one epoch whatever --epochs says), the planted trainer and the seed."""
+    overrides = dict(item.split("=", 1) for item in common + BUG_RUNS[bug])
+    overrides |= {"trainer": TRAINER.format(bug=bug), "seed": str(seed)}
+    return config.load(AUDIT_CONFIG, [f"{key}={value}" for key, value in overrides.items()])
+
+
 def run_once(root: Path, bug: str, seed: int, common: list[str]) -> list[dict]:
     """Train and audit one seed with one planted bug, as `dpmem run` + `dpmem check`; one row per variant."""
-    cfg = config.load(AUDIT_CONFIG, common + BUG_RUNS[bug] + [f"trainer={TRAINER.format(bug=bug)}", f"seed={seed}"])
+    cfg = bug_config(bug, seed, common)
     store = RunStore.create_or_resume(Path(root) / f"{bug}-{seed}", cfg)
     t0, c0 = time.perf_counter(), time.process_time()
     pipeline.run(store, cfg, progress=False)
@@ -124,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(bugs) - set(BUG_RUNS)
     if unknown:
         p.error(f"unknown bug(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUG_RUNS)}")
-    common = [f"models={args.models}", f"unit_size={args.models}", f"gradient_canaries={args.canaries}",
-              f"epochs={args.epochs}", "threads=1"]
+    common = common_overrides(args.models, args.canaries, args.epochs)
     out = Path(args.out)
     rows = []
     t0, c0 = time.perf_counter(), time.process_time()
