@@ -50,3 +50,24 @@ def assert_two_steps_equal_opacus(spec: TrainSpec, *, device: str = "cpu", rtol:
         for name, ref in model.state_dict().items():
             torch.testing.assert_close(mine[name], ref, rtol=rtol, atol=atol)
     trainer.close()
+
+
+def stacked(factory, K: int, seed: int = 0) -> tuple[list[nn.Module], list[torch.Tensor]]:
+    """K modules from ``factory`` (torch seed ``seed``) and their parameters stacked [K, *shape]."""
+    torch.manual_seed(seed)
+    mods = [factory() for _ in range(K)]
+    params = [torch.stack([p.detach() for p in ps]) for ps in zip(*(m.parameters() for m in mods))]
+    return mods, params
+
+
+def opacus_clipped(module, x, y, max_grad_norm):
+    """Opacus's per-example norms and clipped gradient sum (hooks mode) for one model."""
+    gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")
+    optimizer = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
+                            max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="sum")
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples], dim=1).norm(2, dim=1)
+    optimizer.pre_step()  # clip, accumulate, zero noise, no scaling
+    grads = [p.grad.clone() for p in gsm.parameters()]
+    gsm.remove_hooks()
+    return norms, grads

@@ -20,7 +20,7 @@ from dpmem import models
 from dpmem.models import train_models
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
-from opacus_reference import assert_two_steps_equal_opacus
+from opacus_reference import stacked, assert_two_steps_equal_opacus, opacus_clipped
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
@@ -75,26 +75,6 @@ def exact_cuda():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _stacked(factory, K: int, seed: int = 0) -> tuple[list[nn.Module], list[torch.Tensor]]:
-    torch.manual_seed(seed)
-    mods = [factory() for _ in range(K)]
-    params = [torch.stack([p.detach() for p in ps]) for ps in zip(*(m.parameters() for m in mods))]
-    return mods, params
-
-
-def opacus_clipped(module, x, y, max_grad_norm):
-    """Opacus's per-example norms and clipped gradient sum (hooks mode) for one model."""
-    gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-    optimizer = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
-                            max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="sum")
-    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples], dim=1).norm(2, dim=1)
-    optimizer.pre_step()  # clip, accumulate, zero noise, no scaling
-    grads = [p.grad.clone() for p in gsm.parameters()]
-    gsm.remove_hooks()
-    return norms, grads
-
-
 @pytest.mark.parametrize("device", TEST_DEVICES)
 @pytest.mark.parametrize("rule", ["mixed", "per_example", "ghost"])
 @pytest.mark.parametrize("name", list(MODULES))
@@ -104,7 +84,7 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, ex
     if rule != "mixed" and not any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in factory().modules()):
         pytest.skip("no convolution: the rule does not apply")
     K, B = 3, 10
-    mods, params = _stacked(factory, K)
+    mods, params = stacked(factory, K)
     assert batched.supports(mods[0], shape) is None
     g = torch.Generator().manual_seed(1)
     x = torch.randn(K, B, *shape, generator=g) * 2
@@ -158,7 +138,7 @@ def test_relu_runs_after_the_max_pool_it_precedes_with_equal_gradients_on_ties()
     def factory():
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     K, B = 2, 6
-    mods, params = _stacked(factory, K)
+    mods, params = stacked(factory, K)
     net = wide.WideNet(mods[0], K)
     assert [type(net.layers[j]).__name__ for j in net.order][:3] == ["Conv2d", "MaxPool2d", "ReLU"]
     g = torch.Generator().manual_seed(2)
@@ -184,7 +164,7 @@ def test_mixed_rule_uses_both_paths_on_the_cnn():
         seen.append(self.direct)
 
     factory, shape = MODULES["conv2d_stride_pad_maxpool"]
-    mods, params = _stacked(factory, 2)
+    mods, params = stacked(factory, 2)
     small = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 5))
     torch.manual_seed(0)
     small_params = [p.detach().unsqueeze(0).repeat(2, *([1] * p.dim())) for p in small.parameters()]
@@ -556,7 +536,7 @@ def test_a_batch_holds_each_models_coin_picks_in_example_order_then_padding():
 
 def test_padded_rows_contribute_nothing():
     factory, shape = MODULES["cnn1d"]
-    mods, params = _stacked(factory, 2)
+    mods, params = stacked(factory, 2)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 12, *shape, generator=g)
     y = torch.randint(0, 5, (2, 12), generator=g)

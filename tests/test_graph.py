@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from dpmem import models
@@ -21,7 +19,7 @@ from dpmem.models import batched, graph, stack
 from dpmem.models.nets import build_model
 from dpmem.models.samplers import conv
 from dpmem.models.spec import DPParams, TrainSpec
-from opacus_reference import assert_two_steps_equal_opacus
+from opacus_reference import stacked, assert_two_steps_equal_opacus, opacus_clipped
 
 EXAMPLES = Path(__file__).parent / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -70,32 +68,13 @@ GRAPHS = {
 }
 
 
-def _stacked(factory, K: int, seed: int = 0):
-    torch.manual_seed(seed)
-    mods = [factory() for _ in range(K)]
-    params = [torch.stack([p.detach() for p in ps]) for ps in zip(*(m.parameters() for m in mods))]
-    return mods, params
-
-
-def opacus_clipped(module, x, y, max_grad_norm):
-    gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-    optimizer = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
-                            max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="sum")
-    F.cross_entropy(gsm(x), y, reduction="sum").backward()
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples], dim=1).norm(2, dim=1)
-    optimizer.pre_step()
-    grads = [p.grad.clone() for p in gsm.parameters()]
-    gsm.remove_hooks()
-    return norms, grads
-
-
 @pytest.mark.parametrize("rule", ["mixed", "per_example", "ghost"])
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_graph_norms_and_clipped_sums_equal_opacus(name, rule, monkeypatch):
     monkeypatch.setattr(conv.ConvSampler, "rule", rule)
     factory, shape = GRAPHS[name]
     K, B = 3, 7
-    mods, params = _stacked(factory, K)
+    mods, params = stacked(factory, K)
     assert batched.supports(mods[0], shape) is None
     net = graph.wide_network(mods[0], K)
     assert isinstance(net, graph.GraphNet)
