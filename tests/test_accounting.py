@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from dpmem.privacy.accounting import (Calibration, accountant_name, calibrate, calibrate_noise,
-                                epsilon_of)
+                                      epsilon_lower_bound, epsilon_of, epsilon_pld)
 
 # dp_accounting logs a warning for every RDP order its fractional-order series fails on
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -47,7 +47,7 @@ def test_calibrate_records_what_the_accountant_reports():
     c = calibrate(target_epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=400)
     assert isinstance(c, Calibration)
     assert c.epsilon == epsilon_of(noise_multiplier=c.noise_multiplier, sample_rate=0.05, steps=400, delta=1e-5)
-    assert c.to_dict()["accountant_name"] == accountant_name("rdp")
+    assert c.to_dict()["accountant_name"] == accountant_name("prv")     # Opacus's PrivacyEngine default
     assert accountant_name("rdp").startswith("opacus.accountants.RDPAccountant (opacus ")
     assert "PRVAccountant" in accountant_name("prv") and "GaussianAccountant" in accountant_name("gdp")
     # more budget, less noise
@@ -82,7 +82,7 @@ RDP_CASES = [(1.0, 0.01, 1000, 1e-5), (2.0, 0.1, 100, 1e-6), (0.9, 0.05, 300, 1e
 def test_opacus_rdp_matches_dp_accounting_on_integer_orders(sigma, q, steps, delta):
     # Same orders, same RDP-to-DP conversion: only floating-point differences remain.
     orders = list(range(2, 64))
-    ours = epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    ours = epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="rdp")
     acct = RDPAccountant()
     acct.history = [(sigma, q, steps)]
     opacus_int = acct.get_epsilon(delta, alphas=orders)
@@ -98,7 +98,7 @@ def test_opacus_rdp_matches_dp_accounting_on_default_grids(sigma, q, steps, delt
     # unused here. Integer orders agree exactly; at fractional orders dp_accounting 0.6's series
     # over-estimates RDP or drops the order, so its epsilon is never smaller and the gap is the
     # grid's fractional resolution: measured <= 0.2% on these cases, asserted <= 0.5%.
-    ours = epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    ours = epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="rdp")
     google = dpa_rdp.RdpAccountant()
     google.compose(_dpsgd_event(sigma, q, steps))
     theirs = google.get_epsilon(delta)
@@ -169,3 +169,25 @@ def test_privacy_engine_training_reports_the_same_epsilon(accountant):
     assert engine.get_epsilon(delta) == pytest.approx(
         epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant),
         rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.383, 0.25, 10), (3.43, 1.0, 10), (0.8, 0.01, 1000), (5.0, 0.1, 100),
+                                          (0.6, 0.5, 50)])
+def test_the_epsilon_lower_bound_sits_just_below_the_exact_epsilon(sigma, q, steps):
+    """Optimistic and pessimistic privacy loss distributions bracket the exact epsilon: the lower
+    bound is below dp_accounting's own (pessimistic) PLD accountant and below PRV and RDP, and within
+    its stated slack of the bracket's top."""
+    delta = 1e-5
+    low = epsilon_lower_bound(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    google = dpa_pld.PLDAccountant()
+    google.compose(_dpsgd_event(sigma, q, steps))
+    high = google.get_epsilon(delta)
+    assert low <= high <= epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="prv")
+    assert high <= epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="rdp")
+    assert high - low <= max(0.012, 0.003 * high)
+    assert epsilon_pld(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta) == pytest.approx(high, abs=2e-3)
+
+
+def test_the_lower_bound_falls_with_the_noise_and_stays_cheap_far_from_any_claim():
+    eps = [epsilon_lower_bound(noise_multiplier=s, sample_rate=0.5, steps=100, delta=1e-5) for s in (0.2, 0.5, 1, 4)]
+    assert all(a > b for a, b in zip(eps, eps[1:])) and eps[0] > 500
