@@ -25,14 +25,21 @@ accountant's privacy curve is that Gaussian one: full-batch DP-SGD (sample rate 
 of noise multiplier sigma are exactly (sqrt(T) / sigma)-GDP. With Poisson sampling below 1 the
 claimed curve is not Gaussian, and the f-DP bound is not reported.
 
-Threshold choice. Every threshold on the Pareto frontier of (false negatives, true negatives) is
-tried, each at level / (number of frontier thresholds) (Bonferroni), as in the reference
-implementation (jax_privacy's ``CanaryScoreAuditor.epsilon_one_run`` / ``epsilon_one_run_fdp``,
-whose tested values tests/test_one_run.py reproduces).
+Threshold choice: a fixed grid. The auditor guesses "in" for the r canaries with the highest
+scores, for every r in ``guess_grid(m)``: a geometric grid of about 2 log2(m) counts that depends
+on m alone, fixed before any score or membership is seen. Each r is one test at level / |grid|
+(Bonferroni), so the largest bound over the grid holds at ``level`` by a union bound over a
+number of tests known in advance. Top-r is a post-processing of the scores, as the games require;
+ties between in- and out-scores at the r-th place are counted against the auditor (out first),
+which can only lower the bound. jax_privacy's ``CanaryScoreAuditor`` tries the thresholds on the
+Pareto frontier of the observed (false negatives, true negatives) instead, whose number depends
+on the memberships; ``best_eps(..., grid="frontier")`` reproduces its tested values
+(tests/test_one_run.py) to show the per-threshold arithmetic is the same, and is not used by
+the audit.
 
-The ceiling. Even if every guess is right, r guesses out of m canaries refute only so much: the
-largest bound over r with v = r (at the full level, no Bonferroni) is what any one-run audit with
-m canaries can show (``ceiling``). A claim above the ceiling cannot be refuted by one run.
+The ceiling. Even if the scores separate members perfectly, r guesses out of m canaries refute
+only so much: the largest bound over the grid's r, at the grid's Bonferroni share, with the
+expected m / 2 members ranked first, is what this audit can show with m canaries (``ceiling``). A claim above the ceiling cannot be refuted by one run.
 """
 from __future__ import annotations
 
@@ -143,13 +150,44 @@ def frontier_counts(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[np.n
     return thresholds[keep], tp, fp
 
 
+def guess_grid(m: int) -> np.ndarray:
+    """The guess counts r tried with m canaries: 1, then a factor of sqrt(2) apart, up to m, fixed
+    by m alone (see the module docstring)."""
+    if int(m) != m or m < 1:
+        raise ValueError(f"the number of canaries must be a positive integer, got {m}")
+    steps = int(math.ceil(2 * math.log2(m))) + 1 if m > 1 else 1
+    return np.unique(np.round(np.geomspace(1, m, steps)).astype(np.int64))
+
+
+def top_counts(scores_in: np.ndarray, scores_out: np.ndarray, guesses: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, true positives, false positives) of guessing "in" for the r highest scores,
+    for every r in ``guesses``; ties at the r-th score are broken against the guesser (out-scores
+    first)."""
+    s_in, s_out = np.asarray(scores_in, dtype=float).ravel(), np.asarray(scores_out, dtype=float).ravel()
+    pooled = np.concatenate([s_in, s_out])
+    is_in = np.concatenate([np.ones(s_in.size, bool), np.zeros(s_out.size, bool)])
+    # descending score; among equal scores the out-scores come first
+    order = np.lexsort((is_in, -pooled))
+    tp = np.concatenate([[0], np.cumsum(is_in[order])])
+    r = np.asarray(guesses, dtype=np.int64)
+    return pooled[order][r - 1], tp[r], r - tp[r]
+
+
 def best_eps(scores_in: np.ndarray, scores_out: np.ndarray, *, level: float, delta: float,
-             method: str = "steinke") -> tuple[float, float, int]:
-    """(eps_lb, threshold, thresholds tried): the best one-run bound over the frontier thresholds,
-    each tested at level / (thresholds tried) so that the maximum holds at ``level``."""
+             method: str = "steinke", grid: str = "fixed") -> tuple[float, float, int]:
+    """(eps_lb, threshold, thresholds tried): the best one-run bound over the guess counts of
+    ``guess_grid`` (``grid="fixed"``, the audit's) or over the frontier thresholds (``"frontier"``,
+    jax_privacy's, whose count depends on the memberships), each tested at level / (thresholds
+    tried) so that the maximum holds at ``level``."""
     audit = {"steinke": steinke_eps, "fdp": fdp_eps}[method]
-    thresholds, tp, fp = frontier_counts(scores_in, scores_out)
     m = int(np.size(scores_in) + np.size(scores_out))
+    if grid == "fixed":
+        thresholds, tp, fp = top_counts(scores_in, scores_out, guess_grid(m))
+    elif grid == "frontier":
+        thresholds, tp, fp = frontier_counts(scores_in, scores_out)
+    else:
+        raise ValueError(f"grid must be 'fixed' or 'frontier', got {grid!r}")
     share = level / len(thresholds)
     guesses = tp + fp
     # most promising first (highest precision lower bound), so later ones are cut by the precision test
@@ -169,24 +207,12 @@ def best_eps(scores_in: np.ndarray, scores_out: np.ndarray, *, level: float, del
 
 @functools.lru_cache(maxsize=256)
 def ceiling(m: int, level: float, delta: float, method: str = "steinke") -> float:
-    """The largest bound m canaries can give: every one of r guesses right, r chosen at best."""
+    """The largest bound this audit can give with m canaries: perfect separation of m // 2 members
+    (the expected count), so r guesses get min(r, m // 2) right, for the best r of ``guess_grid(m)``,
+    each r at level / |grid| as in ``best_eps``."""
     audit = {"steinke": steinke_eps, "fdp": fdp_eps}[method]
-
-    def value(r: int) -> float:
-        return audit(m, int(r), int(r), level, delta)
-
-    # the bound rises then falls with r: a log grid brackets the best r, a ternary search refines it
-    grid = np.unique(np.round(np.geomspace(1, max(1, m // 2), 24)).astype(int))
-    values = [value(r) for r in grid]
-    k = int(np.argmax(values))
-    lo, hi = int(grid[max(k - 1, 0)]), int(grid[min(k + 1, len(grid) - 1)])
-    while hi - lo > 2:
-        a, b = lo + (hi - lo) // 3, hi - (hi - lo) // 3
-        if value(a) < value(b):
-            lo = a
-        else:
-            hi = b
-    return max(max(values), *(value(r) for r in range(lo, hi + 1)))
+    grid = guess_grid(m)
+    return max(audit(m, int(r), int(min(r, m // 2)), level / len(grid), delta) for r in grid)
 
 
 # -- the audit of one variant ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ PUBLISHED = [("steinke", 1, 1.13346), ("steinke", 2, 2.311945), ("steinke", 4, 4
 @pytest.mark.parametrize("method,shift,expected", PUBLISHED)
 def test_bounds_equal_the_reference_implementation_on_its_tested_values(method, shift, expected):
     eps, _, tried = one_run.best_eps(deterministic_normal(shift, 10_000), deterministic_normal(0, 10_000),
-                                     level=0.05, delta=1e-6, method=method)
+                                     level=0.05, delta=1e-6, method=method, grid="frontier")
     assert tried > 1
     assert eps == pytest.approx(expected, rel=1e-5)
 
@@ -45,13 +45,35 @@ def test_p_value_is_the_papers_sum():
 
 
 def test_ceiling_matches_the_known_limits_and_bounds_every_outcome():
-    # about 5 at m = 1,000 and about 7 at m = 10,000, at 95% and delta 1e-5 (Steinke et al., Fig. 1)
-    assert one_run.ceiling(1000, 0.05, 1e-5) == pytest.approx(5.09, abs=0.02)
-    assert one_run.ceiling(10_000, 0.05, 1e-5) == pytest.approx(7.14, abs=0.02)
-    # perfect separation gets close to the ceiling, never above it
+    # all r guesses right, the best r, one test at 95% and delta 1e-5: about 5 at m = 1,000 and about
+    # 7 at m = 10,000 (Steinke et al., Fig. 1)
+    for m, known in ((1000, 5.09), (10_000, 7.14)):
+        best = max(one_run.steinke_eps(m, r, r, 0.05, 1e-5) for r in np.unique(np.geomspace(10, m // 2, 60).astype(int)))
+        assert best == pytest.approx(known, abs=0.03)
+    # the audit's own ceiling pays for its grid: below the single test's, and within 25% of it
+    assert 0.75 * 5.09 < one_run.ceiling(1000, 0.05, 1e-5) < 5.09
+    # perfect separation reaches the ceiling, never above it
     masks = np.arange(1000) % 2 == 0
     eps = one_run.best_eps(masks[masks].astype(float), masks[~masks].astype(float), level=0.05, delta=1e-5)[0]
-    assert 4.5 < eps <= one_run.ceiling(1000, 0.05, 1e-5) + 1e-9
+    assert eps == pytest.approx(one_run.ceiling(1000, 0.05, 1e-5), rel=1e-6)
+
+
+def test_the_guess_grid_depends_on_the_number_of_canaries_only():
+    """The Bonferroni count is fixed before the memberships are seen: the same for any scores and
+    labels with the same m, and about 2 log2(m) + 1."""
+    rng = np.random.default_rng(3)
+    m = 2000
+    tried = set()
+    for frac_in in (0.1, 0.5, 0.9):
+        scores = rng.normal(size=m)
+        members = rng.random(m) < frac_in
+        tried.add(one_run.best_eps(scores[members] + 1.0, scores[~members], level=0.05, delta=1e-5)[2])
+    assert tried == {len(one_run.guess_grid(m))}
+    assert len(one_run.guess_grid(m)) == pytest.approx(2 * math.log2(m) + 1, abs=2)
+    assert one_run.guess_grid(m)[0] == 1 and one_run.guess_grid(m)[-1] == m
+    # ties between an in- and an out-score are counted against the guesser
+    _, tp, fp = one_run.top_counts(np.array([1.0, 0.0]), np.array([1.0]), np.array([1, 2, 3]))
+    assert tp.tolist() == [0, 1, 2] and fp.tolist() == [1, 1, 1]
 
 
 def test_randomised_response_exceeds_its_epsilon_at_most_alpha_of_the_time():
