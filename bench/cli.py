@@ -133,6 +133,10 @@ def _parse_claims(items: list[str]) -> dict[str, float]:
     return claims
 
 
+# Which claims each kind of bound may refute (privacy/family.py states the promise).
+REFUTES = {"rigorous": "any claim", "parametric": "any claim, if its assumption holds", "estimate": "none"}
+
+
 def cmd_check(args) -> int:
     from dpmem.bench.report import analysis
     from dpmem.bench.report.analysis import audit_failures
@@ -166,6 +170,7 @@ def cmd_check(args) -> int:
                "canary_audits": {n: c.to_dict() for n, c in result.canary_audits.items()},
                "one_run_audits": {n: o.to_dict() for n, o in result.one_run_audits.items()},
                "parametric_bounds": {n: p.to_dict() for n, p in result.parametric.items()},
+               "parametric_not_computed": result.parametric_refusals, "refutes": REFUTES,
                "oracle_eps_lb": {n: v["oracle_eps_lb"] for n, v in result.summary["variants"].items()
                                  if v.get("oracle_eps_lb") is not None},
                "audit_family": run["audit_family"],
@@ -182,7 +187,7 @@ def _print_audit(result, failures: list[str]) -> None:
     from dpmem.bench.report.tables import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "refutes": REFUTES["rigorous"], "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
                      "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
@@ -190,7 +195,8 @@ def _print_audit(result, failures: list[str]) -> None:
                      "test_acc": result.summary["variants"][name]["test_accuracy"]})
         c = result.canary_audits.get(name)
         if c is not None:
-            rows.append({"variant": name, "audit": "gradient canary", "kind": "rigorous", "claimed_eps": c.epsilon_claimed,
+            rows.append({"variant": name, "audit": "gradient canary", "kind": "rigorous",
+                         "refutes": REFUTES["rigorous"], "claimed_eps": c.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if c.epsilon_claimed is None else f"({c.epsilon_claimed:.3g}, {c.delta:.2g})",
                          "eps_lb": c.eps_lb, "eps_gaussian_estimate": c.eps_gdp, "violations": None,
@@ -199,7 +205,7 @@ def _print_audit(result, failures: list[str]) -> None:
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
         o = result.one_run_audits.get(name)
         if o is not None:
-            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "claimed_eps": o.epsilon_claimed,
+            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "refutes": REFUTES["rigorous"], "claimed_eps": o.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if o.epsilon_claimed is None else f"({o.epsilon_claimed:.3g}, {o.delta:.2g})",
                          "eps_lb": o.eps_lb, "eps_gaussian_estimate": None, "violations": None,
@@ -208,7 +214,8 @@ def _print_audit(result, failures: list[str]) -> None:
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
         p = result.parametric.get(name)
         if p is not None:
-            rows.append({"variant": name, "audit": "parametric*", "kind": "parametric", "claimed_eps": p.epsilon_claimed,
+            rows.append({"variant": name, "audit": "parametric*", "kind": "parametric",
+                         "refutes": REFUTES["parametric"], "claimed_eps": p.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if p.epsilon_claimed is None else f"({p.epsilon_claimed:.3g}, {p.delta:.2g})",
                          "eps_lb": p.eps_lb, "eps_gaussian_estimate": p.eps_estimate, "violations": None,
@@ -237,14 +244,21 @@ def _print_audit(result, failures: list[str]) -> None:
     if result.parametric:
         p = next(iter(result.parametric.values()))
         print(f"* parametric (assumes DP-SGD with Gaussian noise): effective noise multiplier and sensitivity measured "
-              f"from the canary scores with confidence bounds, passed through the {p.accountant} accountant at the "
-              f"run's sample rate and steps; eps_gaussian_estimate is its point estimate. Counts in the verdict "
-              f"(--no-parametric leaves it out). " + "; ".join(
+              f"from the canary scores with confidence bounds, turned into epsilon by {p.epsilon_method}, at the "
+              f"run's sample rate and steps, so eps_lb lower-bounds the exact epsilon of the trained mechanism, not "
+              f"an accountant's over-statement of it; eps_gaussian_estimate is its point estimate. Counts in the "
+              f"verdict (--no-parametric leaves it out). " + "; ".join(
                   f"{q.variant}: sigma_eff {q.noise_multiplier:.4g} (<= {q.noise_multiplier_hi:.4g}), "
-                  f"sensitivity {q.sensitivity:.4f} (>= {q.sensitivity_lo:.4f})" for q in result.parametric.values()))
+                  f"sensitivity {q.sensitivity:.4f} (>= {q.sensitivity_lo:.4f}); assumes {q.assumption}"
+                  for q in result.parametric.values()))
+    for name, why in result.parametric_refusals.items():
+        print(f"note: {name} has no parametric bound: {why}")
     canaries = run["canaries"]
     print("eps_lb: empirical epsilon lower bound; refutable_up_to: the largest "
           "claimed epsilon these model counts could have refuted.")
+    print("refutes: which claims a row may refute. A rigorous bound holds for any mechanism, so it refutes any "
+          "claim; a parametric one holds against the exact epsilon when its assumption holds, so it refutes any "
+          "claim under that assumption; an estimate (eps_gaussian_estimate) has no level and refutes nothing.")
     print(f"audited {result.summary['run']['n_train']} training examples, {canaries} of them canaries "
           f"(mislabeled examples inserted to raise the audit's power).")
     if failures:

@@ -24,9 +24,18 @@ samples, clips, noises and normalises them; it computes no clipping or noise its
 - ``Canaries(canaries, params)`` ties them to one ``fit`` call of the trainer protocol
   (models/user_engine.py): ``model``, ``dataset`` (appends one row per member canary: zero input,
   label 0, id j; real rows get id -1), ``loss``, ``attach`` (the DP optimizer divides by
-  ``params.expected_batch_size``, the real examples' expected batch, as without canaries) and
-  ``scores`` (theta_c, float32 [count]). With ``canaries=None`` every method leaves the training
-  as it was (rows get id -1, no theta_c).
+  ``params.expected_batch_size``, the real examples' expected batch, as without canaries; it
+  also records the update form and counts the optimizer's steps), ``scores`` (theta_c, float32
+  [count]) and ``update`` (the form, float64 [5], for the parametric bound). With
+  ``canaries=None`` every method leaves the training as it was (rows get id -1, no theta_c).
+
+The update form. The parametric bound (privacy/parametric.py) needs the linear response of a
+canary coordinate to its gradients, which torch.optim.SGD with constant lr, momentum and weight
+decay (dampening 0, no nesterov) has. ``attach`` reads these from the optimizer that Opacus's DP
+optimizer wraps, and a step hook counts the steps that really updated the parameters and checks
+that the settings never change (a scheduler would change lr). Any other optimizer, or a change,
+is recorded as "other", and ``dpmem check`` then says in one line why the variant has no
+parametric bound; the rigorous audits still run.
 
 The canary rows go through the user's data loader and the user's network (with a zero input),
 so whatever the loop does to examples (sampling, clipping, noise, normalisation) it does to the
@@ -42,6 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
+
+from dpmem.privacy.parametric import RULE_OTHER, RULE_SGD, UPDATE_FIELDS
 
 if TYPE_CHECKING:
     from dpmem.models.user_engine import TrainerCanaries, TrainerParams
@@ -173,6 +184,7 @@ class Canaries:
             raise ValueError(f"canary ids must lie in [0, {self.count}), got [{self.ids.min()}, {self.ids.max()}]")
         self.grad_norm = 1.0 if canaries is None else float(canaries.grad_norm)
         self._model: CanaryModel | None = None
+        self._update = np.zeros(len(UPDATE_FIELDS), dtype=np.float64)    # rule "not reported" until attach
 
     def model(self, module: nn.Module) -> CanaryModel:
         """The user's module with theta_c; call it as ``model(x, ids)`` in training, ``model(x)`` otherwise."""
@@ -197,9 +209,43 @@ class Canaries:
         if not hasattr(optimizer, "expected_batch_size"):
             raise TypeError(f"attach takes the optimizer make_private returned, got {type(optimizer).__name__}")
         optimizer.expected_batch_size = self.params.expected_batch_size
+        inner = getattr(optimizer, "original_optimizer", optimizer)
+        settings = _sgd_settings(inner)
+        self._update[:] = 0.0
+        if settings is None:
+            self._update[0] = RULE_OTHER
+            return
+        self._update[:4] = (RULE_SGD, *settings)
+        update = self._update
+
+        def count_step(opt, args, kwargs) -> None:
+            # Opacus calls the wrapped optimizer's step only for a real (noisy) update
+            update[4] += 1
+            if _sgd_settings(opt) != settings:
+                update[0] = RULE_OTHER
+
+        inner.register_step_post_hook(count_step)
+
+    def update(self) -> np.ndarray:
+        """The update form, float64 [5]: rule (0 not reported, 1 torch.optim.SGD, 2 another optimizer
+        or changed settings), lr, momentum, weight decay, steps taken: the ``canary_update`` fit returns."""
+        return self._update.copy()
 
     def scores(self) -> np.ndarray:
         """theta_c after training, float32 [count]: the ``canary_score`` fit returns."""
         if self._model is None:
             raise RuntimeError("Canaries.model(...) was never called: there is no theta_c to read")
         return self._model.scores()
+
+
+def _sgd_settings(optimizer) -> tuple[float, float, float] | None:
+    """(lr, momentum, weight_decay) of a plain torch.optim.SGD whose parameter groups all share them
+    (dampening 0, no nesterov, not maximising); None for anything else."""
+    if type(optimizer) is not torch.optim.SGD or not optimizer.param_groups:
+        return None
+    settings = set()
+    for group in optimizer.param_groups:
+        if group.get("dampening", 0) != 0 or group.get("nesterov") or group.get("maximize"):
+            return None
+        settings.add((float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])))
+    return settings.pop() if len(settings) == 1 else None

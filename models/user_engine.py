@@ -52,6 +52,11 @@ exactly as above, with no ``canaries`` argument.
 - ``fit`` returns ``"canary_score"`` (float [m]): theta_c[j] after the last step, for every j.
   A missing, misshapen, non-float or non-finite ``canary_score`` stops the run like any bad
   return (one line naming the model, exit code 2, stored units kept).
+- ``fit`` may also return ``"canary_update"`` (float [5]: rule, lr, momentum, weight decay, steps;
+  privacy/parametric.py ``UPDATE_FIELDS``), the form of its update; ``dpmem.canaries`` records it
+  (``kit.update()``). With rule 1 (torch.optim.SGD with those constant settings for that many
+  steps) ``dpmem check`` adds the parametric bound; without it, or with rule 2 (another
+  optimizer), check says in one line why the variant has none.
 - The audit multiplies model k's scores by ``params.expected_batch_size`` (the 1/(expected batch
   size) every update carried) before its test, so the scores of all models share one scale.
 ``dpmem.canaries`` (models/canaries.py) does all of this inside a plain Opacus loop.
@@ -66,6 +71,7 @@ import numpy as np
 from torch import nn
 
 from dpmem.privacy.errors import UsageError
+from dpmem.privacy.parametric import RULES, RULE_SGD, UPDATE_FIELDS
 from dpmem.models.plugins import load_callable, one_line
 from dpmem.models.spec import CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout
 
@@ -127,6 +133,7 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
            for split, (_, y) in req.evals.items() for key, dtype in (("correct", bool), ("margin", np.float16))}
     if spec.canaries:
         out["canary_score"] = np.empty((K, spec.canaries), dtype=np.float32)
+        out["canary_update"] = np.zeros((K, len(UPDATE_FIELDS)), dtype=np.float64)   # rule 0: not reported
     for k in range(K):
         index = int(stream_ids[k])
         train_indices = read_only(np.flatnonzero(masks[k, layout.real]).astype(np.int64))
@@ -182,8 +189,9 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
     expected = {f"{split}_{key}" for split in evals for key in ("correct", "margin")}
     if canaries:
         expected.add("canary_score")
-    if set(result) != expected:
-        missing, extra = sorted(expected - set(result)), sorted(set(result) - expected)
+    optional = {"canary_update"} if canaries else set()
+    if not expected <= set(result) <= expected | optional:
+        missing, extra = sorted(expected - set(result)), sorted(set(result) - expected - optional)
         raise fail(f"keys must be {sorted(expected)}" + (f"; missing {missing}" if missing else "")
                    + (f"; unexpected {extra}" if extra else ""))
     out = {}
@@ -213,4 +221,17 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
         if not np.isfinite(value).all():
             raise fail("canary_score holds NaN or inf")
         out["canary_score"] = value.astype(np.float32)
+    if "canary_update" in result:
+        value = np.asarray(result["canary_update"])
+        if value.shape != (len(UPDATE_FIELDS),) or not np.issubdtype(value.dtype, np.number):
+            raise fail(f"canary_update has shape {value.shape} and dtype {value.dtype}, expected {len(UPDATE_FIELDS)} "
+                       f"numbers ({', '.join(UPDATE_FIELDS)})")
+        value = value.astype(np.float64)
+        if not np.isfinite(value).all() or int(value[0]) != value[0] or int(value[0]) not in RULES:
+            raise fail(f"canary_update's rule must be one of {sorted(RULES)} and every field finite, got {value.tolist()}")
+        if value[0] == RULE_SGD and not (value[1] > 0 and value[2] >= 0 and value[3] >= 0 and value[4] >= 1
+                                         and int(value[4]) == value[4]):
+            raise fail(f"canary_update {value.tolist()}: SGD needs lr > 0, momentum >= 0, weight decay >= 0 and a "
+                       "whole number of steps >= 1")
+        out["canary_update"] = value
     return out

@@ -9,6 +9,18 @@ really satisfies its claim, the verdict wrongly fails with probability <= alpha.
 
 The family counts every (variant, audit kind) whose eps_lb is reported, the non-private variant
 without a claim included, so that the promise covers every printed bound, not only the claims.
+It is fixed by the config and the recorded update forms before any test sees its scores.
+
+The promise, kind by kind: with probability >= 1 - alpha, every printed eps_lb lies below the
+TRUE epsilon of its mechanism, so `check` fails an honest claim, whatever accountant computed
+it, with probability at most alpha.
+- rigorous (black-box, gradient canary, one-run): valid for any mechanism; refutes any claim.
+- parametric: valid when its stated assumption holds (DP-SGD with Gaussian noise and the recorded
+  update); its epsilon comes from a lower bound on the exact epsilon of the measured mechanism
+  (privacy/accounting.py ``epsilon_lower_bound``), never from an accountant's upper estimate, so
+  it too refutes any claim, under that assumption.
+- estimates (eps_gaussian_estimate, the parametric point estimate): no level; they refute nothing
+  and are not in the family.
 """
 from __future__ import annotations
 

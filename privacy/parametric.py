@@ -21,15 +21,25 @@ with i.i.d. observations over models and canaries. Two quantities are measured:
   the in-mean over q S1, with a one-sided t lower bound s_lo at level/2 (exact at sample rate 1,
   where in-scores are Gaussian; a central-limit bound below 1, with thousands of observations).
 The noise multiplier that matters for privacy is the one per unit of sensitivity,
-sigma_hi / s_lo, and the accountant (the run's, at its sample rate and steps) turns it into
-eps_lb. With probability >= 1 - level both bounds hold, sigma_hi / s_lo >= sigma / s, and, the
-accountant's epsilon falling with the noise multiplier, eps_lb <= the epsilon the accountant
-gives the run's true (sigma / s, q, T), which an honest run's calibration keeps <= its claim.
+sigma_hi / s_lo, and ``accounting.epsilon_lower_bound`` turns it, at the run's sample rate and
+steps, into eps_lb. With probability >= 1 - level both confidence bounds hold, so
+sigma_hi / s_lo >= sigma / s; epsilon falls with the noise multiplier, and the lower bound never
+exceeds the exact epsilon, so
+    eps_lb = lower(sigma_hi / s_lo) <= lower(sigma / s) <= exact epsilon of the run's mechanism.
+Hence the bound can refute ANY claim, not only the one the run was trained for: a claim computed
+by a tighter accountant than the run's (PLD, PRV) is refuted with probability at most the level
+when it is true. (Passing sigma_hi / s_lo through the run's own accountant, as RDP, would bound
+that accountant's over-statement of epsilon instead, and refute true claims between the exact
+epsilon and the accountant's far more often than the level.)
 
 Assumption (hence "parametric"): the mechanism is DP-SGD with Gaussian noise as above, with the
-recorded learning rate, momentum, weight decay, steps, sample rate and batch normalisation. A
-trainer that adds non-Gaussian noise, or that normalises differently, breaks it; the bound is
-then neither rigorous nor, in general, conservative.
+recorded learning rate, momentum, weight decay, steps, sample rate and batch normalisation. For
+dpmem's engines these are the run's; for a user's trainer they are what ``dpmem.canaries``
+recorded at ``attach`` (a torch.optim.SGD under Opacus's DP optimizer) and the steps it counted.
+Any other optimizer (Adam, a custom update) has no known linear response, and the bound is not
+computed. A trainer that adds non-Gaussian noise, or that normalises differently, breaks the
+assumption; the bound is then neither rigorous nor, in general, conservative (under Student-t
+noise of the same variance its false-alarm rate is measured in results/parametric_validity.md).
 """
 from __future__ import annotations
 
@@ -43,6 +53,7 @@ from scipy import stats
 from dpmem.privacy import accounting
 
 KIND = "parametric (assumes DP-SGD with Gaussian noise)"
+ENGINE_ASSUMPTION = "DP-SGD with Gaussian noise, updated by torch.optim.SGD as dpmem's engine trains the run"
 
 
 def response(*, steps: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> np.ndarray:
@@ -64,8 +75,12 @@ def response(*, steps: int, lr: float, momentum: float = 0.0, weight_decay: floa
 
 @dataclass(frozen=True, kw_only=True)
 class ParametricBound:
+    """The parametric bound of one DP variant. Guarantee: when the assumption holds (the module
+    docstring), ``eps_lb`` exceeds the exact epsilon of the trained mechanism with probability at
+    most ``level``, whatever the claim; ``eps_estimate`` is a point estimate with no level."""
     variant: str
     kind: str
+    assumption: str                 # the update form the bound assumes, and where it comes from
     epsilon_claimed: float | None
     delta: float
     level: float                    # this bound's share of the family-wise alpha
@@ -73,13 +88,13 @@ class ParametricBound:
     n_out: int
     sample_rate: float
     steps: int
-    accountant: str
+    epsilon_method: str             # how (noise, q, steps) becomes epsilon: accounting.lower_bound_name()
     noise_multiplier: float         # point estimate of the effective noise multiplier sigma
     noise_multiplier_hi: float      # upper confidence bound (level / 2)
     sensitivity: float              # point estimate of the effective sensitivity s = c / C (1 when honest)
     sensitivity_lo: float           # lower confidence bound (level / 2)
-    noise_per_sensitivity_hi: float  # sigma_hi / s_lo: what the accountant is given
-    eps_estimate: float | None      # the accountant's epsilon at the point estimates (no confidence level)
+    noise_per_sensitivity_hi: float  # sigma_hi / s_lo: what the epsilon lower bound is given
+    eps_estimate: float | None      # the same epsilon at the point estimates (an estimate: no confidence level)
     eps_lb: float | None            # the bound; None when the scores refute no epsilon (s_lo <= 0)
     consistent: bool
 
@@ -89,13 +104,13 @@ class ParametricBound:
             "eps_lb_infinite": self.eps_lb is not None and math.isinf(self.eps_lb)}
 
 
-def _eps(noise_per_sensitivity: float, *, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+def _eps(noise_per_sensitivity: float, *, sample_rate: float, steps: int, delta: float) -> float:
     if noise_per_sensitivity <= 0:
         return math.inf
     if not math.isfinite(noise_per_sensitivity):
         return 0.0
-    return accounting.epsilon_of(noise_multiplier=noise_per_sensitivity, sample_rate=sample_rate, steps=steps,
-                                 delta=delta, accountant=accountant)
+    return accounting.epsilon_lower_bound(noise_multiplier=noise_per_sensitivity, sample_rate=sample_rate,
+                                          steps=steps, delta=delta)
 
 
 def noise_and_sensitivity(u_in: np.ndarray, u_out: np.ndarray, *, H: np.ndarray, sample_rate: float,
@@ -121,7 +136,7 @@ def noise_and_sensitivity(u_in: np.ndarray, u_out: np.ndarray, *, H: np.ndarray,
 def parametric_bound(*, variant: str, scores: np.ndarray, masks: np.ndarray, batch_sizes: np.ndarray,
                      max_grad_norm: float, lr: float, momentum: float, weight_decay: float, steps: int,
                      sample_rate: float, epsilon: float | None, delta: float, level: float,
-                     accountant: str) -> ParametricBound:
+                     assumption: str = ENGINE_ASSUMPTION) -> ParametricBound:
     """The parametric bound of one DP variant from its canary scores [K, m] and memberships [K, m].
 
     ``batch_sizes`` [K]: each model's expected batch size (the update's normaliser, models/spec.py);
@@ -139,14 +154,48 @@ def parametric_bound(*, variant: str, scores: np.ndarray, masks: np.ndarray, bat
     sigma, sigma_hi, s, s_lo = (float(x) for x in noise_and_sensitivity(u[masks], u[~masks], H=H,
                                                                          sample_rate=sample_rate, level=level))
     ratio_hi = sigma_hi / s_lo if s_lo > 0 else math.inf
-    kw = dict(sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant)
+    kw = dict(sample_rate=sample_rate, steps=steps, delta=delta)
     lb = _eps(ratio_hi, **kw) if s_lo > 0 else None
     if lb is not None and lb <= 0:
         lb = None
     est = _eps(sigma / s, **kw) if s > 0 else None
-    return ParametricBound(variant=variant, kind=KIND, epsilon_claimed=None if epsilon is None else float(epsilon),
+    return ParametricBound(variant=variant, kind=KIND, assumption=assumption,
+                           epsilon_claimed=None if epsilon is None else float(epsilon),
                            delta=float(delta), level=float(level), n_in=int(masks.sum()), n_out=int((~masks).sum()),
-                           sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
+                           sample_rate=float(sample_rate), steps=int(steps),
+                           epsilon_method=accounting.lower_bound_name(),
                            noise_multiplier=sigma, noise_multiplier_hi=sigma_hi, sensitivity=s, sensitivity_lo=s_lo,
                            noise_per_sensitivity_hi=ratio_hi, eps_estimate=est, eps_lb=lb,
                            consistent=epsilon is None or lb is None or lb <= epsilon)
+
+
+# -- the update form of a user's trainer -----------------------------------------------------------
+# What a trainer of the trainer protocol returns as "canary_update" (float64 [5], one row per model
+# in the store): the rule, then torch.optim.SGD's lr, momentum and weight decay, and the optimizer
+# steps taken. ``dpmem.canaries`` records it at ``attach`` and counts the steps (models/canaries.py).
+UPDATE_FIELDS = ("rule", "lr", "momentum", "weight_decay", "steps")
+RULE_NOT_REPORTED, RULE_SGD, RULE_OTHER = 0, 1, 2
+RULES = {RULE_NOT_REPORTED: "not reported", RULE_SGD: "torch.optim.SGD",
+         RULE_OTHER: "an optimizer other than plain torch.optim.SGD with constant settings"}
+
+
+def trainer_update(update: np.ndarray | None) -> tuple[dict | None, str | None]:
+    """(the update form for ``parametric_bound``, None) from a variant's ``canary_update`` [K, 5], or
+    (None, why the parametric bound cannot be computed) in one line."""
+    if update is None:
+        return None, ("the trainer returned no 'canary_update' (dpmem.canaries records it at attach: return "
+                      "kit.update() as 'canary_update')")
+    update = np.asarray(update, dtype=np.float64)
+    rules = update[:, 0].astype(int)
+    for rule, why in ((RULE_NOT_REPORTED, "returned no update form"),
+                      (RULE_OTHER, f"trained with {RULES[RULE_OTHER]} (Adam, a scheduler, nesterov or dampening "
+                                   "have no known linear response)")):
+        if (rules == rule).any():
+            return None, f"model {int(np.flatnonzero(rules == rule)[0])} {why}"
+    if not (update == update[0]).all():
+        k = int(np.flatnonzero((update != update[0]).any(axis=1))[0])
+        return None, f"models 0 and {k} report different update forms ({update[0].tolist()} and {update[k].tolist()})"
+    _, lr, momentum, weight_decay, steps = update[0].tolist()
+    assumption = (f"DP-SGD with Gaussian noise, updated by torch.optim.SGD(lr={lr:g}, momentum={momentum:g}, "
+                  f"weight_decay={weight_decay:g}) for {int(steps)} steps, as dpmem.canaries recorded at attach")
+    return dict(lr=lr, momentum=momentum, weight_decay=weight_decay, steps=int(steps), assumption=assumption), None

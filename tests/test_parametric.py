@@ -69,7 +69,7 @@ def test_full_bound_is_tight_for_honest_runs_and_refutes_a_noise_multiplier_25pc
         return u * C / batch[:, None]
 
     kw = dict(variant="dp-eps4", masks=masks, batch_sizes=batch, max_grad_norm=C, lr=lr, momentum=0.0,
-              weight_decay=0.0, steps=T, sample_rate=1.0, epsilon=4.0, delta=delta, level=0.01, accountant="prv")
+              weight_decay=0.0, steps=T, sample_rate=1.0, epsilon=4.0, delta=delta, level=0.01)
     honest = parametric_bound(scores=scores(sigma), **kw)
     assert honest.consistent and 0.9 * 4.0 <= honest.eps_lb <= 4.0
     assert honest.noise_multiplier_hi >= sigma and honest.sensitivity_lo <= 1.0
@@ -104,3 +104,31 @@ def test_the_exact_form_holds_on_the_batched_engine_with_momentum_and_poisson_sa
         assert p.noise_multiplier_hi >= trained and p.sensitivity_lo <= 1.0 <= p.sensitivity + 0.1
         if fault == "none":
             assert p.consistent
+
+
+def test_honest_claims_at_the_exact_epsilon_are_refuted_at_most_level_of_1000_repetitions():
+    """The target of the audit: a claim computed by an exact accountant (PLD) for a noise multiplier
+    calibrated by RDP, which over-states epsilon. Through the epsilon lower bound the parametric
+    bound exceeds it in at most the level of 1,000 repetitions; through the run's RDP accountant
+    (what the bound did before) it exceeded it in most of them."""
+    from dpmem.bench.tools.parametric_validity import critical_noise, ratios
+    T, q, delta, level, reps = 10, 0.25, 1e-5, 0.3, 1000
+    sigma = accounting.calibrate_noise(target_epsilon=4.0, delta=delta, sample_rate=q, steps=T, accountant="rdp")
+    claim = accounting.epsilon_pld(noise_multiplier=sigma, sample_rate=q, steps=T, delta=delta)
+    assert claim < 3.6                      # RDP's 4 is about 3.5 exactly
+    lower = critical_noise(lambda s: accounting.epsilon_lower_bound(noise_multiplier=s, sample_rate=q, steps=T,
+                                                                    delta=delta), claim)
+    rdp = critical_noise(lambda s: accounting.epsilon_of(noise_multiplier=s, sample_rate=q, steps=T, delta=delta,
+                                                         accountant="rdp"), claim)
+    assert lower <= sigma <= rdp            # exceeding needs sigma_hi / s_lo below sigma, and below RDP's less
+    import dpmem.bench.tools.parametric_validity as pv
+    rng = np.random.default_rng(7)
+    saved = pv.LEVEL
+    pv.LEVEL = level
+    try:
+        ratio = ratios(rng, reps=reps, n=4000, sigma=sigma, q=q, noise="gaussian")
+    finally:
+        pv.LEVEL = saved
+    rate = np.mean(ratio < lower)
+    assert rate <= level + 3 * math.sqrt(level * (1 - level) / reps)
+    assert np.mean(ratio < rdp) > 2 * level   # the accountant's over-statement, refuted as if it were the truth

@@ -176,6 +176,14 @@ def test_the_opacus_canary_example_runs_end_to_end_and_check_audits_it(tmp_path,
     direct = canary_audit(variant="dp-eps4", scores=scores * ebs[:, None], masks=canary_masks, epsilon=4.0,
                           delta=plan["delta"], alpha=share)
     assert audit["threshold"] == pytest.approx(direct.threshold) and audit["tpr_lo"] == pytest.approx(direct.tpr_lo)
+    # the kit recorded SGD's settings and counted the steps: the parametric bound runs on the trainer too
+    update = store.variant_arrays("dp-eps4")["canary_update"]
+    assert update.shape == (20, 5)
+    np.testing.assert_array_equal(update, np.tile([1, 0.2, 0.0, 0.0, plan["steps"]], (20, 1)))
+    par = report["parametric_bounds"]["dp-eps4"]
+    assert par["steps"] == plan["steps"] and "torch.optim.SGD(lr=0.2" in par["assumption"]
+    assert par["consistent"] and par["eps_lb"] is not None and par["eps_lb"] < 4.0
+    assert "parametric" in report["audit_family"]["dp-eps4"] and report["audit_tests"] == 5
 
 
 def test_the_canary_example_without_canaries_is_the_readme_trainer(tmp_path):
@@ -317,3 +325,90 @@ def test_every_planted_bug_of_the_power_table_has_a_valid_config():
         cfg = bug_config(bug, 3, common)
         assert cfg.seed == 3 and cfg.models == 300 and cfg.trainer.endswith(f":{bug}")
     assert bug_config("fixed_batches", 0, common).epochs == 1 and bug_config("honest", 0, common).epochs == 2
+
+
+# -- the update form, for the parametric bound -------------------------------------------------------
+
+def _private_loop(make_optimizer, *, steps=3, schedule=False):
+    """A plain Opacus loop over the kit; returns kit.update()."""
+    x, y = _data()
+    params = TrainerParams(noise_multiplier=1.0, max_grad_norm=CLIP, sample_rate=1.0, steps=steps,
+                           expected_batch_size=N_REAL, lr=LR, momentum=0.5, weight_decay=0.01)
+    kit = dpmem_canaries.Canaries(TrainerCanaries(ids=MEMBERS, count=M, grad_norm=2.0, seed=0), params)
+    model = kit.model(_net())
+    optimizer = make_optimizer(model.parameters())
+    data = kit.dataset(TensorDataset(x, y))
+    model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=len(data)), noise_multiplier=1.0,
+        max_grad_norm=CLIP, poisson_sampling=False)
+    kit.attach(optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer.original_optimizer, step_size=1, gamma=0.5) if schedule else None
+    criterion = kit.loss(nn.CrossEntropyLoss())
+    assert kit.update()[4] == 0
+    for _ in range(steps):
+        for xb, yb, ids in loader:
+            optimizer.zero_grad()
+            criterion(model(xb, ids), yb).backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+    return kit.update()
+
+
+def test_attach_records_sgds_settings_and_counts_the_steps_taken():
+    update = _private_loop(lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5, weight_decay=0.01), steps=3)
+    np.testing.assert_allclose(update, [1, 0.3, 0.5, 0.01, 3])
+    # the settings of the optimizer, not of params: a loop that uses other values is described as it ran
+    update = _private_loop(lambda p: torch.optim.SGD(p, lr=0.1), steps=2)
+    np.testing.assert_allclose(update, [1, 0.1, 0.0, 0.0, 2])
+
+
+@pytest.mark.parametrize("make,schedule", [
+    (lambda p: torch.optim.Adam(p, lr=0.01), False),                       # no linear response
+    (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5, nesterov=True), False),
+    (lambda p: torch.optim.SGD(p, lr=0.3), True),                          # lr changes under a scheduler
+])
+def test_any_other_update_is_recorded_as_other(make, schedule):
+    assert _private_loop(make, steps=2, schedule=schedule)[0] == 2
+
+
+def test_check_names_why_a_trainer_has_no_parametric_bound(tmp_path, monkeypatch, capsys):
+    """A trainer that trains with Adam keeps the rigorous audits; check says in one line why the
+    parametric bound is missing, and leaves it out of the alpha split."""
+    import opacus_canary_trainer
+
+    def adam_like(**kw):
+        out = opacus_canary_trainer.fit(**kw)
+        if "canary_update" in out:
+            out["canary_update"] = np.array([2.0, 0, 0, 0, 0])
+        return out
+
+    monkeypatch.setattr(opacus_canary_trainer, "adam_like", adam_like, raising=False)
+    for name, why in (("adam_like", "optimizer other than"),):
+        out = tmp_path / name
+        small = [a for a in CANARY_RUN if not a.startswith("unit_size=")] + ["unit_size=20"]
+        assert cli.main(["run", "--out", str(out), "--quiet", *small, f"trainer=opacus_canary_trainer:{name}"]) == 0
+        capsys.readouterr()
+        assert cli.main(["check", str(out)]) == 0
+        text = capsys.readouterr().out
+        lines = [line for line in text.splitlines() if line.startswith("note: dp-eps4 has no parametric bound")]
+        assert len(lines) == 1 and why in lines[0]
+        assert "parametric*" not in text
+
+
+def test_the_update_forms_that_give_no_parametric_bound_each_name_their_reason():
+    from dpmem.privacy.parametric import trainer_update
+    sgd = np.tile([1, 0.2, 0.9, 0.0, 10], (3, 1))
+    form, why = trainer_update(sgd)
+    assert why is None and form["lr"] == 0.2 and form["momentum"] == 0.9 and form["steps"] == 10
+    assert "momentum=0.9" in form["assumption"]
+    assert trainer_update(None) == (None, trainer_update(None)[1]) and "kit.update()" in trainer_update(None)[1]
+    unreported = sgd.copy()
+    unreported[1] = 0
+    assert trainer_update(unreported)[1] == "model 1 returned no update form"
+    other = sgd.copy()
+    other[2, 0] = 2
+    assert trainer_update(other)[1].startswith("model 2 trained with an optimizer other than")
+    differ = sgd.copy()
+    differ[2, 4] = 11
+    assert trainer_update(differ)[1].startswith("models 0 and 2 report different update forms")

@@ -15,7 +15,7 @@ from dpmem.privacy.canary_audit import CanaryAudit, canary_audit, oracle_eps_lb
 from dpmem.privacy.family import bonferroni_share
 from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS, OneRunAudit, gdp_mu, one_run_audit
 from dpmem.privacy.errors import UsageError
-from dpmem.privacy.parametric import ParametricBound, parametric_bound
+from dpmem.privacy.parametric import ENGINE_ASSUMPTION, ParametricBound, parametric_bound, trainer_update
 
 INTERVAL_LEVEL = 0.95
 INTERVALS = ("test_acc and acc_loss: 95% t-intervals over the K models and the test examples (crossed design, "
@@ -35,22 +35,27 @@ class Analysis:
     canary_audits: dict[str, CanaryAudit] = field(default_factory=dict)   # runs with gradient canaries
     one_run_audits: dict[str, OneRunAudit] = field(default_factory=dict)  # canary runs of few models
     parametric: dict[str, ParametricBound] = field(default_factory=dict)  # DP variants of canary runs
+    parametric_refusals: dict[str, str] = field(default_factory=dict)     # variant -> why it has no parametric bound
 
 
-def audit_family(cfg, has_canaries: bool, *, parametric: bool = True) -> dict[str, list[str]]:
+def audit_family(cfg, has_canaries: bool, *, parametric: bool = True,
+                 trainer_updates: dict[str, str | None] | None = None) -> dict[str, list[str]]:
     """variant -> the audits one `dpmem check` reports for it (each one test of the family).
 
     Every variant gets the black-box audit. With gradient canaries, each also gets one canary
     audit: the multi-model threshold test, or, with at most ONE_RUN_MAX_MODELS models, the
-    one-run guessing game; and each DP variant trained by dpmem's engines gets the parametric
-    bound (unless ``parametric`` is off)."""
+    one-run guessing game; and each DP variant gets the parametric bound (unless ``parametric``
+    is off) when its update form is known: always for dpmem's engines, and for a user's trainer
+    when ``trainer_updates[variant]`` is None (no reason to refuse: dpmem.canaries recorded
+    torch.optim.SGD). The family depends on the config and the recorded update forms, never on
+    the canary memberships or scores, so the Bonferroni split is fixed before the tests see data."""
     family = {}
     for name, target in cfg.variants:
         kinds = ["black-box"]
         if has_canaries:
             kinds.append("one-run" if cfg.models <= ONE_RUN_MAX_MODELS else "gradient canary")
-            # the parametric form is derived from dpmem's own engines; a user trainer's update may differ
-            if parametric and target is not None and not cfg.trainer:
+            known = not cfg.trainer or (trainer_updates or {}).get(name, "no update form") is None
+            if parametric and target is not None and known:
                 kinds.append("parametric")
         family[name] = kinds
     return family
@@ -68,10 +73,15 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
     canary_masks = store.canary_masks()
-    family = audit_family(cfg, canary_masks is not None, parametric=parametric)
+    updates = {}
+    if cfg.trainer and canary_masks is not None:
+        updates = {name: trainer_update(store.variant_arrays(name).get("canary_update"))
+                   for name, target in cfg.variants if target is not None}
+    family = audit_family(cfg, canary_masks is not None, parametric=parametric,
+                          trainer_updates={n: refusal for n, (_, refusal) in updates.items()})
     tests = sum(len(kinds) for kinds in family.values())
     share = bonferroni_share(alpha, tests)
-    canary_audits, one_run_audits, parametric_bounds = {}, {}, {}
+    canary_audits, one_run_audits, parametric_bounds, parametric_refusals = {}, {}, {}, {}
     claims = claims or {}
     data = store.data()
     masks = store.masks()
@@ -110,12 +120,15 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                 canary_audits[name] = canary_audit(variant=name, scores=scaled, masks=canary_masks,
                                                    epsilon=claimed, delta=delta, alpha=share)
             if "parametric" in family[name]:
+                form, _ = updates.get(name, (None, None))
+                update = (dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, steps=plan["steps"],
+                               assumption=ENGINE_ASSUMPTION) if form is None else form)
                 parametric_bounds[name] = parametric_bound(
-                    variant=name, scores=arrays["canary_score"], masks=canary_masks,
-                    batch_sizes=batch_sizes,
-                    max_grad_norm=plan["max_grad_norm"], lr=cfg.lr, momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay, steps=plan["steps"], sample_rate=plan["sample_rate"],
-                    epsilon=claimed, delta=delta, level=share, accountant=cfg.accountant)
+                    variant=name, scores=arrays["canary_score"], masks=canary_masks, batch_sizes=batch_sizes,
+                    max_grad_norm=plan["max_grad_norm"], sample_rate=plan["sample_rate"],
+                    epsilon=claimed, delta=delta, level=share, **update)
+            elif name in updates and parametric:
+                parametric_refusals[name] = updates[name][1]
         mem = memorization.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
         found = findings.controlled_findings(
@@ -191,6 +204,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "canary_audit": canary_audits[name].to_dict() if name in canary_audits else None,
             "one_run_audit": one_run_audits[name].to_dict() if name in one_run_audits else None,
             "parametric_bound": parametric_bounds[name].to_dict() if name in parametric_bounds else None,
+            "parametric_not_computed": parametric_refusals.get(name),
             "oracle_eps_lb": _oracle(canary_audits.get(name), claimed, delta, canary_masks),
         }
     mem_table = pd.concat(mem_rows, ignore_index=True)
@@ -210,7 +224,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "versions": store.meta().get("versions", {})}}
     return Analysis(memorization=mem_table, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
                     summary=summary, canary_audits=canary_audits, one_run_audits=one_run_audits,
-                    parametric=parametric_bounds)
+                    parametric=parametric_bounds, parametric_refusals=parametric_refusals)
 
 
 def _oracle(audit: CanaryAudit | None, claimed: float | None, delta: float,

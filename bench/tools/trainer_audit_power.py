@@ -40,10 +40,12 @@ from dpmem.bench.store.run_store import RunStore
 
 TRAINER = "dpmem.bench.tools.planted_trainer:{bug}"
 # bug -> overrides on top of the audit config and the common ones
-BUG_RUNS = {"honest": ["epsilons=1,4"], "half_noise": ["epsilons=1,4"], "no_clipping": ["epsilons=1"],
+BUG_RUNS = {"honest": ["epsilons=1,4"], "half_noise": ["epsilons=1,4"], "noise_x075": ["epsilons=4"],
+            "no_clipping": ["epsilons=1"],
             "fixed_batches": ["epsilons=1", "batch_size=5", "epochs=1"]}
 DESCRIPTION = {"honest": "honest DP-SGD (the README trainer)",
                "half_noise": "half the noise multiplier passed to make_private",
+               "noise_x075": "0.75 of the noise multiplier passed to make_private",
                "no_clipping": "clipping off (noise std of the claim kept)",
                "fixed_batches": "fixed-size shuffled batches, accountant told Poisson (rate 0.1)"}
 
@@ -74,12 +76,17 @@ def run_once(root: Path, bug: str, seed: int, common: list[str]) -> list[dict]:
     rows = []
     for name, epsilon in cfg.variants:
         a, c = result.audits[name], result.canary_audits[name]
+        p = result.parametric.get(name)
         rows.append({"bug": bug, "seed": seed, "variant": name, "epsilon": epsilon, "gate_failed": gate_failed,
                      "audit_tests": result.summary["run"]["audit_tests"], "canary_refuted": not c.consistent,
                      "canary_eps_lb": c.eps_lb, "canary_power_eps": c.power_eps, "canary_eps_gdp": c.eps_gdp,
                      "blackbox_refuted": not a.consistent, "blackbox_eps_lb": a.eps_lb, "n_in": c.n_in,
                      "n_out": c.n_out, "models": c.models, "canaries": c.canaries,
                      "steps": result.summary["variants"][name]["steps"],
+                     "parametric_refuted": None if p is None else not p.consistent,
+                     "parametric_eps_lb": None if p is None else p.eps_lb,
+                     "parametric_noise_multiplier": None if p is None else p.noise_multiplier,
+                     "parametric_not_computed": result.parametric_refusals.get(name),
                      "run_wall_s": wall, "run_cpu_s": cpu})
     return rows
 
@@ -92,7 +99,8 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                        | {"median_eps_lb": g["canary_eps_lb"].median(), "blackbox_refuted": int(g["blackbox_refuted"].sum()),
                           "models": int(g["models"].iloc[0]), "canaries": int(g["canaries"].iloc[0]),
                           "n_in": int(g["n_in"].median()), "n_out": int(g["n_out"].median()),
-                          "steps": int(g["steps"].iloc[0])})
+                          "steps": int(g["steps"].iloc[0])}
+                       | _parametric_columns(g))
     honest = runs[runs.bug == "honest"]
     gates = honest.groupby("seed")["gate_failed"].first()
     above = honest[honest.epsilon.notna() & (honest.canary_eps_lb > honest.epsilon)]
@@ -106,12 +114,23 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"refuted": pd.DataFrame(refuted), "validity": validity, "cost": cost}
 
 
-def write(runs: pd.DataFrame, out: Path, header: str = "") -> str:
+def _parametric_columns(g: pd.DataFrame) -> dict:
+    """The parametric bound's refutations (with their exact interval) and median bound, where computed."""
+    if "parametric_refuted" not in g or g["parametric_refuted"].isna().all():
+        return {"parametric_refuted": None}
+    done = g["parametric_refuted"].dropna().astype(bool)
+    row = _rate_row({}, done)
+    return {"parametric_refuted": row["refuted"], "parametric_rate_lo": row["rate_lo"],
+            "parametric_rate_hi": row["rate_hi"],
+            "median_parametric_eps_lb": pd.to_numeric(g["parametric_eps_lb"], errors="coerce").median()}
+
+
+def write(runs: pd.DataFrame, out: Path, header: str = "", name: str = "trainer_audit_power") -> str:
     text = header
-    for name, frame in tables(runs).items():
-        text += f"### {name}\n\n{markdown(frame)}\n"
-    atomic_write_bytes(out / "trainer_audit_power.csv", runs.to_csv(index=False).encode())
-    atomic_write_bytes(out / "trainer_audit_power.md", text.encode())
+    for title, frame in tables(runs).items():
+        text += f"### {title}\n\n{markdown(frame)}\n"
+    atomic_write_bytes(out / f"{name}.csv", runs.to_csv(index=False).encode())
+    atomic_write_bytes(out / f"{name}.md", text.encode())
     return text
 
 
@@ -124,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canaries", type=int, default=1000, help="gradient canaries per model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", default="results")
+    p.add_argument("--name", default="trainer_audit_power", help="the output files' stem in --out")
     p.add_argument("--merge", nargs="+", metavar="CSV",
                    help="no training: write the tables of these runs' CSVs together (seeds split over processes)")
     args = p.parse_args(argv)
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = pd.concat([pd.read_csv(path) for path in args.merge], ignore_index=True)
         if runs.duplicated(["bug", "seed", "variant"]).any():
             p.error("the CSVs overlap: a (bug, seed, variant) appears twice")
-        print(write(runs, Path(args.out), f"Merged from {', '.join(args.merge)}.\n\n"))
+        print(write(runs, Path(args.out), f"Merged from {', '.join(args.merge)}.\n\n", args.name))
         return 0
     bugs = [b for b in args.bugs.split(",") if b]
     unknown = set(bugs) - set(BUG_RUNS)
@@ -145,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.first_seed, args.first_seed + args.seeds):   # seed-major: partial results cover every bug
             for bug in bugs:
                 rows += run_once(Path(tmp), bug, seed, common)
-                write(pd.DataFrame(rows), out)
+                write(pd.DataFrame(rows), out, name=args.name)
             print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU)",
                   flush=True)
     header = (f"`python -m dpmem.bench.tools.trainer_audit_power --seeds {args.seeds} --models {args.models} "
-              f"--canaries {args.canaries} --epochs {args.epochs}`: {time.perf_counter() - t0:.0f} s wall, "
+              f"--canaries {args.canaries} --epochs {args.epochs} --bugs {','.join(bugs)}`: "
+              f"{time.perf_counter() - t0:.0f} s wall, "
               f"{time.process_time() - c0:.0f} s CPU in all.\n\n")
-    print(write(pd.DataFrame(rows), out, header))
+    print(write(pd.DataFrame(rows), out, header, args.name))
     return 0
 
 

@@ -56,4 +56,5 @@ def fit(*, index, train_indices, x_train, y_train, evals, seed, noise_seed, para
             out[f"{split}_margin"] = (logits.gather(1, y).squeeze(1) - others).numpy()
     if canaries is not None:
         out["canary_score"] = kit.scores()                    # theta_c after training
+        out["canary_update"] = kit.update()                   # SGD's settings and steps: the parametric bound
     return out
