@@ -26,7 +26,7 @@ from dpmem.privacy.faults import FAULTS
 # DATASETS, models/nets.py ARCHITECTURES, privacy/audit.py SAMPLINGS); validate() looks them up
 # on first use, since those modules import this one or pull in heavy libraries.
 DEVICES = ("auto", "cpu", "cuda")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+ACCOUNTANTS = ("prv", "rdp", "gdp")
 FELDMAN_PRIORS = ("zipf", "uniform")
 FELDMAN_INPUTS = ("onehot", "embedding")
 # How a run executes, not what it computes: excluded from the config hash, so a run can be resumed
@@ -74,7 +74,7 @@ class Config:
     # privacy
     epsilons: tuple[float, ...] = (1.0, 4.0, 16.0)
     delta: float = 1e-5
-    accountant: str = "rdp"
+    accountant: str = "prv"          # Opacus's PrivacyEngine default (privacy/accounting.py)
     fault: str = "none"              # privacy/faults.py FAULTS: plant a DP-SGD bug to test the audit
     gradient_canaries: int = 0       # canaries per model whose gradient is chosen (white-box audit; 0: off)
     canary_norm: float = 1.0         # their gradient norm, in units of the claimed max_grad_norm (of 1 without DP)
