@@ -177,3 +177,21 @@ def test_one_run_configs_need_canaries_at_rate_one_half():
         config.load(None, ["models=8", "gradient_canaries=100", "q=0.7"])
     with pytest.raises(ConfigError, match="'models'"):
         config.load(None, ["models=1"])           # no canaries: one model audits nothing
+
+
+def test_the_whole_audit_over_its_grid_exceeds_a_known_epsilon_at_most_alpha_of_the_time():
+    """Randomised response on each canary's membership (exactly eps-DP per canary, scores with
+    heavy ties) through one_run_audit with its fixed grid and Bonferroni split: the bound exceeds
+    eps in at most alpha of 300 repetitions."""
+    rng = np.random.default_rng(11)
+    eps, m, reps, alpha = 1.0, 1000, 300, 0.3
+    above = 0
+    for _ in range(reps):
+        members = rng.random((1, m)) < 0.5
+        truthful = rng.random((1, m)) < special.expit(eps)
+        scores = np.where(truthful, members, ~members).astype(float)
+        audit = one_run.one_run_audit(variant="v", scores=scores, masks=members, epsilon=eps, delta=0.0,
+                                      alpha=alpha, sample_rate=0.5)
+        above += audit.eps_lb is not None and audit.eps_lb > eps
+        assert audit.thresholds_tried == len(one_run.guess_grid(m))
+    assert above / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)

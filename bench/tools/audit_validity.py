@@ -2,9 +2,9 @@
 
 `python -m dpmem.bench.tools.audit_validity --reps 400` simulates DP-SGD canary scores (T steps, Poisson
 sample rate, noise multiplier sigma, sensitivity 1; each canary in with probability 1/2), whose
-true epsilon is the PRV accountant's, and randomised response (exactly eps-DP), and runs each
-audit exactly as `dpmem check` does: the one-run audit (Bonferroni over every frontier threshold;
-the f-DP bound at sample rate 1 only), the threshold test (threshold chosen on 5% of the models)
+true epsilon is the exact one (dp_accounting's PLD, the top of its bracket), and randomised
+response (exactly eps-DP), and runs each audit exactly as `dpmem check` does: the one-run audit
+(Bonferroni over its fixed grid of guess counts; the f-DP bound at sample rate 1 only), the threshold test (threshold chosen on 5% of the models)
 and the parametric bound. It counts how often each bound exceeds the true epsilon; every rate
 must be at most the level. Writes results/audit_validity.{csv,md}. The CI tests
 (tests/test_one_run.py, tests/test_parametric.py, tests/test_canary_audit.py) run the same
@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import special
 
 from dpmem.bench.tools.audit_power import exact_ci
+from dpmem.bench.tools.parametric_validity import critical_noise
 from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.privacy import accounting
@@ -46,7 +47,7 @@ def run(reps: int, alpha: float, seed: int) -> pd.DataFrame:
     rows = []
     for rate in (1.0, 0.25):
         sigma = SIGMAS[rate]
-        truth = accounting.epsilon_of(noise_multiplier=sigma, sample_rate=rate, steps=T, delta=DELTA, accountant="prv")
+        truth = accounting.epsilon_pld(noise_multiplier=sigma, sample_rate=rate, steps=T, delta=DELTA)
         t0 = time.perf_counter()
         for rep in range(reps):
             scores, members = dp_sgd_scores(rng, (1, 1000), rate)
@@ -59,19 +60,22 @@ def run(reps: int, alpha: float, seed: int) -> pd.DataFrame:
             rows.append({"mechanism": f"DP-SGD canaries, sample rate {rate:g}", "bound": "threshold test (20 x 250)",
                          "true_eps": truth, "rep": rep, "eps_lb": c.eps_lb})
         print(f"sample rate {rate:g}: {time.perf_counter() - t0:.0f} s", flush=True)
-        # the parametric bound: eps_lb > truth exactly when sigma_hi / s_lo < sigma (the accountant's
-        # epsilon falls with the noise multiplier), so all repetitions are one vectorised call
+        # the parametric bound: eps_lb > truth exactly when sigma_hi / s_lo is below the noise multiplier
+        # at which the epsilon lower bound equals the truth (it falls with the noise multiplier), so all
+        # repetitions are one vectorised call
         H = response(steps=T, lr=1.0)
         u_in = rng.binomial(T, rate, size=(reps, 2500)) + sigma * math.sqrt(T) * rng.normal(size=(reps, 2500))
         u_out = sigma * math.sqrt(T) * rng.normal(size=(reps, 2500))
         _, sig_hi, _, s_lo = noise_and_sensitivity(u_in, u_out, H=H, sample_rate=rate, level=alpha)
         ratio = np.where(s_lo > 0, sig_hi / np.where(s_lo > 0, s_lo, 1.0), np.inf)
-        # its median bound: the accountant's epsilon at the median ratio (epsilon is monotone in it)
-        median_lb = accounting.epsilon_of(noise_multiplier=float(np.median(ratio)), sample_rate=rate, steps=T,
-                                          delta=DELTA, accountant="prv")
+        lower = lambda s: accounting.epsilon_lower_bound(noise_multiplier=s, sample_rate=rate, steps=T,  # noqa: E731
+                                                         delta=DELTA)
+        critical = critical_noise(lower, truth)
+        # its median bound: the lower bound at the median ratio (epsilon is monotone in it)
+        median_lb = lower(float(np.median(ratio)))
         for rep, r in enumerate(ratio):
             rows.append({"mechanism": f"DP-SGD canaries, sample rate {rate:g}", "bound": "parametric (2,500 in + 2,500 out)",
-                         "true_eps": truth, "rep": rep, "eps_lb": median_lb, "exceeds": bool(r < sigma)})
+                         "true_eps": truth, "rep": rep, "eps_lb": median_lb, "exceeds": bool(r < critical)})
     eps_rr = 1.0
     for rep in range(reps):   # randomised response on the membership bit: exactly eps-DP, delta 0
         members = rng.random((20, 250)) < 0.5
