@@ -7,7 +7,7 @@
 results/trainer_audit_power.{csv,md}:
 - refuted: per bug and claimed epsilon, how many seeds `dpmem check` refutes the claim with the
   canary audit, with exact (Clopper-Pearson, 95%) intervals;
-- validity: how many honest seeds fail the whole gate (every variant, both audits, one alpha);
+- validity: how many honest seeds fail the whole gate (every variant and audit, one alpha);
 - cost: models, canaries and (model, canary) observations per variant, CPU and wall seconds.
 
 The proxy is bench/configs/audit.toml (logistic regression on a tiny synthetic mixture, Poisson
@@ -104,7 +104,7 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     honest = runs[runs.bug == "honest"]
     gates = honest.groupby("seed")["gate_failed"].first()
     above = honest[honest.epsilon.notna() & (honest.canary_eps_lb > honest.epsilon)]
-    validity = pd.DataFrame([_rate_row({"runs": "honest trainer, whole gate (all variants, both audits)"}, gates)
+    validity = pd.DataFrame([_rate_row({"runs": "honest trainer, whole gate (all variants and audits)"}, gates)
                              | {"eps_lb_above_claim": int(len(above))}])
     per_run = runs.groupby(["bug", "seed"]).first().reset_index()
     cost = per_run.groupby("bug", sort=False).agg(
