@@ -40,28 +40,31 @@ def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys
     plain, canaries = paired_runs
     assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    # 3 variants x (black-box + canary) + the parametric bound of the 2 DP variants
-    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 8
-    assert verdict["alpha_per_test"] == pytest.approx(0.0075)
+    # 3 variants x (black-box + margin + canary) + the parametric bound of the 2 DP variants
+    assert verdict["alpha"] == 0.06 and verdict["audit_tests"] == 11
+    assert verdict["alpha_per_test"] == pytest.approx(0.06 / 11)
+    assert set(verdict["margin_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
+    assert all(m["alpha"] == pytest.approx(0.06 / 11) and m["kind"] == "rigorous"
+               for m in verdict["margin_audits"].values())
     assert set(verdict["parametric_bounds"]) == {"dp-eps2", "dp-eps8"}
     for p in verdict["parametric_bounds"].values():
-        assert p["level"] == pytest.approx(0.0075) and p["kind"].startswith("parametric")
+        assert p["level"] == pytest.approx(0.06 / 11) and p["kind"].startswith("parametric")
         assert p["eps_lb"] is None or p["eps_lb"] <= p["epsilon_claimed"]
     assert set(verdict["canary_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
     for name, c in verdict["canary_audits"].items():
-        assert c["alpha"] == pytest.approx(0.0075) and c["models"] == 24 and c["canaries"] == 50
-        assert verdict["variants"][name]["alpha"] == pytest.approx(0.0075)
-    # without the parametric bound the family is 3 variants x 2 audits
+        assert c["alpha"] == pytest.approx(0.06 / 11) and c["models"] == 24 and c["canaries"] == 50
+        assert verdict["variants"][name]["alpha"] == pytest.approx(0.06 / 11)
+    # without the parametric bound the family is 3 variants x 3 audits
     assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06", "--no-parametric"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    assert verdict["audit_tests"] == 6 and verdict["parametric_bounds"] == {}
+    assert verdict["audit_tests"] == 9 and verdict["parametric_bounds"] == {}
     # the non-private variant's canaries separate perfectly: refuted once it claims a budget
     assert cli.main(["check", str(canaries.root), "--claim", "nonprivate=1"]) == 1
     assert "gradient canaries refute" in capsys.readouterr().out
-    # without canaries the family is the three black-box audits
+    # without canaries the family is the three black-box and the three margin audits
     assert cli.main(["check", str(plain.root), "--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    assert verdict["audit_tests"] == 3 and verdict["canary_audits"] == {}
+    assert verdict["audit_tests"] == 6 and verdict["canary_audits"] == {}
 
 
 def test_damaged_canary_masks_are_refused_then_repaired(paired_runs, tmp_path, capsys):

@@ -14,6 +14,7 @@ approximation holds; pooled trials share models, so a flag is evidence, not a re
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -166,7 +167,9 @@ def _bins(scores, masks, threshold, g_train, real, bin_of_subgroup, order, train
     with np.errstate(divide="ignore", invalid="ignore"):
         tpr = bh.sum(0) / bt.sum(0)
         rep = (w @ bh) / (w @ bt)
-        lo, hi = np.nanquantile(rep, [0.025, 0.975], axis=0) if bootstrap else (np.nan, np.nan)
+        with warnings.catch_warnings():     # a bin without in-trials (frequency 0) has no interval
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanquantile(rep, [0.025, 0.975], axis=0) if bootstrap else (np.nan, np.nan)
         sub_tpr = hits.sum(0) / trials.sum(0)
         per_model = hits / trials
     frame = pd.DataFrame({"freq_bin": order, "subgroups": np.bincount(bin_of_subgroup, minlength=n_bins),
