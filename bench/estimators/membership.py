@@ -67,9 +67,9 @@ MIN_VARIANCE = 1e-8
 BOOTSTRAP = 1000
 RMIA_A = 0.3
 RMIA_GAMMA = 1.0
-# The bootstrap evaluates the ROC at every out-score in the top TOP_REGION x (largest FPR) of the
-# out-scores (at most TOP_EDGES of them) and at QUANTILE_EDGES quantiles below.
-TOP_REGION, TOP_EDGES, QUANTILE_EDGES = 2.0, 4000, 256
+# The bootstrap evaluates the ROC at every out-score in the top TOP_REGION x min(largest FPR, EXACT_FPR)
+# of the out-scores (at most TOP_EDGES of them) and at QUANTILE_EDGES quantiles below.
+TOP_REGION, TOP_EDGES, QUANTILE_EDGES, EXACT_FPR = 2.0, 4000, 256, 0.01
 
 
 # -- input -----------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def roc_metrics(scores: np.ndarray, masks: np.ndarray, *, use: np.ndarray | None
     point = [tpr_at_fpr(pos, neg_desc, f) for f in fprs]
     area = auc(pos, neg)
     # per-model histograms on the edges: bin g holds the scores in (e_{g-1}, e_g]
-    edges = _edges(neg_desc, max(fprs))
+    edges = _edges(neg_desc, min(max(fprs), EXACT_FPR))
     g = np.searchsorted(edges, s, side="left")                # [K, n]: # edges < score
     n_bins = edges.size + 1
     flat = (np.arange(k)[:, None] * n_bins + g)
@@ -368,7 +368,7 @@ def roc_metrics(scores: np.ndarray, masks: np.ndarray, *, use: np.ndarray | None
                          tpr=tuple(p[0] for p in point), tpr_lo=tuple(map(float, lo)), tpr_hi=tuple(map(float, hi)),
                          thresholds=tuple(p[1] for p in point), in_trials=int(pos.size), out_trials=int(neg.size),
                          models=k, min_fpr=1.0 / neg.size, bootstrap=int(bootstrap),
-                         roc_fpr=fpr_b[0], roc_tpr=tpr_b[0], replicate_tpr=rep_tpr)
+                         roc_fpr=fpr_b[0].copy(), roc_tpr=tpr_b[0].copy(), replicate_tpr=rep_tpr)
 
 
 def _binned_roc(counts: np.ndarray) -> np.ndarray:

@@ -78,6 +78,9 @@ def analyse_membership(store: RunStore, *, alpha: float | None = None, attacks=m
     run has no margins or no example with enough in- and out-models."""
     import time
     t0 = time.perf_counter()
+    if HEADLINE not in attacks or "global" not in attacks or set(attacks) - set(mb.ATTACKS):
+        raise ValueError(f"attacks must be among {', '.join(mb.ATTACKS)} and include {HEADLINE} and global, "
+                         f"got {attacks}")
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
     seed = cfg.seed if seed is None else seed
@@ -153,7 +156,12 @@ def _three(met: mb.AttackMetrics) -> dict:
 
 
 def _bins(scores, masks, threshold, g_train, real, bin_of_subgroup, order, train_count, n_sub, *, bootstrap, seed):
-    """TPR at the global threshold per frequency bin (bootstrap over models) and its slope per doubling."""
+    """TPR at the global threshold per frequency bin and its slope per doubling.
+
+    The bin's interval counts both sources of noise, as the accuracy bins do: which models were
+    trained (the standard deviation of a bootstrap over target models) and which examples the bin
+    happened to get (the variance of the examples' own TPRs over the bin's examples), added in
+    quadrature, 95% normal. The threshold is the attack's global one at 1% FPR, held fixed."""
     finite = np.isfinite(scores).all(0) & real
     groups = np.where(finite, g_train, n_sub)        # left-out examples go to a dropped extra group
     hits, trials = mb.per_model_group_tpr(scores, masks & finite, threshold, groups, n_sub + 1)
@@ -164,17 +172,24 @@ def _bins(scores, masks, threshold, g_train, real, bin_of_subgroup, order, train
     bh, bt = hits @ to_bin, trials @ to_bin                  # [K, bins]
     k = scores.shape[0]
     w = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=bootstrap).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    ex_tpr, _ = mb.example_rates(scores, masks, threshold)
+    ex_bin = bin_of_subgroup[g_train]
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # a bin without in-trials (frequency 0)
         tpr = bh.sum(0) / bt.sum(0)
-        rep = (w @ bh) / (w @ bt)
-        with warnings.catch_warnings():     # a bin without in-trials (frequency 0) has no interval
-            warnings.simplefilter("ignore", RuntimeWarning)
-            lo, hi = np.nanquantile(rep, [0.025, 0.975], axis=0) if bootstrap else (np.nan, np.nan)
+        se_models = np.nanstd((w @ bh) / (w @ bt), axis=0, ddof=1) if bootstrap > 1 else np.zeros(n_bins)
+        n_ex = np.bincount(ex_bin[finite], minlength=n_bins).astype(float)
+        mean_ex = np.bincount(ex_bin[finite], weights=ex_tpr[finite], minlength=n_bins) / n_ex
+        ss_ex = np.bincount(ex_bin[finite], weights=(ex_tpr[finite] - mean_ex[ex_bin[finite]]) ** 2, minlength=n_bins)
+        se_examples = np.sqrt(np.where(n_ex > 1, ss_ex / np.maximum(n_ex - 1, 1), 0.25) / n_ex)
+        half = 1.959964 * np.hypot(se_models, se_examples)
         sub_tpr = hits.sum(0) / trials.sum(0)
         per_model = hits / trials
     frame = pd.DataFrame({"freq_bin": order, "subgroups": np.bincount(bin_of_subgroup, minlength=n_bins),
                           "train_examples": (to_bin * train_count[:, None]).sum(0).astype(np.int64),
-                          "in_trials": bt.sum(0).astype(np.int64), "tpr@1%": tpr, "tpr@1%_lo": lo, "tpr@1%_hi": hi})
+                          "in_trials": bt.sum(0).astype(np.int64), "tpr@1%": tpr,
+                          "tpr@1%_lo": np.clip(tpr - half, 0, 1), "tpr@1%_hi": np.clip(tpr + half, 0, 1),
+                          "se_models": se_models, "se_examples": se_examples})
     trend = subgroups.wls_trend(sub_tpr, train_count, trials.sum(0), per_model=per_model)
     return frame, {"slope": trend.slope, "slope_lo": trend.lo, "slope_hi": trend.hi, "slope_se": trend.se,
                    "subgroups": trend.subgroups}

@@ -42,8 +42,8 @@ FIGURE_CAPTIONS = {
                "region's boundary TPR = min(e^eps FPR + delta, 1 - e^-eps (1 - FPR - delta)) of DP variants.",
     "mia_vulnerability_vs_mem": "Each training example's TPR at the lira-online threshold of 1% FPR against its "
                                 "memorization estimate.",
-    "mia_tpr_vs_frequency": "TPR at 1% FPR (lira-online) by subgroup training frequency, 95% bootstrap intervals "
-                            "over target models, with the slope per doubling.",
+    "mia_tpr_vs_frequency": "TPR at 1% FPR (lira-online) by subgroup training frequency, 95% intervals over target "
+                            "models and the bin's examples, with the slope per doubling.",
 }
 GALLERY_TITLES = {"memorized": "Most memorized training examples", "pairs": "High-influence pairs",
                   "hardest_dp": "Hardest test examples for DP"}
