@@ -217,6 +217,9 @@ def test_margin_audit_sees_what_correctness_cannot():
     assert not result.consistent and result.eps_lb > 1.0 and result.kind == "rigorous"
     assert result.selection_models == 30 and result.evaluation_models == 570
     assert (frame["threshold"] > 5).all() and (frame["n_in"] + frame["n_out"] == 570).all()
+    half, _ = audit_variant(variant="v", masks=masks, correct=correct, epsilon=1.0, delta=1e-5, alpha=0.025,
+                            sampling="bernoulli")
+    assert result.eps_lb >= (half.eps_lb if half.eps_lb is not None else -np.inf)
 
 
 def test_margin_audit_does_not_refute_an_honest_gaussian_mechanism():
@@ -230,7 +233,8 @@ def test_margin_audit_does_not_refute_an_honest_gaussian_mechanism():
 
 
 def test_margin_audit_keeps_margin_zero_where_it_is_the_better_rule():
-    """A margin that carries nothing but its sign: margin 0 is the threshold, as in the correctness audit."""
+    """A margin that carries nothing but its sign: every threshold the audit uses is equivalent to
+    margin 0, and its bound is the correctness audit's at half the level (never below it)."""
     rng = np.random.default_rng(6)
     masks = rng.random((400, 30)) < 0.5
     correct = rng.random(masks.shape) < np.where(masks, 0.95, 0.2)
@@ -239,8 +243,14 @@ def test_margin_audit_keeps_margin_zero_where_it_is_the_better_rule():
                                  sampling="bernoulli")
     black_box, _ = audit_variant(variant="v", masks=masks, correct=correct, epsilon=None, delta=1e-5, alpha=0.05,
                                  sampling="bernoulli")
-    assert (frame["threshold"] == 0).all() and result.zero_thresholds == 30
-    assert black_box.eps_lb - 0.1 < result.eps_lb <= black_box.eps_lb + 1e-9   # only the selection models' cost
+    half, per_example = audit_variant(variant="v", masks=masks, correct=correct, epsilon=None, delta=1e-5,
+                                      alpha=0.025, sampling="bernoulli")
+    assert ((frame["threshold"] > -1) & (frame["threshold"] < 1)).all()
+    assert (frame["eps_lb"].to_numpy() >= per_example["eps_lb"].to_numpy() - 1e-12).all()   # example by example
+    at_zero = (frame["threshold"] == 0).to_numpy()
+    assert at_zero.sum() >= 15
+    np.testing.assert_allclose(frame["eps_lb"].to_numpy()[at_zero], per_example["eps_lb"].to_numpy()[at_zero])
+    assert half.eps_lb <= result.eps_lb <= black_box.eps_lb + 0.05
 
 
 # -- bad input and the run outputs ----------------------------------------------------------------
