@@ -237,7 +237,7 @@ def audit(masks: np.ndarray, correct: np.ndarray, *, epsilon: float | None, delt
 
 
 def mia_scores(masks: np.ndarray, scores: np.ndarray, attack: str = "lira-online", *,
-               population: np.ndarray | None = None, block: int = 4096) -> np.ndarray:
+               population: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
     """float [K, n]: each model's membership score on each example, leave-one-model-out (the other
     K - 1 models are the references). ``masks`` bool [K, n], ``scores`` [K, n] (margins: true-label
     logit minus the largest other logit), ``population`` [K, m] scores on examples no model trained

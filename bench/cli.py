@@ -432,7 +432,7 @@ def _add_studies(sub) -> None:
     mi.add_argument("run_dir")
     mi.add_argument("--out", help="write outputs here instead of the run directory")
     mi.add_argument("--alpha", type=float, help="alpha of the DP region check (default: the run's alpha)")
-    mi.add_argument("--block", type=int, default=4096, help="examples per block (bounds the memory)")
+    mi.add_argument("--block", type=int, default=1024, help="examples per block (bounds the memory)")
     mi.set_defaults(func=cmd_mia)
     lo = sub.add_parser("loo", help="exact leave-one-out memorization and the estimator's error against it")
     lo.add_argument("run_dir")

@@ -58,8 +58,10 @@ from scipy import special, stats
 
 ATTACKS = ("lira-online", "lira-offline", "lira-fixed", "rmia", "global")
 FPRS = (1e-2, 1e-3, 1e-4)
-# Examples per block: the attack's temporaries are a few float64 arrays of K x BLOCK.
-BLOCK = 4096
+# Examples per block: the attack's temporaries are about 20 float64 arrays of K x BLOCK (150 MB at K = 1,000).
+BLOCK = 1024
+# Trials per block when the metrics bin the scores of a block of models.
+METRIC_BLOCK = 1 << 22
 # Reference models each target needs of each kind (in and out) on an example: two give a variance.
 MIN_REFERENCES = 2
 # A fitted variance never falls below this (float16 margins of a saturated example can all be equal).
@@ -74,8 +76,10 @@ TOP_REGION, TOP_EDGES, QUANTILE_EDGES, EXACT_FPR = 2.0, 4000, 256, 0.01
 
 # -- input -----------------------------------------------------------------------------------------
 
-def checked_scores(masks: np.ndarray, scores: np.ndarray, name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
-    """``masks`` bool [K, n] and finite float ``scores`` [K, n] (float64); a ValueError naming the argument."""
+def checked_scores(masks: np.ndarray, scores: np.ndarray, name: str = "scores", *,
+                   float64: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``masks`` bool [K, n] and finite float ``scores`` [K, n] (as float64, or in their own float dtype
+    when not ``float64``: the attacks convert block by block); a ValueError naming the argument."""
     masks, scores = np.asarray(masks), np.asarray(scores)
     if masks.ndim != 2 or masks.dtype != np.bool_:
         raise ValueError(f"masks must be a bool [K, n] array, got {masks.dtype} of shape {masks.shape}")
@@ -83,7 +87,8 @@ def checked_scores(masks: np.ndarray, scores: np.ndarray, name: str = "scores") 
         raise ValueError(f"{name} must have the masks' shape {masks.shape}, got {scores.shape}")
     if not np.issubdtype(scores.dtype, np.floating) and not np.issubdtype(scores.dtype, np.integer):
         raise ValueError(f"{name} must be numbers, got {scores.dtype}")
-    scores = scores.astype(np.float64)
+    if float64 or not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     return masks, scores
@@ -197,7 +202,7 @@ def _pooled_variance(masks: np.ndarray, scores: np.ndarray, use: np.ndarray, blo
     for start in range(0, masks.shape[1], block):
         cols = np.flatnonzero(use[start:start + block]) + start
         if cols.size:
-            ss += _references(masks[:, cols], scores[:, cols]).ss.sum(1)
+            ss += _references(masks[:, cols], scores[:, cols].astype(np.float64)).ss.sum(1)
             dof += cols.size * (k - 3.0)     # (n_in' - 1) + (n_out' - 1) = K - 3 for every target
     return np.maximum(ss / max(dof, 1.0), MIN_VARIANCE)
 
@@ -211,7 +216,7 @@ def attack_scores(attack: str, masks: np.ndarray, scores: np.ndarray, *, populat
     Examples without MIN_REFERENCES in- and out-reference models for every target are NaN.
     ``block`` bounds the memory (examples per block); the result does not depend on it.
     """
-    masks, scores = checked_scores(masks, scores, "scores")
+    masks, scores = checked_scores(masks, scores, "scores", float64=False)
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
     if int(block) != block or block < 1:
@@ -239,7 +244,7 @@ def attack_scores(attack: str, masks: np.ndarray, scores: np.ndarray, *, populat
     for start in range(0, masks.shape[1], block):
         cols = np.flatnonzero(use[start:start + block]) + start
         if cols.size:
-            out[:, cols] = _block_scores(attack, masks[:, cols], scores[:, cols], pooled_var=pooled,
+            out[:, cols] = _block_scores(attack, masks[:, cols], scores[:, cols].astype(np.float64), pooled_var=pooled,
                                          population=sorted_population, a=rmia_a, gamma=rmia_gamma)
     return out
 
@@ -275,10 +280,18 @@ def tpr_at_fpr(pos: np.ndarray, neg_desc: np.ndarray, fpr: float) -> tuple[float
     return float(np.count_nonzero(pos > t)) / pos.size, t
 
 
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(in-score > out-score) + 1/2 P(tie), the Mann-Whitney form of the area under the ROC."""
-    ranks = stats.rankdata(np.concatenate([pos, neg]))
-    return float((ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
+def auc(pos: np.ndarray, neg: np.ndarray, *, neg_sorted: bool = False) -> float:
+    """P(in-score > out-score) + 1/2 P(tie), the Mann-Whitney form of the area under the ROC
+    (out-scores sorted once, in-scores placed among them in chunks: memory O(chunk))."""
+    neg = np.asarray(neg) if neg_sorted else np.sort(neg)
+    pos = np.asarray(pos)
+    below = ties = 0
+    for start in range(0, pos.size, METRIC_BLOCK):
+        chunk = pos[start:start + METRIC_BLOCK]
+        left = np.searchsorted(neg, chunk, side="left")
+        below += int(left.sum())
+        ties += int((np.searchsorted(neg, chunk, side="right") - left).sum())
+    return (below + 0.5 * ties) / (pos.size * neg.size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -335,23 +348,29 @@ def roc_metrics(scores: np.ndarray, masks: np.ndarray, *, use: np.ndarray | None
                 bootstrap: int = BOOTSTRAP, level: float = 0.95, seed: int = 0) -> AttackMetrics:
     """AUC and TPR at ``fprs`` of scores [K, n] (NaN columns and ~use columns left out), with intervals."""
     masks = np.asarray(masks, dtype=bool)
+    scores = np.asarray(scores, np.float64)
     cols = np.all(np.isfinite(scores), axis=0) if use is None else np.asarray(use, bool) & np.all(np.isfinite(scores), 0)
-    s, m = np.asarray(scores, np.float64)[:, cols], masks[:, cols]
+    s, m = (scores, masks) if cols.all() else (scores[:, cols], masks[:, cols])
     k = s.shape[0]
-    pos, neg = s[m], s[~m]
+    pos, neg = np.sort(s[m]), np.sort(s[~m])     # the trials' only copies besides the scores themselves
     if pos.size == 0 or neg.size == 0:
         raise ValueError("scores: need both in- and out-trials")
-    neg_desc = np.sort(neg)[::-1]
+    neg_desc = neg[::-1]
     fprs = tuple(float(f) for f in fprs)
     point = [tpr_at_fpr(pos, neg_desc, f) for f in fprs]
-    area = auc(pos, neg)
-    # per-model histograms on the edges: bin g holds the scores in (e_{g-1}, e_g]
+    area = auc(pos, neg, neg_sorted=True)
+    del pos
+    # per-model histograms on the edges (bin g holds the scores in (e_{g-1}, e_g]), a block of models at a time
     edges = _edges(neg_desc, min(max(fprs), EXACT_FPR))
-    g = np.searchsorted(edges, s, side="left")                # [K, n]: # edges < score
     n_bins = edges.size + 1
-    flat = (np.arange(k)[:, None] * n_bins + g)
-    h_in = np.bincount(flat[m], minlength=k * n_bins).reshape(k, n_bins).astype(np.float32)
-    h_out = np.bincount(flat[~m], minlength=k * n_bins).reshape(k, n_bins).astype(np.float32)
+    h_in, h_out = np.zeros((k, n_bins), np.float32), np.zeros((k, n_bins), np.float32)
+    rows = max(1, METRIC_BLOCK // max(s.shape[1], 1))
+    for start in range(0, k, rows):
+        g = np.searchsorted(edges, s[start:start + rows], side="left")        # [rows, n]: # edges < score
+        mm = m[start:start + rows]
+        flat = np.arange(g.shape[0])[:, None] * n_bins + g
+        h_in[start:start + rows] = np.bincount(flat[mm], minlength=g.shape[0] * n_bins).reshape(-1, n_bins)
+        h_out[start:start + rows] = np.bincount(flat[~mm], minlength=g.shape[0] * n_bins).reshape(-1, n_bins)
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(k, np.full(k, 1.0 / k), size=bootstrap).astype(np.float32)
     weights = np.vstack([np.ones((1, k), np.float32), weights])          # row 0: the sample itself
@@ -366,7 +385,7 @@ def roc_metrics(scores: np.ndarray, masks: np.ndarray, *, use: np.ndarray | None
     a_lo, a_hi = np.quantile(rep_auc, [q, 1 - q])
     return AttackMetrics(auc=area, auc_lo=float(a_lo), auc_hi=float(a_hi), fprs=fprs,
                          tpr=tuple(p[0] for p in point), tpr_lo=tuple(map(float, lo)), tpr_hi=tuple(map(float, hi)),
-                         thresholds=tuple(p[1] for p in point), in_trials=int(pos.size), out_trials=int(neg.size),
+                         thresholds=tuple(p[1] for p in point), in_trials=int(m.sum()), out_trials=int(neg.size),
                          models=k, min_fpr=1.0 / neg.size, bootstrap=int(bootstrap),
                          roc_fpr=fpr_b[0].copy(), roc_tpr=tpr_b[0].copy(), replicate_tpr=rep_tpr)
 

@@ -13,6 +13,11 @@ figures) and prints:
   in the family `dpmem check` reports;
 - the slope per doubling of TPR at 1% FPR by subgroup frequency.
 
+At Feldman & Zhang's scale, without training:
+    python -m dpmem.bench.tools.mia_bench --synthetic 1000x50000 [--block N]
+times every attack and its metrics on synthetic float16 margins of K models x n examples (with 719
+population examples for RMIA) and reports each one's peak memory.
+
 Campaigns (for later; they train models):
     python -m dpmem.bench.tools.mia_bench --campaign seeds --seeds 20 [CONFIG] [--out DIR]
 trains the config (default: the default config) once per seed and records, per seed and DP
@@ -131,6 +136,44 @@ def bench(args) -> int:
     return 0
 
 
+def synthetic(args) -> int:
+    """Every attack on synthetic margins of the given size: seconds and tracemalloc peaks."""
+    import numpy as np
+    from dpmem.bench.estimators import membership as mb
+    try:
+        k, n = (int(v) for v in args.synthetic.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--synthetic: expected KxN such as 1000x50000, got {args.synthetic!r}") from None
+    rng = np.random.default_rng(0)
+    masks = rng.random((k, n)) < 0.7
+    margins = (rng.normal(2.0, 2.0, (k, n)) + masks).astype(np.float16)
+    population = rng.normal(2.0, 2.0, (k, 719)).astype(np.float16)
+    rows = []
+    for attack in mb.ATTACKS:
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        scores = mb.attack_scores(attack, masks, margins, population=population, block=args.block)
+        t1 = time.perf_counter()
+        peak_scores = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.reset_peak()
+        met = mb.roc_metrics(scores, masks)
+        rows.append({"attack": attack, "models": k, "examples": n, "block": args.block,
+                     "scores_seconds": t1 - t0, "metrics_seconds": time.perf_counter() - t1,
+                     "scores_peak_mb": peak_scores, "metrics_peak_mb": tracemalloc.get_traced_memory()[1] / 2 ** 20,
+                     "result_mb": scores.nbytes / 2 ** 20, "auc": met.auc})
+        tracemalloc.stop()
+        del scores
+    table = pd.DataFrame(rows)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = (f"`python -m dpmem.bench.tools.mia_bench --synthetic {args.synthetic}`: inputs "
+            f"{(masks.nbytes + margins.nbytes) / 2 ** 20:.0f} MB; process peak resident {rss:.0f} MB; "
+            "the peaks (tracemalloc) include the [K, n] float64 scores the metrics read\n\n" + tables.markdown(table))
+    print(text)
+    if args.out:
+        atomic_write_bytes(Path(args.out), text.encode())
+    return 0
+
+
 def campaign(args) -> int:
     """20 seeds of a config (false flags) or the planted faults (refutations); see the module docstring."""
     from dpmem.bench.run import pipeline
@@ -182,16 +225,19 @@ def campaign(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", help="a finished run (a config file with --campaign seeds)")
-    p.add_argument("--block", type=int, default=4096, help="examples per block")
+    p.add_argument("--block", type=int, default=1024, help="examples per block")
     p.add_argument("--out", help="write the report (Markdown) to this file, with CSVs beside it "
                                  "(a directory with --campaign)")
     p.add_argument("--write-outputs", metavar="DIR", help="also write mia.csv etc. and the figures to DIR (timed)")
     p.add_argument("--campaign", choices=("seeds", "planted"))
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--synthetic", metavar="KxN", help="time the attacks on synthetic margins of this size")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for --campaign (repeatable)")
     args = p.parse_args(argv)
     if args.campaign:
         return campaign(args)
+    if args.synthetic:
+        return synthetic(args)
     if not args.run_dir:
         p.error("RUN_DIR is required without --campaign")
     return bench(args)
