@@ -16,6 +16,8 @@ The public Python API (everything else is private by convention)::
     mem = dpmem.memorization(masks, correct)                # from your own [K, n] arrays
     infl = dpmem.influence(masks, correct_test)             # [n, m]
     verdict, per_example = dpmem.audit(masks, correct, epsilon=1.0, delta=1e-5, alpha=0.05)
+    run.mia, run.mia_examples                               # membership inference: per attack, per example
+    table = dpmem.mia(masks, margins, population=test_margins)   # LiRA / RMIA / global on your arrays
 
     from dpmem import canaries    # gradient canaries inside your own Opacus loop (trainer protocol)
 
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.2.0"
 __all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence", "load_config",
-           "memorization", "open_run", "run"]
+           "memorization", "mia", "mia_scores", "open_run", "run"]
 
 
 def __getattr__(name: str):
@@ -109,6 +111,27 @@ class Run:
         return self._table("frequency_bins", "bins")
 
     @cached_property
+    def _membership(self):
+        from dpmem.bench.report import membership
+        return membership.analyse_membership(self._store)
+
+    @cached_property
+    def mia(self) -> pd.DataFrame:
+        """One row per (variant, attack): AUC and TPR at FPR 1%, 0.1%, 0.01% with 95% intervals over target
+        models, trials, the smallest resolvable FPR, the DP region flag (an estimate)."""
+        import pandas as pd
+        stored = self.path / "mia.parquet"
+        return pd.read_parquet(stored) if stored.is_file() else self._membership.table
+
+    @cached_property
+    def mia_examples(self) -> pd.DataFrame:
+        """One row per (variant, training example): each attack's TPR and FPR at its 1%-FPR threshold,
+        the margin's in/out fits, mem, subgroup and frequency bin."""
+        import pandas as pd
+        stored = self.path / "mia_examples.parquet"
+        return pd.read_parquet(stored) if stored.is_file() else self._membership.examples
+
+    @cached_property
     def audit(self) -> pd.DataFrame:
         """One row per variant: the claim tested, violations, eps_lb, power_eps, consistent."""
         import pandas as pd
@@ -155,7 +178,7 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     # the lock is the directory's while this call writes it, not until the process exits
     with RunStore.create_or_resume(out, cfg) as store:
         pipeline.run(store, cfg, progress=False, ds=ds, engine=engine)
-        result = analysis.analyse(store)
+        result = analysis.analyse(store, membership=True)
         report.write_all(result, store.root)
         page.write_report_page(result, store, store.root, ds=ds)
     return Run(store.root)
@@ -211,3 +234,45 @@ def audit(masks: np.ndarray, correct: np.ndarray, *, epsilon: float | None, delt
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     return audit_variant(variant="audit", masks=masks, correct=correct, epsilon=epsilon, delta=delta,
                          alpha=alpha, sampling=sampling)
+
+
+def mia_scores(masks: np.ndarray, scores: np.ndarray, attack: str = "lira-online", *,
+               population: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """float [K, n]: each model's membership score on each example, leave-one-model-out (the other
+    K - 1 models are the references). ``masks`` bool [K, n], ``scores`` [K, n] (margins: true-label
+    logit minus the largest other logit), ``population`` [K, m] scores on examples no model trained
+    on (``attack="rmia"`` only). ``attack``: "lira-online", "lira-offline", "lira-fixed", "rmia" or
+    "global". NaN where an example lacks 2 in- and 2 out-reference models. A ValueError names a bad
+    argument."""
+    from dpmem.bench.estimators import membership
+    return membership.attack_scores(attack, masks, scores, population=population, block=block)
+
+
+def mia(masks: np.ndarray, scores: np.ndarray, *, population: np.ndarray | None = None,
+        attacks: tuple[str, ...] | None = None, epsilon: float | None = None, delta: float = 0.0,
+        alpha: float = 0.05, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per attack on your own arrays: AUC and TPR at FPR 1%, 0.1%, 0.01% with 95% intervals
+    (bootstrap over the K target models), trials and the smallest resolvable FPR. With ``epsilon``,
+    also the DP region check (an estimate; ``alpha`` split over the attacks and FPRs checked).
+    Without ``population`` RMIA is left out."""
+    import pandas as pd
+    from dpmem.bench.estimators import membership
+    from dpmem.bench.report.membership import REGION_FPRS
+    if attacks is None:
+        attacks = tuple(a for a in membership.ATTACKS if a != "rmia" or population is not None)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    fprs = tuple(sorted(set(membership.FPRS) | set(REGION_FPRS), reverse=True))
+    rows = []
+    for attack in attacks:
+        s = membership.attack_scores(attack, masks, scores, population=population)
+        met = membership.roc_metrics(s, masks, fprs=fprs, bootstrap=bootstrap, seed=seed)
+        row = {"attack": attack, **{k: v for k, v in met.row().items()
+                                    if not k.startswith("tpr@") or k.split("@")[1].split("_")[0] in
+                                    {membership.fpr_label(f) for f in membership.FPRS}}}
+        if epsilon is not None:
+            check = membership.region_check(met, epsilon=epsilon, delta=delta,
+                                            level=alpha / (len(attacks) * len(fprs)))
+            row |= {"dp_region_flag": check.flagged, "dp_region_fpr": check.worst_fpr if check.flagged else None}
+        rows.append(row)
+    return pd.DataFrame(rows)

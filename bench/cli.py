@@ -82,14 +82,20 @@ def cmd_run(args) -> int:
                   file=sys.stderr)
             return 130
         train_wall = time.perf_counter() - t0
-        result = analysis.analyse(store)
+        result = analysis.analyse(store, membership=True)
         report.write_all(result, out)
         page_path = page.write_report_page(result, store, out, ds=ds)
     _print_summary(result.summary)
+    _print_membership_note(result)
     print(f"dpmem: trained in {train_wall:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
     print(f"dpmem: report {page_path}", file=sys.stderr)
     return EXIT_OK
+
+
+def _print_membership_note(result) -> None:
+    if result.membership_note:
+        print(f"dpmem: note: {result.membership_note}", file=sys.stderr)
 
 
 def _print_summary(summary: dict) -> None:
@@ -105,7 +111,7 @@ def cmd_report(args) -> int:
     from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
-    result = analysis.analyse(store)
+    result = analysis.analyse(store, membership=True)
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
             report.write_all(result, out)
@@ -114,6 +120,7 @@ def cmd_report(args) -> int:
         report.write_all(result, out)
         page_path = page.write_report_page(result, store, out)
     _print_summary(result.summary)
+    _print_membership_note(result)
     print(f"dpmem: tables, figures and galleries written to {out}", file=sys.stderr)
     print(f"dpmem: report {page_path}", file=sys.stderr)
     return EXIT_OK
@@ -155,7 +162,7 @@ def cmd_check(args) -> int:
         _output_file(Path(args.write_baseline), "--write-baseline")
     base = baseline_mod.load_baseline(args.baseline) if args.baseline else None
     result = analysis.analyse(store, claims=claims, alpha=args.alpha, with_pairs=False,
-                              parametric=not args.no_parametric)
+                              parametric=not args.no_parametric, margin=args.margin_audit)
     failures = audit_failures(result)
     if base is not None:
         failures += baseline_mod.compare_to_baseline(result.summary, base)
@@ -173,13 +180,33 @@ def cmd_check(args) -> int:
                "parametric_not_computed": result.parametric_refusals, "refutes": REFUTES,
                "oracle_eps_lb": {n: v["oracle_eps_lb"] for n, v in result.summary["variants"].items()
                                  if v.get("oracle_eps_lb") is not None},
+               "margin_audits": {n: m.to_dict() for n, m in result.margin_audits.items()},
                "audit_family": run["audit_family"],
                "test_accuracy": {n: v["test_accuracy"] for n, v in result.summary["variants"].items()}}
     if args.json:
         print(json.dumps(verdict, indent=2, default=float))
     else:
+        _print_margin_audits(result)
         _print_audit(result, failures)
     return EXIT_OK if not failures else EXIT_FAIL
+
+
+def _print_margin_audits(result) -> None:
+    """The margin audit beside the correctness (black-box) audit it generalises (privacy/margin_audit.py)."""
+    if not result.margin_audits:
+        return
+    import pandas as pd
+    from dpmem.bench.report.tables import markdown
+    rows = [{"variant": n, "audit": "margin threshold", "kind": m.kind, "claimed_eps": m.epsilon_claimed,
+             "eps_lb": m.eps_lb, "black_box_eps_lb": result.audits[n].eps_lb, "violations": m.violations,
+             "refutable_up_to": m.power_eps, "thresholds_at_0": m.zero_thresholds,
+             "verdict": "no claim" if m.epsilon_claimed is None else ("ok" if m.consistent else "VIOLATION")}
+            for n, m in result.margin_audits.items()]
+    m = next(iter(result.margin_audits.values()))
+    print(markdown(pd.DataFrame(rows)))
+    print(f"margin audit (rigorous): per example a threshold on the margin chosen on {m.selection_models} models, "
+          f"Clopper-Pearson bounds on its TPR/FPR over the other {m.evaluation_models} (margin 0, the black-box "
+          f"audit's correctness rule, is tested beside it); one test of the family below per variant.")
 
 
 def _print_audit(result, failures: list[str]) -> None:
@@ -315,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, help="family-wise significance level (default: the run's alpha)")
     c.add_argument("--no-parametric", action="store_true",
                    help="leave out the parametric white-box bound (which assumes DP-SGD with Gaussian noise)")
+    c.add_argument("--margin-audit", action="store_true",
+                   help="also run the margin audit (a per-example threshold on the stored margins; joins the alpha "
+                        "split, so every other test gets a smaller share)")
     c.add_argument("--json", action="store_true", help="print a machine-readable verdict")
     c.add_argument("--write-baseline", metavar="FILE", help="also write this run's numbers as a baseline file")
     c.set_defaults(func=cmd_check)
@@ -388,7 +418,39 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_mia(args) -> int:
+    from dpmem.bench.report import figures, membership, tables
+    from dpmem.bench.store.run_store import RunStore
+    store = RunStore.open(args.run_dir)
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.block < 1:
+        raise UsageError(f"--block must be >= 1, got {args.block}")
+    out = _output_dir(Path(args.out) if args.out else store.root, "--out")
+    mia = membership.analyse_membership(store, alpha=args.alpha, block=args.block)
+    if out.resolve() == store.root.resolve():
+        with store.acquire():
+            tables.write_membership_tables(mia, out)
+            figures.write_membership_figures(mia, out)
+    else:
+        tables.write_membership_tables(mia, out)
+        figures.write_membership_figures(mia, out)
+    print(tables.markdown(mia.table[tables.MIA_SHOWN]))
+    print(tables.markdown(mia.trends))
+    flagged = sorted({v for (v, _), c in mia.regions.items() if c.flagged})
+    print("DP region (an estimate): " + (f"flagged {', '.join(flagged)}" if flagged else "no DP variant flagged"))
+    print(f"dpmem: membership inference in {mia.seconds:.1f} s; mia.csv, mia_examples.parquet, mia_bins.csv and "
+          f"figures written to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _add_studies(sub) -> None:
+    mi = sub.add_parser("mia", help="membership inference (LiRA, RMIA, global threshold) on a finished run's margins")
+    mi.add_argument("run_dir")
+    mi.add_argument("--out", help="write outputs here instead of the run directory")
+    mi.add_argument("--alpha", type=float, help="alpha of the DP region check (default: the run's alpha)")
+    mi.add_argument("--block", type=int, default=1024, help="examples per block (bounds the memory)")
+    mi.set_defaults(func=cmd_mia)
     lo = sub.add_parser("loo", help="exact leave-one-out memorization and the estimator's error against it")
     lo.add_argument("run_dir")
     lo.add_argument("--variant", default="nonprivate")

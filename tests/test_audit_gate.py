@@ -55,6 +55,13 @@ def test_check_splits_one_alpha_over_every_variant_and_audit(paired_runs, capsys
     assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06", "--no-parametric"]) == 0
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["audit_tests"] == 6 and verdict["parametric_bounds"] == {}
+    assert verdict["margin_audits"] == {}
+    # --margin-audit adds the margin audit of every variant to the family, at the same share
+    assert cli.main(["check", str(canaries.root), "--json", "--alpha", "0.06", "--margin-audit"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["audit_tests"] == 11 and set(verdict["margin_audits"]) == {"nonprivate", "dp-eps2", "dp-eps8"}
+    assert all(m["alpha"] == pytest.approx(0.06 / 11) and m["kind"] == "rigorous"
+               for m in verdict["margin_audits"].values())
     # the non-private variant's canaries separate perfectly: refuted once it claims a budget
     assert cli.main(["check", str(canaries.root), "--claim", "nonprivate=1"]) == 1
     assert "gradient canaries refute" in capsys.readouterr().out

@@ -7,12 +7,15 @@ import numpy as np
 import pandas as pd
 
 from dpmem.bench.estimators import findings, memorization, subgroups
+from dpmem.bench.report import membership as membership_mod
 from dpmem.bench.store.files import read_json
 from dpmem.bench.store.run_store import CANARY_MASKS_FILE, RunStore
 from dpmem.models.spec import expected_batch_sizes
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit, oracle_eps_lb
 from dpmem.privacy.family import bonferroni_share
+from dpmem.privacy.margin_audit import MIN_MODELS as MARGIN_MIN_MODELS
+from dpmem.privacy.margin_audit import MarginAudit, margin_audit
 from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS, OneRunAudit, gdp_mu, one_run_audit
 from dpmem.privacy.errors import UsageError
 from dpmem.privacy.parametric import ENGINE_ASSUMPTION, ParametricBound, parametric_bound, trainer_update
@@ -36,13 +39,21 @@ class Analysis:
     one_run_audits: dict[str, OneRunAudit] = field(default_factory=dict)  # canary runs of few models
     parametric: dict[str, ParametricBound] = field(default_factory=dict)  # DP variants of canary runs
     parametric_refusals: dict[str, str] = field(default_factory=dict)     # variant -> why it has no parametric bound
+    margin_audits: dict[str, MarginAudit] = field(default_factory=dict)   # with margin=True: runs with margins
+    membership: membership_mod.MembershipAnalysis | None = None          # LiRA, RMIA, ... (runs with margins)
+    membership_note: str | None = None                                    # why membership inference was skipped
 
 
-def audit_family(cfg, has_canaries: bool, *, parametric: bool = True,
+def audit_family(cfg, has_canaries: bool, *, parametric: bool = True, has_margins: bool = False,
                  trainer_updates: dict[str, str | None] | None = None) -> dict[str, list[str]]:
     """variant -> the audits one `dpmem check` reports for it (each one test of the family).
 
-    Every variant gets the black-box audit. With gradient canaries, each also gets one canary
+    Every variant gets the black-box audit, and, when asked for (``has_margins``: `dpmem check
+    --margin-audit` on a run with stored margins) and with at least ``privacy.margin_audit.MIN_MODELS``
+    models, the margin audit (a per-example threshold on the margin, rigorous;
+    privacy/margin_audit.py). It is off by default: each test added shrinks every test's share of
+    alpha, and on the default run the margin audit gained only at epsilon 1 (results/mia.md). With
+    gradient canaries, each also gets one canary
     audit: the multi-model threshold test, or, with at most ONE_RUN_MAX_MODELS models, the
     one-run guessing game; and each DP variant gets the parametric bound (unless ``parametric``
     is off) when its update form is known: always for dpmem's engines, and for a user's trainer
@@ -52,6 +63,8 @@ def audit_family(cfg, has_canaries: bool, *, parametric: bool = True,
     family = {}
     for name, target in cfg.variants:
         kinds = ["black-box"]
+        if has_margins and cfg.models >= MARGIN_MIN_MODELS:
+            kinds.append("margin")
         if has_canaries:
             kinds.append("one-run" if cfg.models <= ONE_RUN_MAX_MODELS else "gradient canary")
             known = not cfg.trainer or (trainer_updates or {}).get(name, "no update form") is None
@@ -61,14 +74,23 @@ def audit_family(cfg, has_canaries: bool, *, parametric: bool = True,
     return family
 
 
+def has_margins(store: RunStore) -> bool:
+    """Whether every variant of the run stored its training margins."""
+    return all((store.variant_dir(name) / "train_margin.npy").is_file() for name, _ in store.config().variants)
+
+
 def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: float | None = None,
-            with_pairs: bool = True, parametric: bool = True) -> Analysis:
+            with_pairs: bool = True, parametric: bool = True, membership: bool = False,
+            margin: bool = False) -> Analysis:
     """Estimators, DP-bound audit and subgroup tables for every finished variant of a run.
 
     ``claims`` audits a variant against a budget it was not trained for (variant -> epsilon).
     ``alpha`` (default: the config's) is family-wise over every audit of every variant
     (privacy/family.py): each (variant, audit kind) gets an equal share (``audit_family``).
     ``parametric``: also compute (and count) the parametric white-box bound of DP variants.
+    ``membership``: also run the membership inference attacks (report/membership.py); a run
+    without margins gets a note instead.
+    ``margin``: also compute (and count) the margin audit (``audit_family``).
     """
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
@@ -78,10 +100,12 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         updates = {name: trainer_update(store.variant_arrays(name).get("canary_update"))
                    for name, target in cfg.variants if target is not None}
     family = audit_family(cfg, canary_masks is not None, parametric=parametric,
+                          has_margins=margin and has_margins(store),
                           trainer_updates={n: refusal for n, (_, refusal) in updates.items()})
     tests = sum(len(kinds) for kinds in family.values())
     share = bonferroni_share(alpha, tests)
     canary_audits, one_run_audits, parametric_bounds, parametric_refusals = {}, {}, {}, {}
+    margin_audits = {}
     claims = claims or {}
     data = store.data()
     masks = store.masks()
@@ -104,6 +128,9 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                                            epsilon=claimed, delta=delta,
                                            alpha=share, sampling=cfg.sampling)
         audits[name] = audit
+        if "margin" in family[name]:
+            margin_audits[name], _ = margin_audit(variant=name, masks=masks, margins=arrays["train_margin"],
+                                                  epsilon=claimed, delta=delta, alpha=share, sampling=cfg.sampling)
         if canary_masks is not None:
             if "canary_score" not in arrays:
                 raise UsageError(f"run {store.root} has {CANARY_MASKS_FILE} but variant {name!r} has no canary_score.npy")
@@ -206,6 +233,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
             "parametric_bound": parametric_bounds[name].to_dict() if name in parametric_bounds else None,
             "parametric_not_computed": parametric_refusals.get(name),
             "oracle_eps_lb": _oracle(canary_audits.get(name), claimed, delta, canary_masks),
+            "margin_audit": margin_audits[name].to_dict() if name in margin_audits else None,
         }
     mem_table = pd.concat(mem_rows, ignore_index=True)
     sub = pd.concat(sub_rows, ignore_index=True)
@@ -222,9 +250,17 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "fdr": cfg.fdr, "null_permutations": findings.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
         "intervals": INTERVALS, "trend": TREND,
         "versions": store.meta().get("versions", {})}}
+    mia, note = membership_mod.membership_or_note(store, alpha=alpha) if membership else (None, None)
+    if mia is not None:
+        for name in variants:
+            variants[name]["membership"] = mia.summary(name)
+        summary["run"]["membership_trend"] = membership_mod.TREND
+    if note is not None:
+        summary["run"]["membership_note"] = note
     return Analysis(memorization=mem_table, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
                     summary=summary, canary_audits=canary_audits, one_run_audits=one_run_audits,
-                    parametric=parametric_bounds, parametric_refusals=parametric_refusals)
+                    parametric=parametric_bounds, parametric_refusals=parametric_refusals,
+                    margin_audits=margin_audits, membership=mia, membership_note=note)
 
 
 def _oracle(audit: CanaryAudit | None, claimed: float | None, delta: float,
@@ -255,6 +291,9 @@ def audit_failures(result) -> list[str]:
                  f"{p.epsilon_claimed:g} (effective noise multiplier <= {p.noise_multiplier_hi:.4g} per sensitivity "
                  f">= {p.sensitivity_lo:.4g}; {p.kind})"
                  for p in getattr(result, "parametric", {}).values() if not p.consistent]
+    failures += [f"{m.variant}: the margin audit refutes the claim: {m.violations} example(s) violate the "
+                 f"({m.epsilon_tested:g}, {m.delta_tested:g}) bound; eps_lb = {m.eps_lb:.3f} > claimed {m.epsilon_claimed:g}"
+                 for m in getattr(result, "margin_audits", {}).values() if not m.consistent]
     return failures
 
 

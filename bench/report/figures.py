@@ -111,6 +111,88 @@ def figure_mem_vs_bound(analysis: Analysis):
     return fig
 
 
+def figure_mia_roc(mia):
+    """ROC per variant on log-log axes, every attack, with the DP region's boundary of DP variants."""
+    from dpmem.bench.estimators.membership import dp_region_tpr
+    variants = list(dict.fromkeys(mia.table["variant"]))
+    attacks = list(dict.fromkeys(mia.table["attack"]))
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.4), squeeze=False)
+    colours = dict(zip(attacks, sns.color_palette("tab10", len(attacks))))
+    for ax, name in zip(axes[0], variants):
+        rows = mia.table.loc[mia.table["variant"] == name].set_index("attack")
+        floor = float(rows["min_fpr"].min())
+        for attack in attacks:
+            fpr, tpr = mia.curves[(name, attack)]
+            keep = fpr >= floor
+            ax.plot(fpr[keep], np.maximum(tpr[keep], floor), lw=1.1, color=colours[attack],
+                    label=f"{attack} (AUC {rows.loc[attack, 'auc']:.3f})")
+        grid = np.geomspace(floor, 1.0, 200)
+        ax.plot(grid, grid, color="0.6", lw=0.8, ls=":", label="chance")
+        if name in mia.claims:
+            eps, delta = mia.claims[name]
+            flagged = bool(rows["dp_region_flag"].fillna(False).astype(bool).any())
+            ax.plot(grid, np.maximum(dp_region_tpr(grid, eps, delta), floor), color="k", lw=1.2, ls="--",
+                    label=f"DP region boundary (eps={eps:g})" + (": FLAGGED (estimate)" if flagged else ""))
+        ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), xlabel="false-positive rate",
+               title=name)
+        ax.legend(fontsize=5.5, loc="lower right")
+    axes[0][0].set_ylabel("true-positive rate")
+    fig.tight_layout()
+    return fig
+
+
+def figure_mia_vulnerability(mia):
+    """Each example's TPR at the attack's 1% FPR threshold against its memorization, per variant."""
+    from dpmem.bench.report.membership import HEADLINE
+    ex = mia.examples.loc[~mia.examples["is_canary"].astype(bool)]
+    variants = list(dict.fromkeys(ex["variant"]))
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.3 * len(variants), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], variants):
+        rows = ex.loc[ex["variant"] == name]
+        ax.scatter(rows["mem"], rows[f"{HEADLINE}_tpr"], s=6, alpha=0.5, color="C0")
+        ax.axhline(0.01, color="k", lw=0.8, ls=":")
+        ax.set(xlabel="memorization (subset-sampling estimate)", title=name, ylim=(-0.02, 1.02))
+    axes[0][0].set_ylabel(f"{HEADLINE}: example's TPR at 1% FPR")
+    fig.tight_layout()
+    return fig
+
+
+def figure_mia_vs_frequency(mia):
+    """TPR at 1% FPR per subgroup-frequency bin (95% intervals) and the slope per doubling."""
+    order = bin_order(mia.bins["freq_bin"])
+    lo_hi = [(int(s.split("-")[0]), int(s.split("-")[-1])) for s in order]
+    mid = np.array([np.sqrt(lo * hi) if lo > 0 else 0.5 for lo, hi in lo_hi])
+    variants = list(dict.fromkeys(mia.bins["variant"]))
+    palette = dict(zip(variants, sns.color_palette("viridis_r", len(variants))))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name in variants:
+        b = mia.bins.loc[mia.bins["variant"] == name].set_index("freq_bin").reindex(order)
+        t = mia.trends.loc[mia.trends["variant"] == name].iloc[0]
+        slope = "" if not np.isfinite(t["slope"]) else \
+            f"\nslope per doubling {t['slope']:+.3f} [{t['slope_lo']:+.3f}, {t['slope_hi']:+.3f}]"
+        ax.errorbar(mid, b["tpr@1%"], yerr=[b["tpr@1%"] - b["tpr@1%_lo"], b["tpr@1%_hi"] - b["tpr@1%"]],
+                    marker="o", lw=1.5, capsize=3, color=palette[name], label=f"{name}{slope}")
+    ax.axhline(0.01, color="k", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set(title="Membership inference (lira-online) by subgroup frequency (95% CI)",
+           xlabel="training examples in subgroup (log)", ylabel="TPR at 1% FPR")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+MIA_FIGURES = {"mia_roc": figure_mia_roc, "mia_vulnerability_vs_mem": figure_mia_vulnerability,
+               "mia_tpr_vs_frequency": figure_mia_vs_frequency}
+
+
+def write_membership_figures(mia, out: Path) -> list[Path]:
+    sns.set_theme(style="whitegrid", context="paper")
+    paths = []
+    for stem, make in MIA_FIGURES.items():
+        paths += save_figure(make(mia), Path(out) / "figures", stem)
+    return paths
+
+
 FIGURES = {"memorization_hist": figure_memorization_hist,
            "acc_loss_vs_frequency": figure_loss_vs_frequency,
            "mem_vs_bound": figure_mem_vs_bound}
@@ -121,4 +203,6 @@ def write_figures(analysis: Analysis, out: Path) -> list[Path]:
     paths = []
     for stem, make in FIGURES.items():
         paths += save_figure(make(analysis), Path(out) / "figures", stem)
+    if analysis.membership is not None:
+        paths += write_membership_figures(analysis.membership, out)
     return paths

@@ -38,6 +38,12 @@ FIGURE_CAPTIONS = {
     "acc_loss_vs_frequency": "Test accuracy, DP accuracy loss and mean memorization by subgroup training frequency "
                              "(95% intervals over models and test examples).",
     "mem_vs_bound": "Observed memorization against the DP bound mem <= (e^eps - 1) p_out + delta, per variant.",
+    "mia_roc": "Membership inference ROC per variant (log-log), every attack leave-one-model-out; dashed: the DP "
+               "region's boundary TPR = min(e^eps FPR + delta, 1 - e^-eps (1 - FPR - delta)) of DP variants.",
+    "mia_vulnerability_vs_mem": "Each training example's TPR at the lira-online threshold of 1% FPR against its "
+                                "memorization estimate.",
+    "mia_tpr_vs_frequency": "TPR at 1% FPR (lira-online) by subgroup training frequency, 95% intervals over target "
+                            "models and the bin's examples, with the slope per doubling.",
 }
 GALLERY_TITLES = {"memorized": "Most memorized training examples", "pairs": "High-influence pairs",
                   "hardest_dp": "Hardest test examples for DP"}
@@ -101,6 +107,14 @@ def audit_rows(analysis) -> list[dict]:
                          "alpha": fmt(c.alpha), "violations": "", "eps_lb": fmt(c.eps_lb),
                          "refutable_up_to": fmt(c.power_eps),
                          "verdict": "no claim" if c.epsilon_claimed is None else ("ok" if c.consistent else "VIOLATION")})
+        m = getattr(analysis, "margin_audits", {}).get(name)
+        if m is not None:
+            rows.append({"variant": name, "audit": "margin threshold (rigorous)", "claimed_eps": fmt(m.epsilon_claimed),
+                         "adjacency": m.adjacency,
+                         "tested": "" if m.epsilon_claimed is None else f"({m.epsilon_tested:.3g}, {m.delta_tested:.2g})",
+                         "alpha": fmt(m.alpha), "violations": str(m.violations), "eps_lb": fmt(m.eps_lb),
+                         "refutable_up_to": fmt(m.power_eps),
+                         "verdict": "no claim" if m.epsilon_claimed is None else ("ok" if m.consistent else "VIOLATION")})
     return rows
 
 
@@ -134,6 +148,11 @@ def render(analysis, store, out: Path, galleries: gallery_mod.Galleries) -> str:
     trends = tables.trend_frame(summary)
     bins = analysis.bins[tables.BIN_COLUMNS]
     variants = summary["variants"]
+    mia = getattr(analysis, "membership", None)
+    membership = None if mia is None else {
+        "table": _table(mia.table[tables.MIA_SHOWN]), "trends": _table(mia.trends),
+        "bins": _table(mia.bins), "seconds": mia.seconds,
+        "flagged": sorted({v for (v, _), c in mia.regions.items() if c.flagged})}
     provenance = {
         "engines": {n: v.get("engine") for n, v in variants.items()},
         "accountants": {n: v.get("accountant") for n, v in variants.items()},
@@ -152,7 +171,8 @@ def render(analysis, store, out: Path, galleries: gallery_mod.Galleries) -> str:
         audits=audit_rows(analysis), failures=failures, consistent=not failures,
         warnings=tables.fdr_warnings(summary), findings=_table(findings), trends=_table(trends), bins=_table(bins),
         intervals=run.get("intervals"), trend_method=run.get("trend"), figures=figures,
-        galleries=_gallery_entries(galleries), gallery_note=galleries.note, provenance=provenance, fmt=fmt)
+        galleries=_gallery_entries(galleries), gallery_note=galleries.note, provenance=provenance, fmt=fmt,
+        membership=membership, membership_note=run.get("membership_note"))
 
 
 def write_report_page(analysis, store, out: Path, *, ds=None) -> Path:

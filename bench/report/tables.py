@@ -32,11 +32,13 @@ def write_frame(df: pd.DataFrame, path_stem: Path) -> None:
 def summary_frame(summary: dict) -> pd.DataFrame:
     rows = []
     for name, v in summary["variants"].items():
+        mia = v.get("membership") or {}
         rows.append({"variant": name, "epsilon": v["epsilon"], "sigma": v["noise_multiplier"],
                      "steps": v["steps"], "models": v["models"], "test_acc": v["test_accuracy"],
                      "train_acc": v["train_accuracy"], "mean_mem": v["mean_mem"],
                      "high_mem": v["high_mem_examples"], "high_mem_raw": v["high_mem_examples_raw"],
-                     "violations": v["violations"], "eps_lb": v["eps_lb"], "power_eps": v["power_eps"]})
+                     "violations": v["violations"], "eps_lb": v["eps_lb"], "power_eps": v["power_eps"],
+                     **({"lira_auc": mia.get("auc"), "lira_tpr@0.1%": mia.get("tpr@0.1%")} if mia else {})})
     return pd.DataFrame(rows)
 
 
@@ -108,6 +110,8 @@ def write_tables(analysis: Analysis, out: Path) -> None:
         for ext in (".csv", ".parquet"):
             (out / f"influence_pairs{ext}").unlink(missing_ok=True)
     atomic_write_json(out / "summary.json", analysis.summary)
+    if analysis.membership is not None:
+        write_membership_tables(analysis.membership, out)
     summ = summary_frame(analysis.summary)
     bins = analysis.bins[BIN_COLUMNS]
     for stem, df, caption in (("summary", summ, "Per-variant accuracy, memorization and DP audit."),
@@ -119,6 +123,26 @@ def write_tables(analysis: Analysis, out: Path) -> None:
                               ("trends", trend_frame(analysis.summary),
                                "Slopes on log2 subgroup frequency (weighted least squares, 95% intervals).")):
         write_md_tex(df, caption, out, stem)
+
+
+MIA_SHOWN = ["variant", "attack", "auc", "auc_lo", "auc_hi", "tpr@1%", "tpr@0.1%", "tpr@0.1%_lo", "tpr@0.1%_hi",
+             "tpr@0.01%", "trials", "min_fpr", "dp_region_flag"]
+
+
+def write_membership_tables(mia, out: Path) -> None:
+    """mia.csv/.parquet (variant x attack), mia_examples.parquet (variant x example), mia_bins.csv/.parquet
+    (variant x frequency bin) and tables/mia.md, .tex."""
+    out = Path(out)
+    write_frame(mia.table, out / "mia")
+    import io
+    buf = io.BytesIO()
+    mia.examples.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "mia_examples.parquet", buf.getvalue())
+    write_frame(mia.bins, out / "mia_bins")
+    write_md_tex(mia.table[MIA_SHOWN], "Membership inference, leave-one-model-out: AUC and TPR at low FPR "
+                 "(95% bootstrap intervals over target models).", out, "mia")
+    write_md_tex(mia.trends, "TPR at 1% FPR (lira-online) per doubling of subgroup training frequency.", out,
+                 "mia_trends")
 
 
 def write_md_tex(df: pd.DataFrame, caption: str, out: Path, stem: str) -> None:
