@@ -58,6 +58,8 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides) -
         return _load(None, overrides, base=config) if overrides else config
     if isinstance(config, dict):
         return _load(None, {**config, **overrides})
+    if config is not None and not isinstance(config, (str, Path)):
+        raise UsageError(f"config: expected a file path (str or Path), a dict, a Config or None, got {config!r}")
     return _load(config, overrides)
 
 
@@ -65,6 +67,8 @@ class Run:
     """A run directory: its config, summary and tables, read lazily from what is stored."""
 
     def __init__(self, path: str | Path):
+        if not isinstance(path, (str, Path)):
+            raise UsageError(f"path: expected a run directory (str or Path), got {path!r}")
         from dpmem.bench.store.run_store import RunStore
         self._store = RunStore.open(path)
         self.path = self._store.root
@@ -150,6 +154,8 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     from dpmem.bench.report import analysis, page
     from dpmem.bench.run import pipeline
     from dpmem.bench.store.run_store import RunStore
+    if not isinstance(out, (str, Path)):
+        raise UsageError(f"out: expected a run directory (str or Path), got {out!r}")
     cfg = load_config(config, **overrides)
     ds, engine = pipeline.check_inputs(cfg)
     # the lock is the directory's while this call writes it, not until the process exits

@@ -36,6 +36,8 @@ def default_out(cfg: config_mod.Config) -> Path:
 
 def _output_dir(path: Path, what: str) -> Path:
     """An output directory that exists or can be made; refused with one line otherwise."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))

@@ -135,10 +135,48 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(name, msg)
 
 
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {typing.get_args(hint)[0].__name__}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "True or False"}[hint]
+
+
+def _has_type(value, hint) -> bool:
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_types(c: Config) -> None:
+    """Every field holds its declared type: ``Config(models="x")`` is refused naming ``models``
+    before a comparison deep inside fails (files and overrides are converted by ``_coerce`` first)."""
+    for name, hint in _HINTS.items():
+        value = getattr(c, name)
+        is_tuple = typing.get_origin(hint) is tuple
+        if is_tuple and isinstance(value, list):
+            value = tuple(value)             # Config(hidden=[64, 64]) as (64, 64)
+        if not _has_type(value, hint):
+            example = (" such as (64,)" if typing.get_args(hint)[0] is int else " such as (1.0, 4.0)") if is_tuple else ""
+            raise ConfigError(name, f"must be {_type_name(hint)}{example}, got {value!r}")
+        # ints where floats are declared become floats, as a file's values do (the same hash either way)
+        if hint is float:
+            value = float(value)
+        elif is_tuple and typing.get_args(hint)[0] is float:
+            value = tuple(float(v) for v in value)
+        if value is not getattr(c, name):
+            object.__setattr__(c, name, value)
+
+
 def validate(c: Config) -> None:
     from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     from dpmem.bench.data import DATASETS
     from dpmem.privacy.audit import SAMPLINGS
+    _check_types(c)
     # Infinite or NaN floats pass most range checks below (inf > 0) and then train NaN models.
     for f in dataclasses.fields(c):
         value = getattr(c, f.name)
@@ -219,6 +257,7 @@ def validate(c: Config) -> None:
 # -- loading ---------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
 
 
 def _coerce(name: str, value):
@@ -270,6 +309,10 @@ def _apply(values: dict, source: str, *, stored: bool = False) -> dict:
             key = RENAMED[key]
         elif key in RENAMED:
             raise ConfigError(key, f"renamed to {RENAMED[key]!r} (in {source})")
+        if key not in _FIELDS and isinstance(value, dict):
+            # a TOML [section] or a nested YAML/JSON table: the config is one flat table
+            raise ConfigError(key, f"config files have no sections or nested tables (in {source}); "
+                                   f"write the keys of [{key}] at the top level, without the heading")
         if key not in _FIELDS:
             close = difflib.get_close_matches(key, _FIELDS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(_FIELDS)}"
@@ -305,6 +348,8 @@ def _unique_pairs(pairs: list) -> dict:
 
 
 def read_file(path: str | Path) -> dict:
+    if not isinstance(path, (str, Path)):
+        raise UsageError(f"config: expected a file path (str or Path), a dict or a Config, got {path!r}")
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
