@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the paired variants and write tables, figures, galleries and report.html")
     r.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
+                   help="a TOML/YAML config file or the name of a shipped config (`dpmem configs`), and/or "
+                        "overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     add_execution_args(r)
@@ -306,9 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a machine-readable verdict")
     c.add_argument("--write-baseline", metavar="FILE", help="also write this run's numbers as a baseline file")
     c.set_defaults(func=cmd_check)
+    cf = sub.add_parser("configs", help="list the configs shipped with dpmem, which `dpmem run NAME` runs by name")
+    cf.set_defaults(func=cmd_configs)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
+
+
+def cmd_configs(args) -> int:
+    shipped = config_mod.shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {config_mod.describe(path)}")
+    print(f"dpmem: `dpmem run NAME` runs one; the files are in {config_mod.SHIPPED}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _int_list(text: str) -> list[int]:

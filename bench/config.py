@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -347,12 +348,51 @@ def _unique_pairs(pairs: list) -> dict:
     return out
 
 
+# The configs shipped with the package (bench/configs/*.toml, package data): `dpmem run audit`.
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The shipped configs by name (file stem), sorted."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.toml"))}
+
+
+def describe(path: Path) -> str:
+    """A config file's one-line description: the first sentence of its opening comment, cut at its
+    first top-level colon when long."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or (lines and not line.strip("# ")):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    sentence = re.split(r"(?<=\.)\s+(?=[A-Z`])", text, maxsplit=1)[0]
+    if len(sentence) > 100:
+        depth = 0
+        for i, ch in enumerate(sentence):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == ":" and depth == 0:
+                return sentence[:i]
+    return sentence
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file: the path itself when it is a file, else a shipped config of that name
+    (``audit`` or ``audit.toml``), so an installed wheel runs them from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name[:-len(".toml")] if path.name.endswith(".toml") else path.name
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise UsageError(f"config file not found: {path} (the shipped configs, by name: {', '.join(shipped)})")
+
+
 def read_file(path: str | Path) -> dict:
     if not isinstance(path, (str, Path)):
         raise UsageError(f"config: expected a file path (str or Path), a dict or a Config, got {path!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
+    path = resolve_path(path)
     text = path.read_text()
     try:
         if path.suffix == ".toml":
