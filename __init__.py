@@ -129,6 +129,7 @@ class Run:
         followed by the easiest of its class: test_index, acc_nonprivate, acc_dp, acc_loss,
         acc_loss_lo, acc_loss_hi, ...). Intervals are 95% Newcombe intervals."""
         import pandas as pd
+
         from dpmem.bench.report import gallery
         pairs = None
         if kind == "pairs":

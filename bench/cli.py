@@ -181,10 +181,12 @@ def cmd_check(args) -> int:
 
 def _print_audit(result, failures: list[str]) -> None:
     import pandas as pd
+
     from dpmem.bench.report.tables import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "claimed_eps": a.epsilon_claimed,
+                     "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
                      "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
@@ -339,10 +341,11 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_loo(args) -> int:
     import numpy as np
+
     from dpmem.bench.estimators import memorization
-    from dpmem.bench.studies import loo
     from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import loo
     store = RunStore.open(args.run_dir)
     cfg = store.config()
     ks, qs = _int_list(args.ks), _float_list(args.qs)
@@ -411,9 +414,9 @@ def _add_studies(sub) -> None:
 
 
 def cmd_feldman(args) -> int:
-    from dpmem.bench.studies import feldman
     from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import feldman
     store = RunStore.open(args.run_dir)
     per_model, summary, points, facts = feldman.analyse_run(store)
     out = Path(args.out) if args.out else store.root / "feldman"
@@ -426,8 +429,8 @@ def cmd_feldman(args) -> int:
 
 
 def cmd_utility(args) -> int:
-    from dpmem.bench.studies import utility
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import utility
     store = RunStore.open(args.run_dir)
     thresholds = _float_list(args.thresholds)
     if not thresholds or any(not 0 < t <= 1 for t in thresholds):

@@ -10,17 +10,17 @@ import hashlib
 import json
 import math
 import re
-import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 import yaml
 
-from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.models import ENGINES
-from dpmem.models.spec import AUGMENTS
 from dpmem.models.plugins import is_import_path
+from dpmem.models.spec import AUGMENTS
+from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.privacy.faults import FAULTS
 
 # The names of datasets, architectures and samplings live in their registries (bench/data.py
@@ -90,7 +90,8 @@ class Config:
     seed: int = 0
     # execution (EXECUTION: not part of the run's identity)
     unit_size: int = 250            # models per stored, resumable unit (and per Ray task)
-    threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
+    # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
+    threads: int = 0
     workers: int = 0                 # 0: train in this process; N: N Ray workers (local runtime or cluster)
     device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
 
@@ -114,7 +115,7 @@ class Config:
     def execution(self) -> dict:
         return {k: getattr(self, k) for k in EXECUTION}
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -174,9 +175,9 @@ def _check_types(c: Config) -> None:
 
 
 def validate(c: Config) -> None:
-    from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     from dpmem.bench.data import DATASETS
     from dpmem.privacy.audit import SAMPLINGS
+    from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     _check_types(c)
     # Infinite or NaN floats pass most range checks below (inf > 0) and then train NaN models.
     for f in dataclasses.fields(c):
@@ -199,7 +200,8 @@ def validate(c: Config) -> None:
     _check(not c.trainer or c.engine in ("auto", "user"), "engine",
            f"a trainer trains the models itself; engine must be auto or user, not {c.engine!r}")
     _check(c.engine != "user" or bool(c.trainer), "trainer", "engine = 'user' needs trainer = package.module:fit")
-    _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+    _check(c.accountant in ACCOUNTANTS, "accountant",
+           f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
     _check(c.fault in FAULTS, "fault", f"unknown fault {c.fault!r}; choose from {', '.join(FAULTS)}")
     _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")
     for e in c.epsilons:

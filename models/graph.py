@@ -32,8 +32,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpmem.models.wide import (CHANNELWISE, ELEMENTWISE, Record, WideNet, _layer_problem, _out_of_place,
-                               channels_to_vectors, channelwise_layer, parametrised_layer)
+from dpmem.models.wide import (
+    CHANNELWISE,
+    ELEMENTWISE,
+    Record,
+    WideNet,
+    _layer_problem,
+    _out_of_place,
+    channels_to_vectors,
+    channelwise_layer,
+    parametrised_layer,
+)
 from dpmem.models.wide import supports as sequence_supports
 
 PARAMETRISED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)

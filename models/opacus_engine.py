@@ -35,9 +35,18 @@ from torch.utils.data import TensorDataset
 
 from dpmem.models.augment import augment_batch
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
+from dpmem.models.spec import (
+    AUGMENT_STREAM,
+    CANARY_STREAM,
+    TrainRequest,
+    TrainSpec,
+    canary_grad_norm,
+    canary_layout,
+    expected_batch_sizes,
+    model_streams,
+    stream_seeds,
+)
 from dpmem.models.streams import initial_model
-from dpmem.models.spec import (AUGMENT_STREAM, CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
-                               expected_batch_sizes, model_streams, stream_seeds)
 
 # Evaluation forward passes keep the largest activation at about this many floats (64 MiB).
 EVAL_BLOCK_FLOATS = 1 << 24

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
+from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.nets import build_model
 from dpmem.models.noise import CounterNoise, GaussianNoise, counter_keys
 from dpmem.models.philox import counter_uniforms, philox_keys, uses_counter
@@ -32,7 +33,6 @@ from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_me
 from dpmem.models.samplers import sampler_for
 from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
 from dpmem.models.streams import coin_generator, coin_seed, initial_params, stream_generator
-from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.wide import Record, WideNet, frozen_layers
 
 # Evaluation runs at least this many rows per forward pass when the budget allows.

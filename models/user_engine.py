@@ -65,9 +65,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from dpmem.privacy.errors import UsageError
 from dpmem.models.plugins import load_callable, one_line
 from dpmem.models.spec import CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout
+from dpmem.privacy.errors import UsageError
 
 
 @dataclass(frozen=True, kw_only=True)

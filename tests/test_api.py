@@ -1,10 +1,10 @@
 """The public Python API (``import dpmem``), the registries behind it, and the one-namespace install."""
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 
 import dpmem
 from dpmem.bench import data
@@ -131,7 +131,7 @@ def test_the_install_maps_every_package_under_dpmem():
     assert packages == on_disk
     assert dpmem.__all__ == ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence",
                              "load_config", "memorization", "open_run", "run"]
-    from dpmem import canaries     # a module attribute, imported on first use
+    from dpmem import canaries  # a module attribute, imported on first use
     assert canaries.__name__ == "dpmem.models.canaries" and dpmem.canaries is canaries
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        dpmem.nope
+        _ = dpmem.nope

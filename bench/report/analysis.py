@@ -12,9 +12,9 @@ from dpmem.bench.store.run_store import CANARY_MASKS_FILE, RunStore
 from dpmem.models.spec import expected_batch_sizes
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit, oracle_eps_lb
+from dpmem.privacy.errors import UsageError
 from dpmem.privacy.family import bonferroni_share
 from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS, OneRunAudit, gdp_mu, one_run_audit
-from dpmem.privacy.errors import UsageError
 from dpmem.privacy.parametric import ParametricBound, parametric_bound
 
 INTERVAL_LEVEL = 0.95
@@ -202,7 +202,8 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "sampling": cfg.sampling, "subgroups": data_record.get("subgroups"),
         "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
-        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
+        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests,
+        "alpha_per_test": share,
         "audit_family": family,
         "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
         "fdr": cfg.fdr, "null_permutations": findings.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,

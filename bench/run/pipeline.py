@@ -13,8 +13,17 @@ import numpy as np
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
 from dpmem.bench.run import execution, resources, units
-from dpmem.bench.run.plan import (as_inputs, noise_seed, plan_variant, provenance, random_scheme, run_seed, schedule,
-                                  stored_random_scheme, train_spec)
+from dpmem.bench.run.plan import (
+    as_inputs,
+    noise_seed,
+    plan_variant,
+    provenance,
+    random_scheme,
+    run_seed,
+    schedule,
+    stored_random_scheme,
+    train_spec,
+)
 from dpmem.bench.run.subsets import CANARY_MASK_STREAM, make_masks
 from dpmem.bench.store.files import atomic_write_json, read_json
 from dpmem.bench.store.run_store import RunStore, data_fingerprint

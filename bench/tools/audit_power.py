@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.run import pipeline
+from dpmem.bench.report import analysis
 from dpmem.bench.report.analysis import audit_failures
 from dpmem.bench.report.tables import markdown
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
 

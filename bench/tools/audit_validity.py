@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from dpmem.bench.tools.audit_power import exact_ci
 from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.files import atomic_write_bytes
+from dpmem.bench.tools.audit_power import exact_ci
 from dpmem.privacy import accounting
 from dpmem.privacy.canary_audit import canary_audit
 from dpmem.privacy.one_run import one_run_audit

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from dpmem.models.batched import stack_class
-from dpmem.models.runtime import resolve_device, retain_freed_memory
-from dpmem.models.stack import PoissonBatch
 from dpmem.models.nets import build_model
+from dpmem.models.runtime import resolve_device, retain_freed_memory
 from dpmem.models.spec import DPParams, TrainSpec
+from dpmem.models.stack import PoissonBatch
 
 # name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Training speed",
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
-        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; residual nets: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; "
+        f"residual nets: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
         f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
         + ("; an architecture's methods timed in turn, one step each per round" if args.interleave else "")
         + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1

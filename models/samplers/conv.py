@@ -80,10 +80,11 @@ class ConvSampler:
         for axis in reversed(range(n)):
             k, dil, stride, out = layer.kernel_size[axis], layer.dilation[axis], layer.stride[axis], self.g.shape[2 + axis]
 
+            # tap is called only within the iteration that defines it, so the loop's values are the ones meant
             def tap(j: int) -> Tensor:
                 index = [slice(None)] * (2 * n)
-                index[axis] = index[n + axis] = slice(j * dil, j * dil + stride * (out - 1) + 1, stride)
-                return gram[(..., *index)]
+                index[axis] = index[n + axis] = slice(j * dil, j * dil + stride * (out - 1) + 1, stride)  # noqa: B023
+                return gram[(..., *index)]  # noqa: B023
             total = tap(0)
             for j in range(1, k):
                 total = total + tap(j)
