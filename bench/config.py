@@ -10,11 +10,11 @@ import hashlib
 import json
 import math
 import re
+import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 import yaml
 
 from dpmem.models import ENGINES
@@ -362,7 +362,7 @@ def shipped_configs() -> dict[str, Path]:
 def describe(path: Path) -> str:
     """A config file's one-line description: the first sentence of its opening comment, cut at its
     first top-level colon when long."""
-    lines = []
+    lines: list[str] = []
     for line in path.read_text().splitlines():
         if not line.startswith("#") or (lines and not line.strip("# ")):
             break
@@ -413,7 +413,7 @@ def read_file(path: str | Path) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out = {}
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise UsageError(f"override {item!r} is not key=value")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,6 +97,7 @@ class CanaryBlock(nn.Module):
 
 
 def _dp_optimizer(spec: TrainSpec, params, expected_batch_size: int, generator: torch.Generator) -> DPOptimizer:
+    assert spec.dp is not None, "DP training only"
     return DPOptimizer(
         torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay),
         noise_multiplier=spec.dp.noise_multiplier,
@@ -148,9 +150,9 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
         canary_coins = torch.Generator(device=device).manual_seed(canary_seeds[0])
         canary_ids = torch.arange(spec.canaries, device=device)
     if dp is None:
-        network = model
+        network: Any = model
         optimizer = torch.optim.SGD(trainable(model), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-        canary_net = canaries
+        canary_net: Any = canaries
         if canaries is not None:
             canary_opt = torch.optim.SGD(canaries.parameters(), lr=spec.lr, momentum=spec.momentum,
                                          weight_decay=spec.weight_decay)

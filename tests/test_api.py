@@ -1,10 +1,10 @@
 """The public Python API (``import dpmem``), the registries behind it, and the one-namespace install."""
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
 
 import dpmem
 from dpmem.bench import data

@@ -2,10 +2,10 @@
 command line's smaller refusals, and the release's version and commit in every run."""
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import dpmem
 from dpmem.bench import cli

@@ -139,7 +139,7 @@ def _json_default(o):
 def package_versions() -> dict:
     """The versions of dpmem and the libraries its numbers depend on; ``dpmem_commit`` when dpmem
     runs from a git checkout (``+modified`` when tracked files differ from that commit)."""
-    out = {}
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)

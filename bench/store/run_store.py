@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,7 +164,7 @@ class _DirectoryLock:
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._lock = None
+        self._lock: Any = None   # a filelock.FileLock once acquired
         self._dir_locks: list[tuple[int, int]] = []   # this store's holds of _DirectoryLock
 
     # -- the writer's lock -----------------------------------------------------------------
@@ -367,10 +368,11 @@ class RunStore:
         except OSError:
             return False
 
-    def masks(self) -> np.ndarray | None:
+    def masks(self) -> np.ndarray:
+        """The run's subset masks, bool [models, n_train]."""
         path = self.root / "masks.npy"
         if not path.exists() and self.format < 2:
-            return None
+            raise UsageError(f"{self.root} was written by an older dpmem without masks.npy; it cannot be analysed")
         masks = load_npy(path, self._checked("masks.npy"))
         models = self.config().models
         if masks.ndim != 2 or masks.shape[0] != models or masks.dtype != bool:

@@ -55,6 +55,8 @@ def models_rows(root: Path, fault: str, seed: int) -> list[dict]:
                             MODELS_FAULTS[fault] + [f"fault={fault}", f"seed={seed}"])
     t0 = time.perf_counter()
     result = analysis.analyse(store, with_pairs=False)
+    canary_masks = store.canary_masks()
+    assert canary_masks is not None, "the audit config plants canaries"
     audit_s = time.perf_counter() - t0
     gate_failed = bool(audit_failures(result))
     rows = []
@@ -70,7 +72,7 @@ def models_rows(root: Path, fault: str, seed: int) -> list[dict]:
                      "parametric_eps_estimate": p.eps_estimate, "sigma_planned": v["noise_multiplier"],
                      "sigma_eff": p.noise_multiplier, "sigma_eff_hi": p.noise_multiplier_hi,
                      "sensitivity": p.sensitivity, "sensitivity_lo": p.sensitivity_lo,
-                     "n_in": int(store.canary_masks().sum()), "n_out": int((~store.canary_masks()).sum()),
+                     "n_in": int(canary_masks.sum()), "n_out": int((~canary_masks).sum()),
                      "models": c.models, "train_s": train_s, "audit_s": audit_s})
     shutil.rmtree(store.root)
     return rows

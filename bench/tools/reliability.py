@@ -80,6 +80,7 @@ def run_until(out: Path, mode: str, at: float, limit: float) -> tuple[str, float
             proc.wait()
             return "killed", elapsed
         time.sleep(0.002)
+    assert proc.stderr is not None
     proc.stderr.read()
     return ("finished" if proc.returncode == 0 else f"exit {proc.returncode}"), time.perf_counter() - t0
 

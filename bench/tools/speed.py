@@ -27,7 +27,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -82,7 +84,7 @@ def median_seconds(fn, *, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_median_seconds(steps: dict[str, callable], *, warmup: int, reps: int) -> dict[str, float]:
+def interleaved_median_seconds(steps: dict[str, Callable[[], object]], *, warmup: int, reps: int) -> dict[str, float]:
     """``median_seconds`` of several steps timed in turn (one step of each per round), so that a
     change in the machine's load during the measurement hits every method alike."""
     for step in steps.values():
@@ -184,7 +186,9 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
     ``interleave`` the five methods of an architecture are timed in turn, one step each per round."""
     torch.set_num_threads(threads)
     retain_freed_memory()  # as the trainers do, for every method alike (before anything is timed)
-    rows, ratios, flops = [], [], {}
+    rows: list[dict[str, Any]] = []
+    ratios: list[dict[str, Any]] = []
+    flops: dict[str, float] = {}
     for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
         if kind not in only:
             continue
