@@ -72,12 +72,14 @@ class Run:
         from dpmem.bench.store.run_store import RunStore
         self._store = RunStore.open(path)
         self.path = self._store.root
+        """The run directory."""
 
     def __repr__(self) -> str:
         return f"dpmem.Run({str(self.path)!r})"
 
     @cached_property
     def config(self) -> Config:
+        """The run's validated config, as stored in its config.json."""
         return self._store.config()
 
     @cached_property

@@ -43,6 +43,12 @@ ADDED_DEFAULTS = {"augment": "none", "augment_multiplicity": 1}
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
+    """Everything a run computes from, validated when constructed: a value of the wrong type or out of
+    range raises ``ConfigError`` naming its field. Every field is a config key of ``dpmem run``
+    (the [Config keys](../reference/config.md) page gives each with its default); build one with
+    ``dpmem.load_config`` from a file, a dict or overrides, or directly as ``Config(models=64, ...)``.
+    ``hash()`` identifies the run's numbers (execution settings excluded)."""
+
     # data
     dataset: str = "digits"          # a name in bench/data.py DATASETS; "file" reads data_path
     data_path: str = ""              # dataset = "file": an .npz with x_train, y_train, x_test, y_test
