@@ -62,8 +62,8 @@ def test_a_misspelt_key_still_gets_its_suggestion():
 def test_a_batch_larger_than_the_subset_is_noted(tmp_path, capsys):
     dpmem.run({**TINY, "batch_size": 100000}, out=tmp_path / "run")
     err = capsys.readouterr().err
-    assert "batch_size 100000 is larger than a model's expected training subset" in err
-    assert "rate 1" in err
+    assert "batch_size 100000 is larger than the training set (60 examples)" in err
+    assert "sample rate 1" in err
     assert dpmem.open_run(tmp_path / "run").summary["variants"]["dp-eps4"]["sample_rate"] == 1.0
 
 

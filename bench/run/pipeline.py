@@ -51,11 +51,10 @@ def check_inputs(cfg: Config) -> tuple[Dataset, str]:
     ds = load_dataset(cfg)
     resources.check_arrays_fit(cfg, ds.n_train, ds.n_test)
     sched = schedule(cfg, ds.n_train)
-    if cfg.batch_size > sched.expected_subset:
-        print(f"dpmem: note: batch_size {cfg.batch_size} is larger than a model's expected training subset "
-              f"({sched.expected_subset:g} examples): every step samples each example with rate 1, so "
-              f"there are {sched.steps_per_epoch} step(s) per epoch and no amplification by sampling",
-              file=sys.stderr)
+    if cfg.batch_size > ds.n_train:   # (between the subset and n_train: rate 1, as the audit configs mean it)
+        print(f"dpmem: note: batch_size {cfg.batch_size} is larger than the training set ({ds.n_train} examples): "
+              f"every step takes each example of a model's subset (sample rate 1, {sched.steps_per_epoch} step per "
+              "epoch, no amplification by sampling)", file=sys.stderr)
     for epsilon in cfg.epsilons:   # calibration fails for budgets no noise can meet: say so now
         try:
             plan_variant(cfg, epsilon, sched)
