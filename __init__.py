@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING
 from dpmem.bench.config import Config
 from dpmem.bench.config import load as _load
 from dpmem.privacy.errors import ConfigError, UsageError
+from dpmem.privacy.release import VERSION
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-__version__ = "0.2.0"
+__version__ = VERSION
 __all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence", "load_config",
            "memorization", "open_run", "run"]
 

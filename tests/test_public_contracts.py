@@ -9,7 +9,7 @@ import pytest
 
 import dpmem
 from dpmem.bench import cli
-from dpmem.bench.store.files import source_commit
+from dpmem.privacy.release import source_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="synthetic", n_train=60, n_test=60, n_subgroups=6, dim=4, models=4, unit_size=4, epochs=1,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmem.privacy.errors import UsageError
+from dpmem.privacy.release import VERSION, source_commit
 
 PACKAGES = ("dpmem", "torch", "opacus", "numpy", "scipy", "pandas", "scikit-learn")
 TMP_SUFFIX = ".tmp"
@@ -145,30 +146,11 @@ def package_versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    import dpmem
-    out["dpmem"] = dpmem.__version__   # the code's own version, not an editable install's stale metadata
+    out["dpmem"] = VERSION   # the code's own version, not an editable install's stale metadata
     commit = source_commit()
     if commit is not None:
         out["dpmem_commit"] = commit
     return out
-
-
-def source_commit(root: Path | None = None) -> str | None:
-    """The git commit of the checkout dpmem is imported from, or None (an installed wheel, no git)."""
-    if root is None:
-        import dpmem
-        root = Path(dpmem.__file__).resolve().parent
-    if not (root / ".git").exists():   # the repository root is the package; a wheel has no .git
-        return None
-    import subprocess
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}+modified" if changed else head
 
 
 def remove_temporaries(root: Path) -> list[Path]:
