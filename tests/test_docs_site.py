@@ -32,6 +32,9 @@ def _pages() -> tuple[set[str], set[str]]:
 def _visit(driver, page: str) -> dict:
     driver.get_log("browser")
     driver.get((SITE / page).as_uri())
+    deadline = time.monotonic() + 20          # a busy machine may hand the page back before it has loaded
+    while driver.execute_script("return document.readyState") != "complete" and time.monotonic() < deadline:
+        time.sleep(0.1)
     state = driver.execute_script("""
         const base = document.baseURI;
         return {ready: document.readyState, title: document.title,
