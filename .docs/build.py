@@ -5,8 +5,9 @@ results/README.md) stay the one copy of every fact. This script cuts them at the
 and arranges the sections into the site's pages (``PAGES``), rewrites their links to the pages that
 now hold each section, copies the files they link to (source files, result tables, figures) into
 the site, adds the hand-written pages (``.docs/pages``) and the executed tutorials, writes the
-MkDocs config with the navigation and runs ``mkdocs build --strict``: a broken link, a section that
-no page takes, or a public name without a docstring fails the build.
+MkDocs config with the navigation and runs ``mkdocs build --strict``: a broken link or anchor, a
+heading ``PAGES`` names that no room document has, or a public name without a docstring fails the
+build (a new section that no page names goes to its room's first page, and the build says so).
 
 Output: ``.docs/build/site/index.html`` (open it in a browser; search works offline).
 """
