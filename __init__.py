@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING
 from dpmem.bench.config import Config
 from dpmem.bench.config import load as _load
 from dpmem.privacy.errors import ConfigError, UsageError
+from dpmem.privacy.release import VERSION
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-__version__ = "0.2.0"
+__version__ = VERSION
 __all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence", "load_config",
            "memorization", "mia", "mia_scores", "open_run", "run"]
 
@@ -60,6 +61,8 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides) -
         return _load(None, overrides, base=config) if overrides else config
     if isinstance(config, dict):
         return _load(None, {**config, **overrides})
+    if config is not None and not isinstance(config, (str, Path)):
+        raise UsageError(f"config: expected a file path (str or Path), a dict, a Config or None, got {config!r}")
     return _load(config, overrides)
 
 
@@ -67,15 +70,19 @@ class Run:
     """A run directory: its config, summary and tables, read lazily from what is stored."""
 
     def __init__(self, path: str | Path):
+        if not isinstance(path, (str, Path)):
+            raise UsageError(f"path: expected a run directory (str or Path), got {path!r}")
         from dpmem.bench.store.run_store import RunStore
         self._store = RunStore.open(path)
         self.path = self._store.root
+        """The run directory."""
 
     def __repr__(self) -> str:
         return f"dpmem.Run({str(self.path)!r})"
 
     @cached_property
     def config(self) -> Config:
+        """The run's validated config, as stored in its config.json."""
         return self._store.config()
 
     @cached_property
@@ -148,6 +155,7 @@ class Run:
         followed by the easiest of its class: test_index, acc_nonprivate, acc_dp, acc_loss,
         acc_loss_lo, acc_loss_hi, ...). Intervals are 95% Newcombe intervals."""
         import pandas as pd
+
         from dpmem.bench.report import gallery
         pairs = None
         if kind == "pairs":
@@ -173,6 +181,8 @@ def run(config: str | Path | dict | Config | None = None, *, out: str | Path, **
     from dpmem.bench.report import analysis, page
     from dpmem.bench.run import pipeline
     from dpmem.bench.store.run_store import RunStore
+    if not isinstance(out, (str, Path)):
+        raise UsageError(f"out: expected a run directory (str or Path), got {out!r}")
     cfg = load_config(config, **overrides)
     ds, engine = pipeline.check_inputs(cfg)
     # the lock is the directory's while this call writes it, not until the process exits
@@ -256,6 +266,7 @@ def mia(masks: np.ndarray, scores: np.ndarray, *, population: np.ndarray | None 
     also the DP region check (an estimate; ``alpha`` split over the attacks and FPRs checked).
     Without ``population`` RMIA is left out."""
     import pandas as pd
+
     from dpmem.bench.estimators import membership
     from dpmem.bench.report.membership import REGION_FPRS
     if attacks is None:

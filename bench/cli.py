@@ -36,6 +36,8 @@ def default_out(cfg: config_mod.Config) -> Path:
 
 def _output_dir(path: Path, what: str) -> Path:
     """An output directory that exists or can be made; refused with one line otherwise."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
@@ -196,6 +198,7 @@ def _print_margin_audits(result) -> None:
     if not result.margin_audits:
         return
     import pandas as pd
+
     from dpmem.bench.report.tables import markdown
     rows = [{"variant": n, "audit": "margin threshold", "kind": m.kind, "claimed_eps": m.epsilon_claimed,
              "eps_lb": m.eps_lb, "black_box_eps_lb": result.audits[n].eps_lb, "violations": m.violations,
@@ -211,10 +214,12 @@ def _print_margin_audits(result) -> None:
 
 def _print_audit(result, failures: list[str]) -> None:
     import pandas as pd
+
     from dpmem.bench.report.tables import markdown
     rows = []
     for name, a in result.audits.items():
-        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "refutes": REFUTES["rigorous"], "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
+        rows.append({"variant": name, "audit": "black-box", "kind": "rigorous", "refutes": REFUTES["rigorous"],
+                     "claimed_eps": a.epsilon_claimed, "adjacency": a.adjacency,
                      "tested": None if a.epsilon_claimed is None else f"({a.epsilon_tested:.3g}, {a.delta_tested:.2g})",
                      "eps_lb": a.eps_lb, "eps_gaussian_estimate": None, "violations": a.violations,
                      "refutable_up_to": a.power_eps,
@@ -232,7 +237,8 @@ def _print_audit(result, failures: list[str]) -> None:
                          "test_acc": result.summary["variants"][name]["test_accuracy"]})
         o = result.one_run_audits.get(name)
         if o is not None:
-            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "refutes": REFUTES["rigorous"], "claimed_eps": o.epsilon_claimed,
+            rows.append({"variant": name, "audit": "one-run", "kind": "rigorous", "refutes": REFUTES["rigorous"],
+                         "claimed_eps": o.epsilon_claimed,
                          "adjacency": "add/remove",
                          "tested": None if o.epsilon_claimed is None else f"({o.epsilon_claimed:.3g}, {o.delta:.2g})",
                          "eps_lb": o.eps_lb, "eps_gaussian_estimate": None, "violations": None,
@@ -324,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the paired variants and write tables, figures, galleries and report.html")
     r.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a TOML/YAML config file and/or overrides such as epsilons=1,4,16 models=500")
+                   help="a TOML/YAML config file or the name of a shipped config (`dpmem configs`), and/or "
+                        "overrides such as epsilons=1,4,16 models=500")
     r.add_argument("--out", help="run directory (default runs/DATASET-MODEL-HASH)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     add_execution_args(r)
@@ -348,9 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a machine-readable verdict")
     c.add_argument("--write-baseline", metavar="FILE", help="also write this run's numbers as a baseline file")
     c.set_defaults(func=cmd_check)
+    cf = sub.add_parser("configs", help="list the configs shipped with dpmem, which `dpmem run NAME` runs by name")
+    cf.set_defaults(func=cmd_configs)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
+
+
+def cmd_configs(args) -> int:
+    shipped = config_mod.shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {config_mod.describe(path)}")
+    print(f"dpmem: `dpmem run NAME` runs one; the files are in {config_mod.SHIPPED}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _int_list(text: str) -> list[int]:
@@ -369,10 +387,11 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_loo(args) -> int:
     import numpy as np
+
     from dpmem.bench.estimators import memorization
-    from dpmem.bench.studies import loo
     from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import loo
     store = RunStore.open(args.run_dir)
     cfg = store.config()
     ks, qs = _int_list(args.ks), _float_list(args.qs)
@@ -473,9 +492,9 @@ def _add_studies(sub) -> None:
 
 
 def cmd_feldman(args) -> int:
-    from dpmem.bench.studies import feldman
     from dpmem.bench.report import tables
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import feldman
     store = RunStore.open(args.run_dir)
     per_model, summary, points, facts = feldman.analyse_run(store)
     out = Path(args.out) if args.out else store.root / "feldman"
@@ -488,8 +507,8 @@ def cmd_feldman(args) -> int:
 
 
 def cmd_utility(args) -> int:
-    from dpmem.bench.studies import utility
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import utility
     store = RunStore.open(args.run_dir)
     thresholds = _float_list(args.thresholds)
     if not thresholds or any(not 0 < t <= 1 for t in thresholds):

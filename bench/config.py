@@ -9,17 +9,18 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.models import ENGINES
-from dpmem.models.spec import AUGMENTS
 from dpmem.models.plugins import is_import_path
+from dpmem.models.spec import AUGMENTS
+from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.privacy.faults import FAULTS
 
 # The names of datasets, architectures and samplings live in their registries (bench/data.py
@@ -42,6 +43,12 @@ ADDED_DEFAULTS = {"augment": "none", "augment_multiplicity": 1}
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
+    """Everything a run computes from, validated when constructed: a value of the wrong type or out of
+    range raises ``ConfigError`` naming its field. Every field is a config key of ``dpmem run``
+    (the [Config keys](../reference/config.md) page gives each with its default); build one with
+    ``dpmem.load_config`` from a file, a dict or overrides, or directly as ``Config(models=64, ...)``.
+    ``hash()`` identifies the run's numbers (execution settings excluded)."""
+
     # data
     dataset: str = "digits"          # a name in bench/data.py DATASETS; "file" reads data_path
     data_path: str = ""              # dataset = "file": an .npz with x_train, y_train, x_test, y_test
@@ -89,7 +96,8 @@ class Config:
     seed: int = 0
     # execution (EXECUTION: not part of the run's identity)
     unit_size: int = 250            # models per stored, resumable unit (and per Ray task)
-    threads: int = 0                 # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
+    # torch threads, set once per process (0: OMP_NUM_THREADS, else the cores; with workers, cores // workers)
+    threads: int = 0
     workers: int = 0                 # 0: train in this process; N: N Ray workers (local runtime or cluster)
     device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
 
@@ -113,7 +121,7 @@ class Config:
     def execution(self) -> dict:
         return {k: getattr(self, k) for k in EXECUTION}
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -135,10 +143,48 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(name, msg)
 
 
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {typing.get_args(hint)[0].__name__}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "True or False"}[hint]
+
+
+def _has_type(value, hint) -> bool:
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_types(c: Config) -> None:
+    """Every field holds its declared type: ``Config(models="x")`` is refused naming ``models``
+    before a comparison deep inside fails (files and overrides are converted by ``_coerce`` first)."""
+    for name, hint in _HINTS.items():
+        value = getattr(c, name)
+        is_tuple = typing.get_origin(hint) is tuple
+        if is_tuple and isinstance(value, list):
+            value = tuple(value)             # Config(hidden=[64, 64]) as (64, 64)
+        if not _has_type(value, hint):
+            example = (" such as (64,)" if typing.get_args(hint)[0] is int else " such as (1.0, 4.0)") if is_tuple else ""
+            raise ConfigError(name, f"must be {_type_name(hint)}{example}, got {value!r}")
+        # ints where floats are declared become floats, as a file's values do (the same hash either way)
+        if hint is float:
+            value = float(value)
+        elif is_tuple and typing.get_args(hint)[0] is float:
+            value = tuple(float(v) for v in value)
+        if value is not getattr(c, name):
+            object.__setattr__(c, name, value)
+
+
 def validate(c: Config) -> None:
-    from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
     from dpmem.bench.data import DATASETS
     from dpmem.privacy.audit import SAMPLINGS
+    from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS
+    _check_types(c)
     # Infinite or NaN floats pass most range checks below (inf > 0) and then train NaN models.
     for f in dataclasses.fields(c):
         value = getattr(c, f.name)
@@ -160,7 +206,8 @@ def validate(c: Config) -> None:
     _check(not c.trainer or c.engine in ("auto", "user"), "engine",
            f"a trainer trains the models itself; engine must be auto or user, not {c.engine!r}")
     _check(c.engine != "user" or bool(c.trainer), "trainer", "engine = 'user' needs trainer = package.module:fit")
-    _check(c.accountant in ACCOUNTANTS, "accountant", f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+    _check(c.accountant in ACCOUNTANTS, "accountant",
+           f"unknown accountant {c.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
     _check(c.fault in FAULTS, "fault", f"unknown fault {c.fault!r}; choose from {', '.join(FAULTS)}")
     _check(0.0 < c.q < 1.0, "q", f"must be in (0, 1), got {c.q}")
     for e in c.epsilons:
@@ -219,6 +266,7 @@ def validate(c: Config) -> None:
 # -- loading ---------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
 
 
 def _coerce(name: str, value):
@@ -270,6 +318,10 @@ def _apply(values: dict, source: str, *, stored: bool = False) -> dict:
             key = RENAMED[key]
         elif key in RENAMED:
             raise ConfigError(key, f"renamed to {RENAMED[key]!r} (in {source})")
+        if key not in _FIELDS and isinstance(value, dict):
+            # a TOML [section] or a nested YAML/JSON table: the config is one flat table
+            raise ConfigError(key, f"config files have no sections or nested tables (in {source}); "
+                                   f"write the keys of [{key}] at the top level, without the heading")
         if key not in _FIELDS:
             close = difflib.get_close_matches(key, _FIELDS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(_FIELDS)}"
@@ -304,10 +356,51 @@ def _unique_pairs(pairs: list) -> dict:
     return out
 
 
-def read_file(path: str | Path) -> dict:
+# The configs shipped with the package (bench/configs/*.toml, package data): `dpmem run audit`.
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The shipped configs by name (file stem), sorted."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.toml"))}
+
+
+def describe(path: Path) -> str:
+    """A config file's one-line description: the first sentence of its opening comment, cut at its
+    first top-level colon when long."""
+    lines: list[str] = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or (lines and not line.strip("# ")):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    sentence = re.split(r"(?<=\.)\s+(?=[A-Z`])", text, maxsplit=1)[0]
+    if len(sentence) > 100:
+        depth = 0
+        for i, ch in enumerate(sentence):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == ":" and depth == 0:
+                return sentence[:i]
+    return sentence
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file: the path itself when it is a file, else a shipped config of that name
+    (``audit`` or ``audit.toml``), so an installed wheel runs them from any folder."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name[:-len(".toml")] if path.name.endswith(".toml") else path.name
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise UsageError(f"config file not found: {path} (the shipped configs, by name: {', '.join(shipped)})")
+
+
+def read_file(path: str | Path) -> dict:
+    if not isinstance(path, (str, Path)):
+        raise UsageError(f"config: expected a file path (str or Path), a dict or a Config, got {path!r}")
+    path = resolve_path(path)
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -326,7 +419,7 @@ def read_file(path: str | Path) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out = {}
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise UsageError(f"override {item!r} is not key=value")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpmem.models.spec import AUGMENTS
+
 # Zero padding of the random crop, in pixels on each side (4 for 32x32 CIFAR images in the papers).
 CROP_PADDING = 4
 

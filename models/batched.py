@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from dpmem.models.batched_mlp import MLPStack, is_mlp
+from dpmem.models.graph import supports
 from dpmem.models.nets import build_model
 from dpmem.models.spec import TrainRequest, TrainSpec, canary_layout, model_streams
 from dpmem.models.stack import ModelStack
-from dpmem.models.graph import supports
 
 __all__ = ["stack_class", "supports", "train"]
 

@@ -134,11 +134,12 @@ def _row_sq_norms(t: Tensor) -> Tensor:
 def _ghost_sq_norms(acts: list[Tensor], deltas: list[Tensor], input_sq: Tensor | None = None) -> Tensor:
     """Per-example squared gradient norm over all layers, [K, B]:
     sum_l (||a^{l-1}||^2 + 1) * ||delta^l||^2 (weight and bias together)."""
-    total = None
+    total: Tensor | None = None
     for j, (a, d) in enumerate(zip(acts[:-1], deltas)):
         a_sq = input_sq if (j == 0 and input_sq is not None) else _row_sq_norms(a)
         term = _row_sq_norms(d).mul_(a_sq + 1.0)
         total = term if total is None else total.add_(term)
+    assert total is not None, "an MLP has at least one layer"
     return total
 
 
@@ -174,7 +175,7 @@ class MLPStack(ModelStack):
         spec = self.spec
         dp = spec.dp
         if dp is not None:
-            self.noise.begin()
+            self.dp_noise().begin()
         x = batch.x.reshape(self.K, batch.x.shape[1], -1)
         acts = _forward(self.layers, x, self._work)
         delta_out = _output_error(acts[-1], batch.y, batch.valid)
@@ -188,7 +189,7 @@ class MLPStack(ModelStack):
             scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
             for d in deltas:
                 d.mul_(scale)
-            noise_views = self._noise_views(self.noise.take())
+            noise_views = self._noise_views(self.dp_noise().take())
         wd = spec.weight_decay
         for j, ((weight, bias), a, d) in enumerate(zip(self.layers, acts[:-1], deltas)):
             if self.momentum_bufs is None:

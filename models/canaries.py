@@ -45,7 +45,7 @@ canaries.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -113,18 +113,19 @@ class CanaryLoss(nn.Module):
         if not grad_norm > 0:
             raise ValueError(f"grad_norm must be > 0, got {grad_norm}")
         self.criterion = criterion
-        self.reduction = criterion.reduction
+        self.reduction: str = str(criterion.reduction)
         self.grad_norm = float(grad_norm)
         self.private = private
         self.expected_batch_size = max(1, int(expected_batch_size))
 
     def _criterion(self, logits: Tensor, target: Tensor, reduction: str) -> Tensor:
-        saved = self.criterion.reduction
-        self.criterion.reduction = reduction
+        criterion: Any = self.criterion   # a torch loss module: its reduction is a plain attribute
+        saved = criterion.reduction
+        criterion.reduction = reduction
         try:
             return self.criterion(logits, target)
         finally:
-            self.criterion.reduction = saved
+            criterion.reduction = saved
 
     def forward(self, output, target: Tensor) -> Tensor:
         if not isinstance(output, CanaryOutput):

@@ -71,6 +71,7 @@ class GradientCanaries:
                 z = counter_normals(self.noise_keys, self.steps_done, m)
             else:
                 z = torch.empty_like(self._uniform)
+                assert self.noise is not None
                 for k, generator in enumerate(self.noise):
                     z[k].normal_(generator=generator)
             grad.add_(z, alpha=dp.noise_multiplier * dp.max_grad_norm)

@@ -26,14 +26,24 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpmem.models.wide import (CHANNELWISE, ELEMENTWISE, Record, WideNet, _layer_problem, _out_of_place,
-                               channels_to_vectors, channelwise_layer, parametrised_layer)
+from dpmem.models.wide import (
+    CHANNELWISE,
+    ELEMENTWISE,
+    Record,
+    WideNet,
+    _layer_problem,
+    _out_of_place,
+    channels_to_vectors,
+    channelwise_layer,
+    parametrised_layer,
+)
 from dpmem.models.wide import supports as sequence_supports
 
 PARAMETRISED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)
@@ -81,7 +91,7 @@ def _node_problem(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | N
     if node.op == "get_attr":
         return f"forward reads {node.target} directly (only supported layers may hold parameters)"
     if node.op == "call_module":
-        layer = modules[node.target]
+        layer = modules[str(node.target)]
         problem = _layer_problem(layer)
         return None if problem is None else f"{problem} (at {node.target})"
     if node.op == "call_function":
@@ -156,7 +166,7 @@ class GraphNet:
 
     def forward(self, params: list[Tensor], x: Tensor, records: list[Record] | None = None) -> Tensor:
         """Logits [K, B, classes] of per-model batches ``x`` [K, B, *input_shape] (see WideNet.forward)."""
-        by_layer = self.layer_params(params)
+        by_layer = self.layer_params(params)  # type: ignore[misc]  # WideNet's method, duck-typed
         env: dict[torch.fx.Node, object] = {}
 
         def value(arg):
@@ -265,7 +275,7 @@ class GraphNet:
         if kwargs.get("alpha", 1) != 1 or set(kwargs) - {"alpha"} or len(args) != 2:
             raise ValueError(f"{name} is supported with two operands only")
         a, b = args
-        fn = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op]
+        fn: Any = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op]
         if isinstance(a, Wide) and isinstance(b, Wide):
             if op == "div":
                 raise ValueError("dividing two tensors is not supported by the batched engine")

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
-from dpmem.privacy.errors import ConfigError
 from dpmem.models.plugins import is_import_path, load_callable, one_line
 from dpmem.models.spec import TrainSpec
+from dpmem.privacy.errors import ConfigError
 
 # torch and Opacus are imported inside the functions: the config checks model names against
 # ARCHITECTURES, and `dpmem check` / `dpmem report` should not pay for importing them.

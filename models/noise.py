@@ -39,6 +39,7 @@ class GaussianNoise:
             buffer[k].normal_(generator=self.generators[k])
 
     def _submit(self, index: int) -> None:
+        assert self._pool is not None
         self._pending = (index, [self._pool.submit(self._draw, self.buffers[index], part) for part in self._parts])
 
     def begin(self) -> None:
@@ -52,6 +53,7 @@ class GaussianNoise:
             self._draw(self.buffers[0], np.arange(len(self.generators)))
             return self.buffers[0]
         self.begin()
+        assert self._pending is not None
         index, futures = self._pending
         for future in futures:
             future.result()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,18 @@ from torch.utils.data import TensorDataset
 
 from dpmem.models.augment import augment_batch
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
+from dpmem.models.spec import (
+    AUGMENT_STREAM,
+    CANARY_STREAM,
+    TrainRequest,
+    TrainSpec,
+    canary_grad_norm,
+    canary_layout,
+    expected_batch_sizes,
+    model_streams,
+    stream_seeds,
+)
 from dpmem.models.streams import initial_model
-from dpmem.models.spec import (AUGMENT_STREAM, CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout,
-                               expected_batch_sizes, model_streams, stream_seeds)
 
 # Evaluation forward passes keep the largest activation at about this many floats (64 MiB).
 EVAL_BLOCK_FLOATS = 1 << 24
@@ -87,6 +97,7 @@ class CanaryBlock(nn.Module):
 
 
 def _dp_optimizer(spec: TrainSpec, params, expected_batch_size: int, generator: torch.Generator) -> DPOptimizer:
+    assert spec.dp is not None, "DP training only"
     return DPOptimizer(
         torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay),
         noise_multiplier=spec.dp.noise_multiplier,
@@ -139,9 +150,9 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
         canary_coins = torch.Generator(device=device).manual_seed(canary_seeds[0])
         canary_ids = torch.arange(spec.canaries, device=device)
     if dp is None:
-        network = model
+        network: Any = model
         optimizer = torch.optim.SGD(trainable(model), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-        canary_net = canaries
+        canary_net: Any = canaries
         if canaries is not None:
             canary_opt = torch.optim.SGD(canaries.parameters(), lr=spec.lr, momentum=spec.momentum,
                                          weight_decay=spec.weight_decay)

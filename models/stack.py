@@ -25,6 +25,7 @@ from torch import Tensor
 
 from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
+from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.nets import build_model
 from dpmem.models.noise import CounterNoise, GaussianNoise, counter_keys
 from dpmem.models.philox import counter_uniforms, philox_keys, uses_counter
@@ -32,7 +33,6 @@ from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_me
 from dpmem.models.samplers import sampler_for
 from dpmem.models.spec import AUGMENT_STREAM, CLIP_EPS, TrainSpec, expected_batch_sizes
 from dpmem.models.streams import coin_generator, coin_seed, initial_params, stream_generator
-from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.wide import Record, WideNet, frozen_layers
 
 # Evaluation runs at least this many rows per forward pass when the budget allows.
@@ -87,10 +87,11 @@ def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Te
                                          frozen=frozen.get(r.layer, frozenset()))
                     for r, g in zip(records, grads)}
         del records, grads, logits, loss
-        sq = None
+        sq: Tensor | None = None
         for s in samplers.values():
             term = s.sq_norms()
             sq = term if sq is None else sq + term
+        assert sq is not None, "a network has at least one trainable layer"
         factors = clip_factors(sq, max_grad_norm) * valid
         sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
     out = []
@@ -167,26 +168,26 @@ class ModelStack:
         if self.counter:
             self.coin_keys = philox_keys([coin_seed(seed, int(s)) for s in self.streams], self.device)
         else:
-            self.coins = [coin_generator(seed, s, self.device) for s in self.streams]
+            self.coins = [coin_generator(seed, int(s), self.device) for s in self.streams]
         self._coin_step = 0
         ebs = torch.tensor(expected_batch_sizes(masks, spec.sample_rate), dtype=torch.float32, device=self.device)
         self.inv_ebs = ebs.reciprocal()
         self.momentum_bufs = [torch.zeros_like(p) for p in self.params] if spec.momentum else None
         self.steps_done = 0
         self._uniform = torch.empty(self.K, self.n, device=self.device)
-        self.noise = None
+        self.noise: CounterNoise | GaussianNoise | None = None
         if spec.dp is not None:
             size = sum(p[0].numel() for p, t in zip(self.params, self.trainable) if t)
             if self.counter:
                 self.noise = CounterNoise(counter_keys(noise_seed, self.streams, self.device), size)
             else:
-                self.noise = GaussianNoise([stream_generator(noise_seed, s, device=self.device) for s in self.streams],
+                self.noise = GaussianNoise([stream_generator(noise_seed, int(s), device=self.device) for s in self.streams],
                                            size, self.device)
-        self.augmenters = None
+        self.augmenters: list[torch.Generator] | None = None
         if spec.augment != "none" or spec.augment_multiplicity > 1:
             if spec.augment != "none" and len(spec.input_shape) != 3:
                 raise ValueError(f"augment {spec.augment!r} needs (C, H, W) inputs, got {spec.input_shape}")
-            self.augmenters = [stream_generator(seed, s, AUGMENT_STREAM, device=self.device) for s in self.streams]
+            self.augmenters = [stream_generator(seed, int(s), AUGMENT_STREAM, device=self.device) for s in self.streams]
         self.canaries = None
         if spec.canaries:
             members = np.zeros((self.K, spec.canaries), bool) if canary_members is None else np.asarray(canary_members, bool)
@@ -234,6 +235,7 @@ class ModelStack:
         # one pass over every row; padded rows keep the identity (no shift, no flip)
         shifts = torch.full((K, width, 2), CROP_PADDING, dtype=torch.long, device=self.device)
         flip = torch.zeros(K, width, dtype=torch.bool, device=self.device)
+        assert self.augmenters is not None
         for k, (generator, count) in enumerate(zip(self.augmenters, counts.tolist(), strict=True)):
             drawn_shifts, drawn_flip = draw(self.spec.augment, count * m, generator)
             if drawn_shifts is not None:
@@ -277,11 +279,16 @@ class ModelStack:
             self._nets[K] = wide_network(self.module, K)
         return self._nets[K]
 
+    def dp_noise(self) -> CounterNoise | GaussianNoise:
+        """The DP noise of the step (a DP variant's stack only)."""
+        assert self.noise is not None, "a non-private stack draws no noise"
+        return self.noise
+
     def gradients(self, batch: PoissonBatch) -> list[Tensor]:
         """The step's normalised gradient per parameter (clipped and noised for DP), before weight decay."""
         dp = self.spec.dp
         if dp is not None:
-            self.noise.begin()
+            self.dp_noise().begin()
         grads = [torch.empty_like(p) for p in self.params]
         for index, x, y, valid in self._groups(batch):
             params = [p[index] for p in self.params]
@@ -297,7 +304,7 @@ class ModelStack:
                 g[index] = q
         if dp is None:
             return grads
-        noise = self.noise.take()
+        noise = self.dp_noise().take()
         std = dp.noise_multiplier * dp.max_grad_norm
         offset = 0
         for g, t in zip(grads, self.trainable, strict=True):

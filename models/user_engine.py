@@ -70,10 +70,10 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from dpmem.privacy.errors import UsageError
-from dpmem.privacy.parametric import RULES, RULE_SGD, UPDATE_FIELDS
 from dpmem.models.plugins import load_callable, one_line
 from dpmem.models.spec import CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout
+from dpmem.privacy.errors import UsageError
+from dpmem.privacy.parametric import RULE_SGD, RULES, UPDATE_FIELDS
 
 
 @dataclass(frozen=True, kw_only=True)

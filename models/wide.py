@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +103,14 @@ def _out_of_place(layer: nn.Module) -> nn.Module:
     ``padding="same"`` or ``"valid"`` runs as a copy with the same padding as numbers (which the
     grouped convolution and the per-example rules take)."""
     if getattr(layer, "inplace", False):
-        layer = copy.copy(layer)
-        layer.inplace = False
+        activation: Any = copy.copy(layer)
+        activation.inplace = False
+        layer = activation
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and isinstance(layer.padding, str):
         padding = _numeric_padding(layer)
-        layer = copy.copy(layer)
-        layer.padding = padding
+        conv: Any = copy.copy(layer)
+        conv.padding = padding
+        layer = conv
     return layer
 
 

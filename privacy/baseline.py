@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TypeGuard
 
 from dpmem.privacy.errors import UsageError
 
 DEFAULT_TOLERANCES = {"test_accuracy": 0.02, "eps_lb": 0.5}
 
 
-def _is_number(x) -> bool:
+def _is_number(x) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 

@@ -83,8 +83,10 @@ def eps_lb_from_bounds(l_in, u_out, delta) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         num_a, den_a = l_in - delta, u_out
         num_b, den_b = (1.0 - u_out) - delta, 1.0 - l_in
-        a = np.where((num_a > 0) & (den_a > 0), np.log(np.where(num_a > 0, num_a, 1.0) / np.where(den_a > 0, den_a, 1.0)), -np.inf)
-        b = np.where((num_b > 0) & (den_b > 0), np.log(np.where(num_b > 0, num_b, 1.0) / np.where(den_b > 0, den_b, 1.0)), -np.inf)
+        a = np.where((num_a > 0) & (den_a > 0),
+                     np.log(np.where(num_a > 0, num_a, 1.0) / np.where(den_a > 0, den_a, 1.0)), -np.inf)
+        b = np.where((num_b > 0) & (den_b > 0),
+                     np.log(np.where(num_b > 0, num_b, 1.0) / np.where(den_b > 0, den_b, 1.0)), -np.inf)
         # a zero denominator with a positive numerator refutes every epsilon
         a = np.where((num_a > 0) & (den_a <= 0), np.inf, a)
         b = np.where((num_b > 0) & (den_b <= 0), np.inf, b)

@@ -9,6 +9,8 @@ class UsageError(Exception):
 
 
 class ConfigError(UsageError):
+    """A config value that cannot be used; ``field`` names the config key."""
+
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"config field '{field}': {message}")

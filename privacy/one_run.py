@@ -39,7 +39,8 @@ the audit.
 
 The ceiling. Even if the scores separate members perfectly, r guesses out of m canaries refute
 only so much: the largest bound over the grid's r, at the grid's Bonferroni share, with the
-expected m / 2 members ranked first, is what this audit can show with m canaries (``ceiling``). A claim above the ceiling cannot be refuted by one run.
+expected m / 2 members ranked first, is what this audit can show with m canaries (``ceiling``).
+A claim above the ceiling cannot be refuted by one run.
 """
 from __future__ import annotations
 

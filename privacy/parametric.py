@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -154,7 +155,7 @@ def parametric_bound(*, variant: str, scores: np.ndarray, masks: np.ndarray, bat
     sigma, sigma_hi, s, s_lo = (float(x) for x in noise_and_sensitivity(u[masks], u[~masks], H=H,
                                                                          sample_rate=sample_rate, level=level))
     ratio_hi = sigma_hi / s_lo if s_lo > 0 else math.inf
-    kw = dict(sample_rate=sample_rate, steps=steps, delta=delta)
+    kw: dict[str, Any] = dict(sample_rate=sample_rate, steps=steps, delta=delta)
     lb = _eps(ratio_hi, **kw) if s_lo > 0 else None
     if lb is not None and lb <= 0:
         lb = None

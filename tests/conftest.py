@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpmem.bench import cli
+
 # A digits run small enough for seconds: 24 models per variant, one DP variant.
 TINY_DIGITS = ["dataset=digits", "models=24", "unit_size=24", "epochs=3", "epsilons=4", "hidden=16", "threads=1"]
 

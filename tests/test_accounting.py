@@ -4,20 +4,26 @@ import dataclasses
 import logging
 import warnings
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
-from scipy import integrate
-
-import dp_accounting
 from dp_accounting import pld as dpa_pld
 from dp_accounting import rdp as dpa_rdp
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
+from scipy import integrate
 
-from dpmem.privacy.accounting import (Calibration, accountant_name, calibrate, calibrate_noise,
-                                      epsilon_lower_bound, epsilon_of, epsilon_pld)
+from dpmem.privacy.accounting import (
+    Calibration,
+    accountant_name,
+    calibrate,
+    calibrate_noise,
+    epsilon_lower_bound,
+    epsilon_of,
+    epsilon_pld,
+)
 
 # dp_accounting logs a warning for every RDP order its fractional-order series fails on
 logging.getLogger("absl").setLevel(logging.ERROR)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from dpmem.privacy.errors import UsageError
 from dpmem.privacy import bounds
 from dpmem.privacy.audit import AuditResult, audit_variant, per_example_counts
 from dpmem.privacy.baseline import compare_to_baseline, load_baseline, make_baseline, validate_baseline
+from dpmem.privacy.errors import UsageError
 
 
 def simulate(rng, K, p_in, p_out, q=0.7):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from dpmem.bench import cli
-from dpmem.bench.tools.audit_power import AUDIT_CONFIG
 from dpmem.bench.store.run_store import RunStore
+from dpmem.bench.tools.audit_power import AUDIT_CONFIG
 
 SMALL = ["dataset=synthetic", "n_train=120", "n_test=300", "n_subgroups=30", "dim=16", "models=24",
          "unit_size=8", "epochs=4", "epsilons=2,8", "hidden=16"]
@@ -108,8 +108,8 @@ def test_half_noise_is_refuted_by_the_audit_config(tmp_path):
 def test_canaries_are_sized_by_the_claimed_clipping_bound():
     # under the no_clipping fault the engine clips at 1e12; the canary keeps the claimed norm 2 C
     from dpmem.bench import config
-    from dpmem.bench.run import plan
     from dpmem.bench.data import load_dataset
+    from dpmem.bench.run import plan
     for fault in ("none", "no_clipping", "half_noise"):
         cfg = config.load(None, SMALL + ["gradient_canaries=5", "canary_norm=2", "max_grad_norm=0.5",
                                          f"fault={fault}"])

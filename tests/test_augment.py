@@ -2,7 +2,6 @@
 own stream, multiplicity averaged before clipping, equal clipped sums in both engines, config keys."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,6 @@ from dpmem.models.nets import build_model
 from dpmem.models.spec import AUGMENT_STREAM, DPParams, TrainRequest, TrainSpec
 from dpmem.models.streams import stream_generator
 from dpmem.privacy.errors import ConfigError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 

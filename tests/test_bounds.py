@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpmem.privacy.bounds import (audit_power, cp_lower, cp_upper, dp_bound, eps_lb_from_bounds,
-                            eps_lower_bounds, per_test_level, replace_one, replace_one_eps_lb,
-                            violations)
+from dpmem.privacy.bounds import (
+    audit_power,
+    cp_lower,
+    cp_upper,
+    dp_bound,
+    eps_lb_from_bounds,
+    eps_lower_bounds,
+    per_test_level,
+    replace_one,
+    replace_one_eps_lb,
+    violations,
+)
 
 
 @pytest.mark.parametrize("n", [1, 5, 40, 700])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dpmem.bench import cli
-from dpmem.privacy.errors import UsageError
 from dpmem.bench.store.run_store import RunStore
+from dpmem.privacy.errors import UsageError
 
 EXAMPLES = Path(__file__).parent / "examples"
 TRAINER_RUN = ["dataset=synthetic", "n_train=60", "n_test=100", "n_subgroups=10", "dim=8", "models=8",
@@ -221,7 +221,7 @@ def test_a_trainer_that_does_not_import_is_refused_before_anything_is_written(tm
 def flaky_fit(*, index, **kw):
     import os
     if os.environ.get("DPMEM_TEST_FAIL_AT") == str(index):
-        raise ValueError(f"disk full\nsecond line of the message")
+        raise ValueError("disk full\nsecond line of the message")
     flaky_fit.calls.append(index)
     n = len(kw["y_train"])
     return {"train_correct": np.ones(n, bool), "train_margin": np.ones(n, np.float32),

@@ -8,8 +8,15 @@ import pytest
 from scipy import special, stats
 
 from dpmem.privacy import bounds
-from dpmem.privacy.canary_audit import (CanaryAudit, canary_audit, counts_above, gaussian_mu, gdp_delta,
-                                        gdp_epsilon, oracle_eps_lb)
+from dpmem.privacy.canary_audit import (
+    CanaryAudit,
+    canary_audit,
+    counts_above,
+    gaussian_mu,
+    gdp_delta,
+    gdp_epsilon,
+    oracle_eps_lb,
+)
 from dpmem.privacy.family import bonferroni_share
 from dpmem.privacy.one_run import gdp_mu
 

@@ -207,8 +207,8 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
 
 
 def test_agreement_compares_per_model_accuracy(small_run, tmp_path, capsys):
-    from dpmem.bench.studies import agreement
     from dpmem.bench.store.run_store import RunStore
+    from dpmem.bench.studies import agreement
     table = agreement.compare(RunStore.open(small_run), RunStore.open(small_run))
     store = RunStore.open(small_run)
     expected = store.variant_arrays("nonprivate")["test_correct"].mean(axis=1).mean()

@@ -1,17 +1,16 @@
 import struct
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from dpmem.bench.config import Config
-from dpmem.bench.data import (CIFAR100_COARSE, load_dataset, nearest_own_class_centroid,
-                        zipf_counts, zipf_counts_at)
+from dpmem.bench.data import CIFAR100_COARSE, load_dataset, nearest_own_class_centroid, zipf_counts, zipf_counts_at
 from dpmem.privacy.errors import ConfigError, UsageError
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(**kw):
     return load_dataset(Config(**kw))
 

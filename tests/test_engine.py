@@ -2,26 +2,23 @@
 CNNs, full steps), per-model randomness, gradient canaries, noise, sampling and determinism."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus_reference import assert_two_steps_equal_opacus, opacus_clipped, stacked
 from scipy import stats
 from sklearn.datasets import load_digits
 from torch import nn
 
 import dpmem.models.batched as batched
-from dpmem.models import canary_stack, noise, runtime, stack, streams, wide
-from dpmem.models.samplers import conv
 import dpmem.models.opacus_engine as opacus_engine
 from dpmem import models
-from dpmem.models import train_models
+from dpmem.models import canary_stack, noise, runtime, stack, streams, train_models, wide
 from dpmem.models.nets import build_model
+from dpmem.models.samplers import conv
 from dpmem.models.spec import DPParams, TrainRequest, TrainSpec
-from opacus_reference import stacked, assert_two_steps_equal_opacus, opacus_clipped
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 

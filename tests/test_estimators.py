@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from dpmem.bench.estimators import findings, memorization
+
+
 def test_memorization_on_a_hand_computed_example():
     # 5 models, 2 examples. Example 0 is in models 0,1,2 (correct in 0,1) and out of 3,4 (correct in 3).
     masks = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [0, 0]], bool)

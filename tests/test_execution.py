@@ -44,8 +44,8 @@ def test_a_model_depends_only_on_its_stream_not_on_its_unit(engine):
 
 def test_a_lone_model_on_two_threads_equals_it_in_a_unit_on_one():
     from dpmem.bench import config as config_mod
-    from dpmem.bench.run import plan
     from dpmem.bench.data import load_dataset
+    from dpmem.bench.run import plan
     cfg = config_mod.load(None, ["dataset=digits", "models=16", "epochs=2", "epsilons=4", "hidden=16"])
     ds = load_dataset(cfg)
     spec = plan.train_spec(cfg, ds, plan.plan_variant(cfg, 4.0, plan.schedule(cfg, ds.n_train)))

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpmem.bench.report import analysis
 from dpmem.bench import cli
+from dpmem.bench.report import analysis
 from dpmem.bench.store.run_store import RunStore
 
 SMALL = ["dataset=synthetic", "n_train=80", "n_test=120", "n_subgroups=20", "dim=8", "models=12",

@@ -7,9 +7,9 @@ import pytest
 from scipy import stats
 
 from dpmem.bench import cli
-from dpmem.bench.studies import feldman
 from dpmem.bench.config import Config
 from dpmem.bench.data import load_dataset
+from dpmem.bench.studies import feldman
 from dpmem.privacy.errors import ConfigError
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from opacus_reference import assert_two_steps_equal_opacus, opacus_clipped, stacked
 from torch import nn
 
 from dpmem import models
@@ -19,7 +20,6 @@ from dpmem.models import batched, graph, stack
 from dpmem.models.nets import build_model
 from dpmem.models.samplers import conv
 from dpmem.models.spec import DPParams, TrainSpec
-from opacus_reference import stacked, assert_two_steps_equal_opacus, opacus_clipped
 
 EXAMPLES = Path(__file__).parent / "examples"
 if str(EXAMPLES) not in sys.path:

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from dpmem.bench.studies import loo
+
+
 def test_choose_examples_takes_extremes_and_random():
     mem = np.linspace(0, 1, 50)
     chosen = loo.choose_examples(mem, count=9, seed=0)

@@ -12,8 +12,8 @@ from scipy.special import logsumexp
 
 from dpmem.bench.studies import loo
 from dpmem.models import train_models
-from dpmem.models.stack import ModelStack
 from dpmem.models.spec import TrainRequest, TrainSpec
+from dpmem.models.stack import ModelStack
 
 WD = 0.05
 

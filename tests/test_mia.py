@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import optimize, special, stats
+from scipy import optimize, stats
 
 import dpmem
 from dpmem.bench import cli

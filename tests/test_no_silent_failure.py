@@ -18,14 +18,13 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 import dpmem
-from dpmem.bench import cli
-from dpmem.bench import config
+from dpmem.bench import cli, config
 from dpmem.bench.run import execution, pipeline
-from dpmem.privacy.errors import ConfigError, UsageError
 from dpmem.bench.store.run_store import RunStore
 from dpmem.models import batched, opacus_engine, stack, streams
 from dpmem.models.nets import build_model
 from dpmem.models.spec import DPParams, TrainSpec, expected_batch_sizes
+from dpmem.privacy.errors import ConfigError, UsageError
 
 TINY = ["dataset=synthetic", "n_train=60", "n_test=60", "n_subgroups=10", "dim=8", "models=4", "unit_size=2",
         "epochs=1", "batch_size=16", "epsilons=4", "hidden=8", "threads=1"]

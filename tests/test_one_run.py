@@ -139,8 +139,7 @@ def test_check_on_the_one_run_config_prints_the_bound_and_its_ceiling(tmp_path, 
     """bench/configs/audit-one-run.toml: one model per variant; honest passes, noise off fails."""
     import json
 
-    from dpmem.bench import cli
-    from dpmem.bench import config
+    from dpmem.bench import cli, config
     from dpmem.bench.run import pipeline
     from dpmem.bench.store.run_store import RunStore
     one_run_config = Path(__file__).parents[1] / "bench" / "configs" / "audit-one-run.toml"

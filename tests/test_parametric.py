@@ -60,7 +60,6 @@ def test_full_bound_is_tight_for_honest_runs_and_refutes_a_noise_multiplier_25pc
     rng = np.random.default_rng(5)
     K, m, T, lr, C, delta = 200, 500, 10, 0.5, 1.0, 1e-5
     sigma = accounting.calibrate_noise(target_epsilon=4.0, delta=delta, sample_rate=1.0, steps=T, accountant="prv")
-    H = response(steps=T, lr=lr)
     batch = rng.integers(40, 60, size=K)
     masks = rng.random((K, m)) < 0.5
 
@@ -84,8 +83,8 @@ def test_full_bound_is_tight_for_honest_runs_and_refutes_a_noise_multiplier_25pc
 def test_the_exact_form_holds_on_the_batched_engine_with_momentum_and_poisson_sampling(tmp_path):
     """A real run (momentum, weight decay, Poisson rate < 1): the measured noise multiplier and
     sensitivity bracket the trained ones; under noise_x0.75 the measured sigma is 0.75 of the plan's."""
-    from dpmem.bench.report import analysis
     from dpmem.bench import config
+    from dpmem.bench.report import analysis
     from dpmem.bench.run import pipeline
     from dpmem.bench.store.run_store import RunStore
     small = ["dataset=synthetic", "n_train=120", "n_test=50", "n_subgroups=10", "dim=8", "model=logreg",

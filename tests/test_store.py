@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 
+from dpmem.bench.config import Config
 from dpmem.bench.store import files
 from dpmem.bench.store import run_store as store_mod
-from dpmem.bench.config import Config
+from dpmem.bench.store.run_store import ModelRange, RunStore, StoreBusy, fill_gaps, split_models
 from dpmem.privacy.errors import UsageError
-from dpmem.bench.store.run_store import ModelRange, RunStore, StoreBusy, split_models, fill_gaps
 
 FP = {"x_train": "a" * 64, "y_train": "b" * 64, "x_test": "c" * 64, "y_test": "d" * 64}
 
@@ -33,7 +33,8 @@ def _write(store, name, unit, full):
 def test_chunks_cover_every_model_once():
     units_ = split_models(10, 4)
     assert [(c.start, c.stop) for c in units_] == [(0, 4), (4, 8), (8, 10)]
-    assert fill_gaps(10, 3, [ModelRange(2, 4), ModelRange(8, 9)]) == [ModelRange(0, 2), ModelRange(4, 7), ModelRange(7, 8), ModelRange(9, 10)]
+    assert fill_gaps(10, 3, [ModelRange(2, 4), ModelRange(8, 9)]) == [ModelRange(0, 2), ModelRange(4, 7), ModelRange(7, 8),
+                                                                      ModelRange(9, 10)]
 
 
 def test_units_resume_and_finalize(tmp_path):

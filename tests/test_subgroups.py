@@ -3,6 +3,8 @@ import pandas as pd
 import pytest
 
 from dpmem.bench.estimators import subgroups
+
+
 def test_frequency_bins_are_powers_of_two():
     assert subgroups.frequency_bin(np.array([0, 1, 2, 3, 4, 7, 8, 15, 16])).tolist() == \
         ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "8-15", "16-31"]

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dpmem.privacy.errors import ConfigError
 from dpmem.bench.run.subsets import make_masks, subset_sizes
 from dpmem.privacy.audit import adjacency_of, per_example_counts
+from dpmem.privacy.errors import ConfigError
 
 
 def in_out_counts(masks):

@@ -5,12 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.estimators import findings, memorization
+from dpmem.bench.estimators import findings, subgroups
+from dpmem.bench.report import analysis, tables
 from dpmem.bench.run import pipeline
-from dpmem.bench.report import tables
-from dpmem.bench.estimators import subgroups
 from dpmem.bench.store.run_store import RunStore
 
 

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpmem import canaries as dpmem_canaries
 from dpmem.bench import cli
-from dpmem.privacy.errors import UsageError
 from dpmem.bench.store.run_store import RunStore
 from dpmem.models.user_engine import TrainerCanaries, TrainerParams
+from dpmem.privacy.errors import UsageError
 
 EXAMPLES = Path(__file__).parent / "examples"
 if str(EXAMPLES) not in sys.path:

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from dpmem.bench import cli
-from dpmem.bench.estimators import memorization
 from dpmem.bench.run import execution
 from dpmem.bench.studies import utility
 from dpmem.privacy.errors import UsageError
@@ -76,7 +75,7 @@ def test_utility_command_end_to_end_and_resume(small_run, tmp_path, monkeypatch,
     ref = table.loc[table["removal"] == "full"]
     assert (ref["drop"] == 0).all() and (ref["removed"] == 0).all()
     rem = table.loc[table["removal"] != "full"]
-    for thr, g in rem.groupby("threshold"):
+    for _thr, g in rem.groupby("threshold"):
         assert g["removed"].nunique() == 1                          # controls remove as many examples
         assert (g["n_train"] == 100 - g["removed"]).all()
     # the DP variants are recalibrated for the smaller training set

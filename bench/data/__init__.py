@@ -41,9 +41,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 # Each family's module registers its loaders on import, in the order error messages list them.
-from dpmem.bench.data import images  # noqa: F401,I001
+# isort: off
+from dpmem.bench.data import images  # noqa: F401
 from dpmem.bench.data import synthetic  # noqa: F401
 from dpmem.bench.data import files  # noqa: F401
+# isort: on
 from dpmem.bench.data.images import CIFAR100_COARSE
 from dpmem.bench.data.longtail import nearest_own_class_centroid, zipf_counts, zipf_counts_at
 from dpmem.bench.data.registry import DATASETS, Dataset, dataset

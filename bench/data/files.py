@@ -9,9 +9,9 @@ if TYPE_CHECKING:
 
 import numpy as np
 
+from dpmem.bench.data.fingerprint import arrays_fingerprint
 from dpmem.bench.data.longtail import Source, long_tail
 from dpmem.bench.data.registry import Dataset, dataset
-from dpmem.bench.data.fingerprint import arrays_fingerprint
 from dpmem.privacy.errors import ConfigError
 
 FILE_ARRAYS = ("x_train", "y_train", "x_test", "y_test")

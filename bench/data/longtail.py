@@ -102,7 +102,8 @@ def kmeans_subgroups(features: np.ndarray, labels: np.ndarray, n_classes: int, p
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
     groups = np.empty(len(labels), dtype=np.int64)
-    centroids, owner = [], []
+    centroids: list[np.ndarray] = []
+    owner: list[int] = []
     for c in range(n_classes):
         rows = np.flatnonzero(labels == c)
         if rows.size == 0:
@@ -175,6 +176,7 @@ def long_tail(cfg: Config, src: Source) -> Dataset:
         g_pool, centroids, subgroup_label = kmeans_subgroups(
             feat_pool, src.y_pool, src.n_classes, cfg.clusters_per_class, cluster_rng)
         g_test = nearest_own_class_centroid(feat_test, src.y_test, centroids, subgroup_label)
+    assert subgroup_label is not None and g_test is not None   # given with g_pool, or clustered
     n_subgroups = len(subgroup_label)
 
     # Zipf resampling of the pool

@@ -1,6 +1,7 @@
 """Feldman's models: the ``synthetic`` Gaussian mixture and the discrete ``feldman`` model, both with
 exactly known subgroup probabilities."""
 from __future__ import annotations
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -8,10 +9,20 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from dpmem.bench.data.longtail import (DEFAULT_N_TEST_SYNTHETIC, DEFAULT_N_TRAIN, SYNTHETIC_CLASSES,
-                                       SYNTHETIC_NOISE_PER_UNIT, flip_labels, label_noise, rng_for, standardise,
-                                       zipf_probabilities, zipf_ranks)
+from dpmem.bench.data.longtail import (
+    DEFAULT_N_TEST_SYNTHETIC,
+    DEFAULT_N_TRAIN,
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_NOISE_PER_UNIT,
+    flip_labels,
+    label_noise,
+    rng_for,
+    standardise,
+    zipf_probabilities,
+    zipf_ranks,
+)
 from dpmem.bench.data.registry import Dataset, dataset
+
 
 @dataset("synthetic")
 def _synthetic(cfg: Config) -> Dataset:

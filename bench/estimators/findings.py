@@ -186,7 +186,7 @@ def controlled_findings(masks: np.ndarray, correct_train: np.ndarray, correct_te
         shuffled = masks[rng.permutation(masks.shape[0])]
         null_ex_z.append(high_mem_candidates(shuffled, correct_train, eligible=eligible,
                                              mem_threshold=mem_threshold)[1])
-        if observed is not None:
+        if observed is not None and correct_test is not None:
             share = rows if rows_per_permutation == len(rows) else np.sort(
                 rng.choice(rows, rows_per_permutation, replace=False))
             null = high_influence_candidates(shuffled, correct_test, share, infl_threshold=infl_threshold,

@@ -174,6 +174,8 @@ def _block_scores(attack: str, masks: np.ndarray, scores: np.ndarray, *, pooled_
     if attack == "global":
         return scores.copy()
     if attack == "rmia":
+        if population is None:
+            raise ValueError("rmia needs the population's scores")
         m = masks.astype(np.float64)
         p = special.expit(scores)
         n_out = (1.0 - m).sum(0) - (1.0 - m)
@@ -190,6 +192,8 @@ def _block_scores(attack: str, masks: np.ndarray, scores: np.ndarray, *, pooled_
     if attack == "lira-offline":
         return -special.log_ndtr(-(x - ref.mean_out) / np.sqrt(ref.var_out))
     if attack == "lira-fixed":
+        if pooled_var is None:
+            raise ValueError("lira-fixed needs the pooled variance")
         var = pooled_var[:, None]
         return ((x - ref.mean_out) ** 2 - (x - ref.mean_in) ** 2) / (2.0 * var)
     raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
@@ -472,7 +476,6 @@ def example_rates(scores: np.ndarray, masks: np.ndarray, threshold: float) -> tu
 def per_model_group_tpr(scores: np.ndarray, masks: np.ndarray, threshold: float, groups: np.ndarray,
                         n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     """[K, G] hits and in-trials of each group's examples per target model (rule: score > threshold)."""
-    k = scores.shape[0]
     hit = ((np.asarray(scores) > threshold) & masks).astype(np.float64)
     trials = (masks & np.isfinite(scores)).astype(np.float64)
     onehot = np.zeros((scores.shape[1], n_groups))

@@ -7,6 +7,7 @@ the in and out counts (never by K), with its binomial standard error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -118,8 +119,8 @@ def influence(masks: np.ndarray, correct_test: np.ndarray) -> np.ndarray:
 
 def max_influence_per_test(masks: np.ndarray, correct_test: np.ndarray, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For every test example: the largest influence any training example has on it, and which one."""
-    best = None
-    arg = None
+    best: Any = None
+    arg: Any = None
     for idx, infl in influence_blocks(masks, correct_test, block=block):
         b_arg = np.nanargmax(np.nan_to_num(infl, nan=-np.inf), axis=0)
         b_best = infl[b_arg, np.arange(infl.shape[1])]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,11 +14,11 @@ from dpmem.bench.store.run_store import CANARY_MASKS_FILE, RunStore
 from dpmem.models.spec import expected_batch_sizes
 from dpmem.privacy.audit import AuditResult, audit_variant
 from dpmem.privacy.canary_audit import CanaryAudit, canary_audit, oracle_eps_lb
+from dpmem.privacy.errors import UsageError
 from dpmem.privacy.family import bonferroni_share
 from dpmem.privacy.margin_audit import MIN_MODELS as MARGIN_MIN_MODELS
 from dpmem.privacy.margin_audit import MarginAudit, margin_audit
 from dpmem.privacy.one_run import ONE_RUN_MAX_MODELS, OneRunAudit, gdp_mu, one_run_audit
-from dpmem.privacy.errors import UsageError
 from dpmem.privacy.parametric import ENGINE_ASSUMPTION, ParametricBound, parametric_bound, trainer_update
 
 INTERVAL_LEVEL = 0.95
@@ -109,8 +110,6 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     claims = claims or {}
     data = store.data()
     masks = store.masks()
-    if masks is None:
-        raise ValueError("run has no masks.npy")
     g_train, y_train, is_canary = data["g_train"], data["y_train"], data["is_canary"].astype(bool)
     n_sub = len(data["subgroup_label"])
     train_count = np.bincount(g_train[~is_canary], minlength=n_sub)
@@ -123,7 +122,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         arrays = store.variant_arrays(name)
         plan = store.plan(name) or {}
         claimed = claims.get(name, target)
-        delta = plan.get("delta") if plan.get("delta") is not None else cfg.delta
+        delta = float(plan["delta"]) if plan.get("delta") is not None else cfg.delta
         audit, per_example = audit_variant(variant=name, masks=masks, correct=arrays["train_correct"],
                                            epsilon=claimed, delta=delta,
                                            alpha=share, sampling=cfg.sampling)
@@ -155,7 +154,7 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
                     max_grad_norm=plan["max_grad_norm"], sample_rate=plan["sample_rate"],
                     epsilon=claimed, delta=delta, level=share, **update)
             elif name in updates and parametric:
-                parametric_refusals[name] = updates[name][1]
+                parametric_refusals[name] = str(updates[name][1])
         mem = memorization.memorization(masks, arrays["train_correct"])
         estimable = (mem.n_in > 0) & (mem.n_out > 0)
         found = findings.controlled_findings(
@@ -178,13 +177,14 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         frame["high_mem"] = False
         frame.loc[found.examples["index"].to_numpy(), "high_mem"] = found.examples["passes_fdr"].to_numpy()
         mem_rows.append(frame)
-        tables = dict(variant=name, epsilon=claimed, correct_test=arrays["test_correct"], g_test=data["g_test"],
+        tables: dict[str, Any] = dict(variant=name, epsilon=claimed, correct_test=arrays["test_correct"], g_test=data["g_test"],
                       train_count=train_count, mem=mem.mem, g_train=g_train, is_canary=is_canary,
                       reference_correct=None if name == cfg.variants[0][0] else reference)
         sub = subgroups.subgroup_table(subgroup_label=data["subgroup_label"], **tables)
         sub_rows.append(sub)
         bin_rows.append(subgroups.bin_table(**tables))
         if with_pairs:
+            assert found.pairs is not None, "findings with influence pairs"
             pairs = found.pairs.loc[found.pairs["passes_fdr"]].drop(columns="passes_fdr").reset_index(drop=True)
             pairs["mem"] = mem.mem[pairs["train_index"].to_numpy()]
             pairs.insert(0, "variant", name)
@@ -244,7 +244,8 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         "sampling": cfg.sampling, "subgroups": data_record.get("subgroups"),
         "data_fingerprint": data_record.get("fingerprint"),
         "q": cfg.q, "n_train": int(len(g_train)), "n_test": int(len(data["g_test"])),
-        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests, "alpha_per_test": share,
+        "n_subgroups": int(n_sub), "canaries": int(is_canary.sum()), "alpha": alpha, "audit_tests": tests,
+        "alpha_per_test": share,
         "audit_family": family,
         "gradient_canaries": 0 if canary_masks is None else int(canary_masks.shape[1]),
         "fdr": cfg.fdr, "null_permutations": findings.NULL_PERMUTATIONS, "interval_level": INTERVAL_LEVEL,
@@ -268,7 +269,7 @@ def _oracle(audit: CanaryAudit | None, claimed: float | None, delta: float,
     """The oracle single-threshold reference of a canary audit: the best bound any one threshold,
     known in advance and tested on ALL the run's observations at the audit's level, gives for
     Gaussian scores at the claimed epsilon (privacy/canary_audit.py ``oracle_eps_lb``)."""
-    if audit is None or claimed is None:
+    if audit is None or claimed is None or canary_masks is None:
         return None
     n_in, n_out = int(canary_masks.sum()), int((~canary_masks).sum())
     return oracle_eps_lb(n_in, n_out, gdp_mu(float(claimed), delta), delta=delta, level=audit.alpha / 2)

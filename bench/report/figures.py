@@ -99,7 +99,7 @@ def figure_mem_vs_bound(analysis: Analysis):
         if canary.any():
             ax.scatter(rows.loc[canary, "p_out"], rows.loc[canary, "mem"], s=18, marker="x", color="k",
                        label="canary")
-        if audit.epsilon_claimed is not None:
+        if audit.epsilon_tested is not None and audit.delta_tested is not None:
             bound = np.minimum((np.exp(audit.epsilon_tested) - 1) * p + audit.delta_tested, 1 - p)
             ax.plot(p, bound, color="C3", lw=1.2, label=f"DP bound (eps={audit.epsilon_tested:g})")
         ax.set(xlim=(0, 1), ylim=(-0.3, 1.02), xlabel="p_out (accuracy when left out)",

@@ -206,7 +206,7 @@ class Inputs:
     hi: float = 1.0
 
     @classmethod
-    def from_dataset(cls, ds) -> "Inputs | None":
+    def from_dataset(cls, ds) -> Inputs | None:
         kind = input_kind(ds.input_shape)
         if kind is None:
             return None
@@ -322,6 +322,7 @@ def save(fig, out: Path, stem: str) -> list[Path]:
     import io
 
     import matplotlib.pyplot as plt
+
     from dpmem.bench.store.files import atomic_write_bytes
     paths = []
     for ext in ("png", "pdf"):

@@ -107,7 +107,8 @@ def analyse_membership(store: RunStore, *, alpha: float | None = None, attacks=m
     for name, target in cfg.variants:
         arrays = _margins(store, name)
         plan = store.plan(name) or {}
-        delta = plan.get("delta") if plan.get("delta") is not None else cfg.delta
+        planned = plan.get("delta")
+        delta = float(cfg.delta if planned is None else planned)
         mem = memorization.memorization(masks, arrays["train_correct"]).mem
         fits = mb.gaussian_fits(masks, arrays["train_margin"].astype(np.float64))
         ex = pd.DataFrame({"variant": name, "epsilon": target, "index": np.arange(len(g_train)),

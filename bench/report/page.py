@@ -65,10 +65,10 @@ def fmt(value) -> str:
 def embed_png(path: Path) -> str:
     """A data URI of the PNG at ``path``, scaled to EMBED_MAX_WIDTH and palette-quantised."""
     from PIL import Image
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as opened:
+        img = opened.convert("RGB")
         if img.width > EMBED_MAX_WIDTH:
-            img = img.resize((EMBED_MAX_WIDTH, round(img.height * EMBED_MAX_WIDTH / img.width)), Image.LANCZOS)
+            img = img.resize((EMBED_MAX_WIDTH, round(img.height * EMBED_MAX_WIDTH / img.width)), Image.Resampling.LANCZOS)
         img = img.quantize(colors=EMBED_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
         buf = io.BytesIO()
         img.save(buf, format="PNG", optimize=True)

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class RayExecutor:
         env = {name: str(self.threads) for name in THREAD_ENV}
         self.started = not ray.is_initialized()
         if self.started:
-            options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+            options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                            runtime_env={"env_vars": env})
             try:
                 if address:

@@ -6,13 +6,24 @@ loop (units.py), so an interrupted run picks up at the first unfinished unit.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from dpmem.bench.config import Config
 from dpmem.bench.data import Dataset, load_dataset
 from dpmem.bench.run import execution, resources, units
-from dpmem.bench.run.plan import (as_inputs, noise_seed, plan_variant, provenance, random_scheme, run_seed, schedule,
-                                  stored_random_scheme, train_spec)
+from dpmem.bench.run.plan import (
+    as_inputs,
+    noise_seed,
+    plan_variant,
+    provenance,
+    random_scheme,
+    run_seed,
+    schedule,
+    stored_random_scheme,
+    train_spec,
+)
 from dpmem.bench.run.subsets import CANARY_MASK_STREAM, make_masks
 from dpmem.bench.store.files import atomic_write_json, read_json
 from dpmem.bench.store.run_store import RunStore, data_fingerprint
@@ -40,6 +51,10 @@ def check_inputs(cfg: Config) -> tuple[Dataset, str]:
     ds = load_dataset(cfg)
     resources.check_arrays_fit(cfg, ds.n_train, ds.n_test)
     sched = schedule(cfg, ds.n_train)
+    if cfg.batch_size > ds.n_train:   # (between the subset and n_train: rate 1, as the audit configs mean it)
+        print(f"dpmem: note: batch_size {cfg.batch_size} is larger than the training set ({ds.n_train} examples): "
+              f"every step takes each example of a model's subset (sample rate 1, {sched.steps_per_epoch} step per "
+              "epoch, no amplification by sampling)", file=sys.stderr)
     for epsilon in cfg.epsilons:   # calibration fails for budgets no noise can meet: say so now
         try:
             plan_variant(cfg, epsilon, sched)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def schedule(cfg: Config, n_train: int, *, expected: float | None = None) -> Sch
 
 def plan_variant(cfg: Config, epsilon: float | None, sched: Schedule) -> dict:
     """What a variant trains with; for DP variants sigma is calibrated by the accountant."""
-    plan = {"epsilon": epsilon, "delta": None, "noise_multiplier": None, "max_grad_norm": None,
+    plan: dict[str, Any] = {"epsilon": epsilon, "delta": None, "noise_multiplier": None, "max_grad_norm": None,
             "sample_rate": sched.sample_rate, "steps": sched.steps, "accountant": None,
             "epsilon_reported": None}
     if epsilon is not None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpmem.privacy.errors import ConfigError
 from dpmem.privacy.audit import SAMPLINGS
+from dpmem.privacy.errors import ConfigError
 
 _MASK_STREAM = 101   # distinct from the data's streams (bench/data.py) under the same seed
 CANARY_MASK_STREAM = 102   # the gradient canaries' memberships

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmem.privacy.errors import UsageError
+from dpmem.privacy.release import VERSION, source_commit
 
 PACKAGES = ("dpmem", "torch", "opacus", "numpy", "scipy", "pandas", "scikit-learn")
 TMP_SUFFIX = ".tmp"
@@ -137,12 +138,18 @@ def _json_default(o):
 
 
 def package_versions() -> dict:
-    out = {}
+    """The versions of dpmem and the libraries its numbers depend on; ``dpmem_commit`` when dpmem
+    runs from a git checkout (``+modified`` when tracked files differ from that commit)."""
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    out["dpmem"] = VERSION   # the code's own version, not an editable install's stale metadata
+    commit = source_commit()
+    if commit is not None:
+        out["dpmem_commit"] = commit
     return out
 
 

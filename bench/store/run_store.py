@@ -32,16 +32,29 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dpmem.bench import config as config_mod
 from dpmem.bench.config import STORE_FORMAT, Config
-from dpmem.privacy.errors import UsageError
 from dpmem.bench.data.fingerprint import array_fingerprint
-from dpmem.bench.store.files import (TMP_SUFFIX, atomic_save_npy, atomic_write_json,
-                                     current_umask, file_mode, fsync_dir, is_temporary, load_npy, npy_bytes, package_versions,
-                                     read_json, remove_temporaries, sha256_file)
+from dpmem.bench.store.files import (
+    TMP_SUFFIX,
+    atomic_save_npy,
+    atomic_write_json,
+    current_umask,
+    file_mode,
+    fsync_dir,
+    is_temporary,
+    load_npy,
+    npy_bytes,
+    package_versions,
+    read_json,
+    remove_temporaries,
+    sha256_file,
+)
+from dpmem.privacy.errors import UsageError
 
 CANARY_MASKS_FILE = "canary_masks.npy"   # the gradient canaries' memberships, beside masks.npy
 DATA_ARRAYS = ("y_train", "g_train", "y_test", "g_test", "subgroup_label", "is_canary", "label_noisy")
@@ -151,11 +164,11 @@ class _DirectoryLock:
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._lock = None
+        self._lock: Any = None   # a filelock.FileLock once acquired
         self._dir_locks: list[tuple[int, int]] = []   # this store's holds of _DirectoryLock
 
     # -- the writer's lock -----------------------------------------------------------------
-    def acquire(self, wait: float | None = None) -> "RunStore":
+    def acquire(self, wait: float | None = None) -> RunStore:
         """Become the directory's one writer (waiting up to ``wait`` seconds), or raise StoreBusy.
 
         Two OS locks, both released with a killed holder's process: the ``.lock`` file (filelock),
@@ -185,7 +198,7 @@ class RunStore:
         if self._lock is not None and self._lock.is_locked:
             self._lock.release()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -193,7 +206,7 @@ class RunStore:
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, root: str | Path, cfg: Config, *, fingerprint: dict | None = None) -> "RunStore":
+    def create_or_resume(cls, root: str | Path, cfg: Config, *, fingerprint: dict | None = None) -> RunStore:
         """Open RUN for writing ``cfg`` (new, or the same run resumed) and hold its lock.
 
         A different config, other data, a run of an older store format or a directory that is
@@ -243,7 +256,7 @@ class RunStore:
             self.check_fingerprint(fingerprint, "the dataset built now")
 
     @classmethod
-    def open(cls, root: str | Path) -> "RunStore":
+    def open(cls, root: str | Path) -> RunStore:
         """Open an existing run for reading; a missing or corrupt directory is a UsageError."""
         store = cls(root)
         if not store.root.is_dir():
@@ -355,10 +368,11 @@ class RunStore:
         except OSError:
             return False
 
-    def masks(self) -> np.ndarray | None:
+    def masks(self) -> np.ndarray:
+        """The run's subset masks, bool [models, n_train]."""
         path = self.root / "masks.npy"
         if not path.exists() and self.format < 2:
-            return None
+            raise UsageError(f"{self.root} was written by an older dpmem without masks.npy; it cannot be analysed")
         masks = load_npy(path, self._checked("masks.npy"))
         models = self.config().models
         if masks.ndim != 2 or masks.shape[0] != models or masks.dtype != bool:

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.privacy.errors import UsageError
 from dpmem.bench.store.files import read_json
 from dpmem.bench.store.run_store import RunStore
+from dpmem.privacy.errors import UsageError
 
 
 def per_model_accuracy(store: RunStore, variant: str) -> np.ndarray:

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from dpmem.privacy.errors import UsageError
 from dpmem.bench.studies.utility import model_interval
+from dpmem.privacy.errors import UsageError
 
 
 def tau(frequencies: np.ndarray, n: int, weights: np.ndarray | None = None) -> float:

@@ -156,9 +156,9 @@ def error_row(est: np.ndarray, loo: np.ndarray) -> dict:
     row = {"examples": len(est), "mae": float(err.mean()), "p90_abs_err": float(np.quantile(err, 0.9)),
            "pearson": float(pear), "spearman": float(spear), "mean_est": float(est.mean()),
            "mean_loo": float(loo.mean())}
-    row["mae_lo"], row["mae_hi"] = _boot_ci(lambda e, l: np.mean(np.abs(e - l)), est, loo)
-    row["p90_lo"], row["p90_hi"] = _boot_ci(lambda e, l: np.quantile(np.abs(e - l), 0.9), est, loo)
-    safe = lambda f: (lambda e, l: f(e, l).statistic if np.std(e) > 0 and np.std(l) > 0 else 0.0)  # noqa: E731
+    row["mae_lo"], row["mae_hi"] = _boot_ci(lambda e, t: np.mean(np.abs(e - t)), est, loo)
+    row["p90_lo"], row["p90_hi"] = _boot_ci(lambda e, t: np.quantile(np.abs(e - t), 0.9), est, loo)
+    safe = lambda f: (lambda e, t: f(e, t).statistic if np.std(e) > 0 and np.std(t) > 0 else 0.0)  # noqa: E731
     row["pearson_lo"], row["pearson_hi"] = _boot_ci(safe(stats.pearsonr), est, loo)
     row["spearman_lo"], row["spearman_hi"] = _boot_ci(safe(stats.spearmanr), est, loo)
     return row

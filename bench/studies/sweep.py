@@ -53,7 +53,7 @@ def correlation(points: pd.DataFrame, x: str = "mean_mem", y: str = "test_accura
     for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
         out[name] = float(fn(a, b).statistic) if len(a) > 2 else float("nan")
         if len(a) > 3:
-            res = stats.bootstrap((a, b), lambda u, v: fn(u, v).statistic if np.std(u) > 0 and np.std(v) > 0 else 0.0,
+            res = stats.bootstrap((a, b), lambda u, v, fn=fn: fn(u, v).statistic if np.std(u) > 0 and np.std(v) > 0 else 0.0,
                                   paired=True, vectorized=False, n_resamples=2000, method="percentile",
                                   random_state=np.random.default_rng(seed))
             out[f"{name}_lo"], out[f"{name}_hi"] = float(res.confidence_interval.low), float(res.confidence_interval.high)

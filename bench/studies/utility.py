@@ -24,6 +24,7 @@ with a completion record, so an interrupted study resumes where it stopped.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -170,13 +171,13 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
 
     x_train = plan.as_inputs(ds.x_train)
     inputs = {"x_train": x_train, "y_train": ds.y_train, "evals": {"test": (plan.as_inputs(ds.x_test), ds.y_test)}}
-    jobs = [(None, REFERENCE, np.zeros(0, np.int64))]
+    jobs: list[tuple[float | None, str, np.ndarray]] = [(None, REFERENCE, np.zeros(0, np.int64))]
     jobs += [(s["threshold"], kind, np.array(s["memorized"], np.int64)) for s in meta["removals"] for kind in KINDS]
     # the study's models train from a seed of its own, so they are not the run's models
     study = cfg.replace(seed=plan.study_seed(cfg, "utility"))
     cells, rows = [], []
     for thr, kind, memorized in jobs:
-        if kind == REFERENCE:
+        if thr is None:   # the reference cell
             removed, fallback = np.zeros((models, ds.n_train), bool), None
         else:
             removed, fallback = removal_masks(kind, memorized, g_train=ds.g_train, y_train=ds.y_train,
@@ -202,7 +203,7 @@ def run_utility(store: RunStore, out: str | Path, *, thresholds: list[float], mo
             rows.append({"threshold": thr, "kind": kind, "variant": variant, "epsilon": eps,
                          "removed": int(len(memorized)), "fallback": fallback, "memorized": memorized})
     units.train_units(study_store, cells, inputs, cfg, ray_address=ray_address, progress=progress, desc="utility")
-    result = {"meta": meta, "high_influence": high, "cells": []}
+    result: dict[str, Any] = {"meta": meta, "high_influence": high, "cells": []}
     for cell, row in zip(cells, rows):
         arrays = study_store.variant_arrays(cell.name)
         result["cells"].append({**row, "plan": study_store.plan(cell.name),

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.run import pipeline
-from dpmem.bench.tools.audit_power import exact_ci
+from dpmem.bench.report import analysis
 from dpmem.bench.report.analysis import audit_failures
 from dpmem.bench.report.tables import markdown
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
+from dpmem.bench.tools.audit_power import exact_ci
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 MODELS_FAULTS = {"none": [], "noise_x0.75": ["epsilons=4"]}
@@ -55,6 +55,8 @@ def models_rows(root: Path, fault: str, seed: int) -> list[dict]:
                             MODELS_FAULTS[fault] + [f"fault={fault}", f"seed={seed}"])
     t0 = time.perf_counter()
     result = analysis.analyse(store, with_pairs=False)
+    canary_masks = store.canary_masks()
+    assert canary_masks is not None, "the audit config plants canaries"
     audit_s = time.perf_counter() - t0
     gate_failed = bool(audit_failures(result))
     rows = []
@@ -70,7 +72,7 @@ def models_rows(root: Path, fault: str, seed: int) -> list[dict]:
                      "parametric_eps_estimate": p.eps_estimate, "sigma_planned": v["noise_multiplier"],
                      "sigma_eff": p.noise_multiplier, "sigma_eff_hi": p.noise_multiplier_hi,
                      "sensitivity": p.sensitivity, "sensitivity_lo": p.sensitivity_lo,
-                     "n_in": int(store.canary_masks().sum()), "n_out": int((~store.canary_masks()).sum()),
+                     "n_in": int(canary_masks.sum()), "n_out": int((~canary_masks).sum()),
                      "models": c.models, "train_s": train_s, "audit_s": audit_s})
     shutil.rmtree(store.root)
     return rows
@@ -129,7 +131,8 @@ def models_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                     "above_claim": int((g.canary_eps_lb > e).sum())})
     gates = honest.groupby("seed")["gate_failed"].first()
     validity = pd.DataFrame([{"runs": "honest DP-SGD, whole gate (all variants and audits, one alpha)"} | _rate(gates)])
-    cost = pd.DataFrame([{"fault": f, "runs": len(g.seed.unique()), "median_train_s": float(g.groupby("seed").train_s.first().median()),
+    cost = pd.DataFrame([{"fault": f, "runs": len(g.seed.unique()),
+                          "median_train_s": float(g.groupby("seed").train_s.first().median()),
                           "median_audit_s": float(g.groupby("seed").audit_s.first().median())}
                          for f, g in runs.groupby("fault", sort=False)])
     return {"parametric bound, honest runs": pd.DataFrame(par), "noise x0.75 at claimed eps 4": pd.DataFrame(power),

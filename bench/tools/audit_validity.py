@@ -4,11 +4,11 @@
 sample rate, noise multiplier sigma, sensitivity 1; each canary in with probability 1/2), whose
 true epsilon is the exact one (dp_accounting's PLD, the top of its bracket), and randomised
 response (exactly eps-DP), and runs each audit exactly as `dpmem check` does: the one-run audit
-(Bonferroni over its fixed grid of guess counts; the f-DP bound at sample rate 1 only), the threshold test (threshold chosen on 5% of the models)
-and the parametric bound. It counts how often each bound exceeds the true epsilon; every rate
-must be at most the level. Writes results/audit_validity.{csv,md}. The CI tests
-(tests/test_one_run.py, tests/test_parametric.py, tests/test_canary_audit.py) run the same
-repetitions at fixed thresholds or vectorised, in seconds.
+(Bonferroni over its fixed grid of guess counts; the f-DP bound at sample rate 1 only), the
+threshold test (threshold chosen on 5% of the models) and the parametric bound. It counts how
+often each bound exceeds the true epsilon; every rate must be at most the level. Writes
+results/audit_validity.{csv,md}. The CI tests (tests/test_one_run.py, tests/test_parametric.py,
+tests/test_canary_audit.py) run the same repetitions at fixed thresholds or vectorised, in seconds.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from dpmem.bench.tools.audit_power import exact_ci
-from dpmem.bench.tools.parametric_validity import critical_noise
 from dpmem.bench.report.tables import markdown
 from dpmem.bench.store.files import atomic_write_bytes
+from dpmem.bench.tools.audit_power import exact_ci
+from dpmem.bench.tools.parametric_validity import critical_noise
 from dpmem.privacy import accounting
 from dpmem.privacy.canary_audit import canary_audit
 from dpmem.privacy.one_run import one_run_audit
@@ -68,8 +68,9 @@ def run(reps: int, alpha: float, seed: int) -> pd.DataFrame:
         u_out = sigma * math.sqrt(T) * rng.normal(size=(reps, 2500))
         _, sig_hi, _, s_lo = noise_and_sensitivity(u_in, u_out, H=H, sample_rate=rate, level=alpha)
         ratio = np.where(s_lo > 0, sig_hi / np.where(s_lo > 0, s_lo, 1.0), np.inf)
-        lower = lambda s: accounting.epsilon_lower_bound(noise_multiplier=s, sample_rate=rate, steps=T,  # noqa: E731
-                                                         delta=DELTA)
+        def lower(s: float, rate: float = rate) -> float:
+            return accounting.epsilon_lower_bound(noise_multiplier=s, sample_rate=rate, steps=T, delta=DELTA)
+
         critical = critical_noise(lower, truth)
         # its median bound: the lower bound at the median ratio (epsilon is monotone in it)
         median_lb = lower(float(np.median(ratio)))

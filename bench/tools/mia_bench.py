@@ -139,6 +139,7 @@ def bench(args) -> int:
 def synthetic(args) -> int:
     """Every attack on synthetic margins of the given size: seconds and tracemalloc peaks."""
     import numpy as np
+
     from dpmem.bench.estimators import membership as mb
     try:
         k, n = (int(v) for v in args.synthetic.lower().split("x"))
@@ -180,7 +181,7 @@ def campaign(args) -> int:
     from dpmem.privacy.faults import FAULTS
     rows = []
     if args.campaign == "seeds":
-        jobs = [(None, seed) for seed in range(args.seeds)]
+        jobs: list[tuple[str | None, int]] = [(None, seed) for seed in range(args.seeds)]
         base_path, base = args.run_dir, []
     else:
         from dpmem.bench.tools.planted import PLANTED_BASE

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,13 @@ def run(reps: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
             sigma = accounting.calibrate_noise(target_epsilon=TARGET, delta=DELTA, sample_rate=q, steps=T,
                                                accountant=calibrated_by)
             claim = accounting.epsilon_pld(noise_multiplier=sigma, sample_rate=q, steps=T, delta=DELTA)
-            maps = {"lower bound": lambda s, q=q: accounting.epsilon_lower_bound(
-                        noise_multiplier=s, sample_rate=q, steps=T, delta=DELTA),
-                    "the run's accountant": lambda s, q=q, a=calibrated_by: accounting.epsilon_of(
-                        noise_multiplier=s, sample_rate=q, steps=T, delta=DELTA, accountant=a)}
+            def lower(s: float, q: float = q) -> float:
+                return accounting.epsilon_lower_bound(noise_multiplier=s, sample_rate=q, steps=T, delta=DELTA)
+
+            def accountant(s: float, q: float = q, a: str = calibrated_by) -> float:
+                return accounting.epsilon_of(noise_multiplier=s, sample_rate=q, steps=T, delta=DELTA, accountant=a)
+
+            maps: dict[str, Callable[[float], float]] = {"lower bound": lower, "the run's accountant": accountant}
             critical = {name: critical_noise(fn, claim) for name, fn in maps.items()}
             settings.append({"sample_rate": q, "calibrated_by": calibrated_by, "sigma": sigma, "claim_exact_eps": claim,
                              "accountant_eps": accounting.epsilon_of(noise_multiplier=sigma, sample_rate=q, steps=T,

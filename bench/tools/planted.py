@@ -15,10 +15,10 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.run import pipeline
+from dpmem.bench.report import analysis
 from dpmem.bench.report.tables import markdown
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
 from dpmem.privacy.faults import FAULTS

@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class Outcome:
 
 def _npz(dir: Path, **changes) -> None:
     rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.normal(size=(40, 4)).astype(np.float32), y_train=np.arange(40) % 2,
+    arrays: dict[str, Any] = dict(x_train=rng.normal(size=(40, 4)).astype(np.float32), y_train=np.arange(40) % 2,
                   x_test=rng.normal(size=(20, 4)).astype(np.float32), y_test=np.arange(20) % 2,
                   subgroup_train=np.arange(40) % 4, subgroup_test=np.arange(20) % 4)
     arrays.update(changes)
@@ -379,6 +380,7 @@ def run_case(case: Case, dir: Path, reference: Path) -> Outcome:
     if case.api is not None:
         code, text = _api(case.api)
         return Outcome(case.name, code, case.expect, "Traceback" in text, _first_line(text), "-")
+    assert case.argv is not None, case.name   # a case runs the API or the command line
     code, _, err = _main(_expand(case.argv, dir))
     if not (dir / "run").exists():
         usable = "yes (nothing written)"

@@ -80,6 +80,7 @@ def run_until(out: Path, mode: str, at: float, limit: float) -> tuple[str, float
             proc.wait()
             return "killed", elapsed
         time.sleep(0.002)
+    assert proc.stderr is not None
     proc.stderr.read()
     return ("finished" if proc.returncode == 0 else f"exit {proc.returncode}"), time.perf_counter() - t0
 
@@ -112,7 +113,7 @@ def kill_trials(ref: Path, work: Path, trials: int, ref_seconds: float, rng: np.
         mode = MODES[t % len(MODES)]
         kills, moments = 0, []
         at = float(rng.uniform(0.5, ref_seconds))
-        for attempt in range(4):                               # the first kill: retried until it lands
+        for _attempt in range(4):                               # the first kill: retried until it lands
             status, when = run_until(out, mode, at, limit=3 * ref_seconds)
             if status == "killed":
                 kills, moments = 1, [round(when, 2)]

@@ -27,17 +27,19 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
 from dpmem.models.batched import stack_class
-from dpmem.models.runtime import resolve_device, retain_freed_memory
-from dpmem.models.stack import PoissonBatch
 from dpmem.models.nets import build_model
+from dpmem.models.runtime import resolve_device, retain_freed_memory
 from dpmem.models.spec import DPParams, TrainSpec
+from dpmem.models.stack import PoissonBatch
 
 # name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
@@ -82,7 +84,7 @@ def median_seconds(fn, *, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_median_seconds(steps: dict[str, callable], *, warmup: int, reps: int) -> dict[str, float]:
+def interleaved_median_seconds(steps: dict[str, Callable[[], object]], *, warmup: int, reps: int) -> dict[str, float]:
     """``median_seconds`` of several steps timed in turn (one step of each per round), so that a
     change in the machine's load during the measurement hits every method alike."""
     for step in steps.values():
@@ -184,7 +186,9 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
     ``interleave`` the five methods of an architecture are timed in turn, one step each per round."""
     torch.set_num_threads(threads)
     retain_freed_memory()  # as the trainers do, for every method alike (before anything is timed)
-    rows, ratios, flops = [], [], {}
+    rows: list[dict[str, Any]] = []
+    ratios: list[dict[str, Any]] = []
+    flops: dict[str, float] = {}
     for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
         if kind not in only:
             continue
@@ -307,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Training speed",
         "",
         f"torch {torch.__version__}, device {DEVICE.type}, {args.threads} threads; MLPs: batch {args.batch}, "
-        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; residual nets: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
+        f"engine K={args.models}; CNN: batch {args.cnn_batch}, engine K={args.cnn_models}; "
+        f"residual nets: batch {args.resnet_batch}, engine K={args.resnet_models} (a fixed batch reused "
         f"every step; no sampling in the timing), median of {args.reps} steps after 3 warm-up steps"
         + ("; an architecture's methods timed in turn, one step each per round" if args.interleave else "")
         + (f"; the whole measurement repeated {args.repeat} times: medians, and each ratio's range" if args.repeat > 1

@@ -15,8 +15,8 @@ rate 1) with fewer models and steps (default 300 models per variant, 1,000 canar
 one epoch = one full-batch step): Opacus trains one model at a time, and its per-example
 gradients cost rows x canaries per step. At rate 1 the steps compose to one Gaussian mechanism
 whose sigma is calibrated to the claimed epsilon for the actual number of steps, so the
-canaries' privacy curve, and the audit's power, do not depend on the number of steps. Fixed-size batches equal Poisson batches at rate 1; that bug runs on the same proxy with
-``batch_size = 5`` (rate 0.1, 10 steps per epoch).
+canaries' privacy curve, and the audit's power, do not depend on the number of steps. Fixed-size
+batches equal Poisson batches at rate 1; that bug runs on the same proxy with ``batch_size = 5`` (rate 0.1, 10 steps per epoch).
 Seeds are independent (data, masks, initialisation, coins and noise all follow the seed).
 """
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.run import pipeline
-from dpmem.bench.tools.audit_power import AUDIT_CONFIG, _rate_row
+from dpmem.bench.report import analysis
 from dpmem.bench.report.analysis import audit_failures
 from dpmem.bench.report.tables import markdown
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
+from dpmem.bench.tools.audit_power import AUDIT_CONFIG, _rate_row
 
 TRAINER = "dpmem.bench.tools.planted_trainer:{bug}"
 # bug -> overrides on top of the audit config and the common ones

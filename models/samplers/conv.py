@@ -6,10 +6,12 @@ gradient of the clip-scaled output gradient."""
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from dpmem.models.samplers.registry import register, sq_sum
 
@@ -28,6 +30,8 @@ class ConvSampler:
     def __init__(self, layer: nn.Conv1d | nn.Conv2d, K: int, saved: Tensor, grad: Tensor, copies: int = 1,
                  frozen: frozenset = frozenset()):
         self.layer, self.K, self.a, self.g = layer, K, saved, grad
+        # numbers by now: the engine runs padding="same"/"valid" layers as copies with numeric padding
+        self.padding = cast(tuple[int, ...], layer.padding)
         self.bias = layer.bias is not None
         self.copies = copies
         self.frozen = frozen
@@ -41,9 +45,10 @@ class ConvSampler:
         # each example's copies (a ghost norm would need the Gram matrices across copies)
         self.direct = copies > 1 or self.rule == "per_example" or self.rule == "mixed" and self._direct_is_cheaper()
         self.per_example: Tensor | None = None
-        self.bias_grads = self.gk.sum(dim=4).reshape(B, K, -1) if self.bias else None   # [B, K, C_out]
-        if self.bias and copies > 1:
-            self.bias_grads = self.bias_grads.view(B // copies, copies, K, -1).sum(dim=1)
+        self.bias_grads: Tensor | None = None
+        if self.bias:
+            bias_grads = self.gk.sum(dim=4).reshape(B, K, -1)   # [B, K, C_out]
+            self.bias_grads = bias_grads.view(B // copies, copies, K, -1).sum(dim=1) if copies > 1 else bias_grads
 
     def _direct_is_cheaper(self) -> bool:
         """The mixed rule, by multiply-adds per example and group: ghost norms cost the two Gram
@@ -52,13 +57,13 @@ class ConvSampler:
         B * K * G groups they run at about half the speed of one weight gradient, so count 2 T d p.
         Ghost norms win only where the output map is small against the channels (ResNet-20's last
         stage: 4x cheaper Gram matrices than per-example gradients, 1.8x faster in all)."""
-        positions = math.prod(s + 2 * p for s, p in zip(self.a.shape[2:], self.layer.padding))
+        positions = math.prod(s + 2 * p for s, p in zip(self.a.shape[2:], self.padding))
         ghost = positions * positions * (self.layer.in_channels // self.layer.groups) + self.T * self.T * self.p
         return ghost > self.T * self.d * self.p
 
     def _padded(self, a: Tensor) -> Tensor:
         """Rows of the input, zero-padded, positions flattened: [rows, K, G, C_in/G, P]."""
-        pad = [p for p in reversed(self.layer.padding) for _ in (0, 1)]   # F.pad's order: last dim first
+        pad = [p for p in reversed(self.padding) for _ in (0, 1)]   # F.pad's order: last dim first
         a = F.pad(a, pad) if any(pad) else a
         return a.reshape(a.shape[0], self.K, self.layer.groups, -1, math.prod(a.shape[2:]))
 
@@ -73,17 +78,18 @@ class ConvSampler:
         a = self._padded(self.a[r0:r1])
         gram = torch.matmul(a.transpose(3, 4), a)   # [rows, K, G, P, P]
         layer = self.layer
-        padded = [s + 2 * p for s, p in zip(self.a.shape[2:], layer.padding)]
+        padded = [s + 2 * p for s, p in zip(self.a.shape[2:], self.padding)]
         n = len(padded)
         gram = gram.view(*gram.shape[:3], *padded, *padded)
         # one spatial axis at a time, last first (for a 3x3 kernel 3 + 3 shifted sums, not 9)
         for axis in reversed(range(n)):
             k, dil, stride, out = layer.kernel_size[axis], layer.dilation[axis], layer.stride[axis], self.g.shape[2 + axis]
 
+            # tap is called only within the iteration that defines it, so the loop's values are the ones meant
             def tap(j: int) -> Tensor:
-                index = [slice(None)] * (2 * n)
-                index[axis] = index[n + axis] = slice(j * dil, j * dil + stride * (out - 1) + 1, stride)
-                return gram[(..., *index)]
+                index: list[Any] = [slice(None)] * (2 * n)
+                index[axis] = index[n + axis] = slice(j * dil, j * dil + stride * (out - 1) + 1, stride)  # noqa: B023
+                return gram[(..., *index)]  # noqa: B023
             total = tap(0)
             for j in range(1, k):
                 total = total + tap(j)
@@ -98,7 +104,7 @@ class ConvSampler:
         return [(r, min(B, r + rows)) for r in range(0, B, rows)]
 
     def _weight_grad(self, a: Tensor, weight_shape: tuple[int, ...], grad: Tensor, groups: int) -> Tensor:
-        grad_fn = torch.nn.grad.conv2d_weight if isinstance(self.layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+        grad_fn = conv2d_weight if isinstance(self.layer, nn.Conv2d) else conv1d_weight
         layer = self.layer
         return grad_fn(a, weight_shape, grad, layer.stride, layer.padding, layer.dilation, groups)
 
@@ -125,7 +131,7 @@ class ConvSampler:
                 g = self.gk[r0:r1]
                 gg = torch.matmul(g.transpose(3, 4), g)   # [rows, K, G, T, T]
                 total[r0:r1] = (self._position_gram(r0, r1) * gg).view(r1 - r0, K, -1).sum(dim=2)
-        if self.bias and "bias" not in self.frozen:
+        if self.bias_grads is not None and "bias" not in self.frozen:
             total += sq_sum(self.bias_grads, (2,))
         return total.transpose(0, 1)
 

@@ -1,6 +1,9 @@
 """GroupNorm: Opacus's rule, the normalised input times g summed over positions (weight) and g (bias)."""
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +28,7 @@ class GroupNormSampler:
 
     def sq_norms(self) -> Tensor:
         parts = [sq_sum(g, (2,)) for name, g in (("weight", self.gw), ("bias", self.gb)) if name not in self.frozen]
-        return sum(parts).transpose(0, 1)
+        return functools.reduce(operator.add, parts).transpose(0, 1)
 
     def clipped(self, c: Tensor) -> list[Tensor]:
         weights = c.transpose(0, 1)
