@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpmem.bench.report import analysis
 from dpmem.bench import config
-from dpmem.bench.run import pipeline
+from dpmem.bench.report import analysis
 from dpmem.bench.report.analysis import audit_failures
 from dpmem.bench.report.tables import markdown
+from dpmem.bench.run import pipeline
 from dpmem.bench.store.files import atomic_write_bytes
 from dpmem.bench.store.run_store import RunStore
 
@@ -87,7 +87,7 @@ def tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     tight["ratio_to_claim"] = tight["median_eps_lb"] / tight["epsilon"]
     gates = runs[runs.fault == "none"].groupby("seed")["gate_failed"].first()
     above = honest[(honest.canary_eps_lb > honest.epsilon) | (honest.blackbox_eps_lb > honest.epsilon)]
-    validity = pd.DataFrame([_rate_row({"runs": "honest DP-SGD, whole gate (all variants, both audits)"}, gates)
+    validity = pd.DataFrame([_rate_row({"runs": "honest DP-SGD, whole gate (all variants and audits)"}, gates)
                              | {"eps_lb_above_claim": int(len(above))}])
     planted = []
     for fault, g in dp[dp.epsilon == 1.0].groupby("fault", sort=False):
