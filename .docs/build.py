@@ -53,7 +53,8 @@ PAGES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
         ("privacy/README.md", INTRO), ("privacy/README.md", "Accounting"),
         ("privacy/README.md", "The black-box audit")]),
     ("Concepts", "concepts/audits.md", "The audits and their kinds", [
-        ("README.md", "Auditing a DP claim"), ("privacy/README.md", "The gradient-canary audit"),
+        ("README.md", "Auditing a DP claim"), ("privacy/README.md", "The margin audit"),
+        ("privacy/README.md", "The gradient-canary audit"),
         ("privacy/README.md", "Canary audits: one-run"), ("privacy/README.md", "Planted bugs")]),
     ("Concepts", "concepts/engine.md", "The engine", [
         ("models/README.md", INTRO), ("models/README.md", "The semantics every engine shares"),
@@ -77,8 +78,10 @@ PAGES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
         ("results/README.md", "The MNIST-1D CNN benchmark")]),
     ("Results", "results/engine.md", "Speed, residual nets, reliability", [
         ("results/README.md", "Speed"), ("results/README.md", "Residual nets"), ("results/README.md", "Reliability")]),
-    ("Results", "results/audits.md", "Audits", [("results/README.md", "Audits"),
-                                                  ("results/README.md", "Regenerating")]),
+    ("Results", "results/audits.md", "Audits and membership inference", [
+        ("results/README.md", "Audits"), ("results/README.md", "Membership inference on the default run")]),
+    ("Results", "results/provenance.md", "What moved, and regenerating", [
+        ("results/README.md", "What moved with the PRV default"), ("results/README.md", "Regenerating")]),
     ("Reference", "reference/config.md", "Config keys", [("bench/README.md", "Config keys")]),
     ("Reference", "reference/outputs.md", "Output files", [("bench/README.md", "Output files")]),
     ("Reference", "reference/failures.md", "No silent failure", [("bench/README.md", "No silent failure")]),
