@@ -69,7 +69,8 @@ def cmd_run(args) -> int:
     # What user code (factories, trainers) prints goes to stderr: stdout carries dpmem's table alone.
     with contextlib.redirect_stdout(sys.stderr):
         # Everything that can be wrong with the config or the data is found before anything is written.
-        ds, engine = pipeline.check_inputs(cfg)      # data, model, engine, trainer, calibration, memory
+        on_ray = bool(cfg.workers or args.ray_address or os.environ.get("RAY_ADDRESS"))
+        ds, engine = pipeline.check_inputs(cfg, on_ray=on_ray)   # data, model, engine, trainer, calibration, memory
         execution.check_available(cfg, args.ray_address)
     with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
         pipeline.check_resume(store, cfg)

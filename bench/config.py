@@ -33,7 +33,7 @@ FELDMAN_INPUTS = ("onehot", "embedding")
 # How a run executes, not what it computes: excluded from the config hash, so a run can be resumed
 # with other values (every split of the work gives the same arrays: model k's randomness depends
 # only on the seed, k and the variant).
-EXECUTION = ("unit_size", "threads", "workers", "device")
+EXECUTION = ("unit_size", "threads", "workers", "device", "gpus_per_unit")
 # Version of the run directory layout. Format 1 (no marker in config.json) hashed every field,
 # execution settings included, and drew seeds per unit.
 STORE_FORMAT = 2
@@ -100,6 +100,7 @@ class Config:
     threads: int = 0
     workers: int = 0                 # 0: train in this process; N: N Ray workers (local runtime or cluster)
     device: str = "auto"             # where models train: auto (CUDA when visible), cpu or cuda
+    gpus_per_unit: float = 1.0       # with device = cuda on Ray: the GPUs each unit asks for (0.5 packs two per GPU)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -261,6 +262,9 @@ def validate(c: Config) -> None:
     _check(c.threads >= 0, "threads", f"must be >= 0, got {c.threads}")
     _check(c.device in DEVICES, "device", f"unknown device {c.device!r}; choose from {', '.join(DEVICES)}")
     _check(c.workers >= 0, "workers", f"must be >= 0, got {c.workers}")
+    # Ray schedules fractions of one GPU, or whole GPUs
+    _check(c.gpus_per_unit > 0 and (c.gpus_per_unit <= 1 or float(c.gpus_per_unit).is_integer()), "gpus_per_unit",
+           f"must be a fraction in (0, 1] or a whole number of GPUs, got {c.gpus_per_unit}")
 
 
 # -- loading ---------------------------------------------------------------------------------

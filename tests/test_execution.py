@@ -93,3 +93,72 @@ def test_ray_workers_give_the_serial_arrays(tmp_path):
     assert cli.main(["run", "--out", str(tmp_path / "ray"), "--workers", "2", "unit_size=32", *TINY]) == 0
     _same_run(tmp_path / "serial", tmp_path / "ray")
     assert RunStore.open(tmp_path / "ray").config().hash() == RunStore.open(tmp_path / "serial").config().hash()
+
+
+# -- GPUs through Ray: a local runtime that declares GPU resources (no real GPU needed) ----------------
+
+class _Bar:
+    def update(self, n):
+        pass
+
+
+def test_cuda_units_ask_ray_for_their_gpu_share_and_get_a_gpu_each(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from dpmem.bench import config
+    from dpmem.bench.run import execution
+    from dpmem.bench.run.execution import Unit
+    from dpmem.bench.store.run_store import ModelRange
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+    def probe(spec, inputs, unit, device, threads):
+        """Stands in for a unit's training (defined here, so Ray ships it by value): what Ray gave this task."""
+        import ray as worker_ray
+        ids = np.array([float(g) for g in worker_ray.get_gpu_ids()])
+        return {"gpu_ids": ids, "device": np.array([device == "cuda"])}, 0.0
+
+    try:
+        monkeypatch.setattr(execution, "_remote_unit", probe)
+        units = [Unit(cell="dp-eps4", models=ModelRange(k, k + 1), masks=np.ones((1, 3), bool),
+                      stream_ids=np.array([k]), seed=0, noise_seed=1, engine="batched") for k in range(6)]
+        for share, ids in ((0.5, {0.0, 1.0}), (1.0, {0.0, 1.0}), (2.0, None)):
+            cfg = config.load(None, ["workers=4", "device=cuda", f"gpus_per_unit={share:g}"])
+            ex = execution.RayExecutor(cfg, None)
+            assert ex.gpus == share and ex.task._default_options["num_gpus"] == share
+            got = [arrays for _, arrays, _ in ex.map({"dp-eps4": None}, {}, units, _Bar())]
+            assert len(got) == 6 and all(a["device"].all() for a in got)
+            if ids is not None:   # a fraction or one GPU: each task sees exactly one of the two GPUs
+                assert all(len(a["gpu_ids"]) == 1 and set(a["gpu_ids"]) <= ids for a in got)
+            else:                 # two GPUs: every task holds both
+                assert all(set(a["gpu_ids"]) == {0.0, 1.0} for a in got)
+        # the CPU asks for none
+        assert execution.RayExecutor(config.load(None, ["workers=4", "device=cpu"]), None).gpus == 0
+        # more GPUs per unit than any node has: one line, before anything is written
+        with pytest.raises(Exception, match=r"gpus_per_unit=3: no node of the local Ray runtime has that many GPUs"):
+            execution.check_available(config.load(None, ["workers=4", "device=cuda", "gpus_per_unit=3"]))
+    finally:
+        ray.shutdown()
+
+
+def test_a_cuda_run_on_a_ray_runtime_without_gpus_is_refused_before_anything_is_written(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        out = tmp_path / "run"
+        assert cli.main(["run", "--out", str(out), "--workers", "2", "device=cuda", *TINY]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == ("dpmem: error: device=cuda on Ray: the local Ray runtime has no GPU (start its nodes "
+                           "with GPUs, or use device=cpu)")
+        assert not out.exists()
+    finally:
+        ray.shutdown()
+
+
+def test_gpus_per_unit_takes_a_fraction_or_whole_gpus():
+    from dpmem.bench import config
+    from dpmem.privacy.errors import ConfigError
+    assert config.load(None, ["gpus_per_unit=0.25"]).gpus_per_unit == 0.25
+    for bad in ("0", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="gpus_per_unit"):
+            config.load(None, [f"gpus_per_unit={bad}"])
+    # an execution key: it never changes a run's identity
+    assert config.load(None, ["gpus_per_unit=0.5"]).hash() == config.load(None, []).hash()

@@ -7,6 +7,12 @@ do not depend on where it ran (per-model random streams, see plan.py).
 Threads: N workers on one machine each use ``max(1, cores // N)`` torch/OpenMP/MKL threads, so they
 never oversubscribe the cores (two 2-thread processes on 2 cores run a CNN step about 8x slower).
 On a cluster each task asks Ray for one CPU and uses one thread unless ``threads`` says otherwise.
+
+GPUs: with ``device = "cuda"`` each task also asks Ray for ``gpus_per_unit`` GPUs (default 1), so
+Ray places units on nodes that have GPUs, hands each its own (``CUDA_VISIBLE_DEVICES``), and packs
+1 / gpus_per_unit units per GPU when it is a fraction. A run whose cluster has no GPU, or whose
+units ask for more GPUs than any one node has, is refused in one line before anything is written
+(``check_available``).
 """
 from __future__ import annotations
 
@@ -78,11 +84,50 @@ def threads_per_worker(workers: int, threads: int = 0) -> int:
 
 
 def check_available(cfg: Config, ray_address: str | None = None) -> None:
-    """Refuse Ray execution without Ray installed, before anything is written."""
-    if cfg.workers or ray_address or os.environ.get("RAY_ADDRESS"):
+    """Refuse Ray execution without Ray installed, or a GPU request the cluster cannot meet, before
+    anything is written (the Ray runtime this starts is the one the run then uses)."""
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if cfg.workers or address:
         import importlib.util
         if importlib.util.find_spec("ray") is None:
             raise UsageError("workers / --ray-address need Ray: pip install 'dpmem[ray]'")
+        if cfg.device == "cuda":
+            import ray
+            _connect(ray, cfg, address)
+            check_gpus(ray, cfg.gpus_per_unit, address)
+
+
+def gpus_requested(cfg: Config) -> float:
+    """The GPUs one Ray task asks for: ``gpus_per_unit`` with device = cuda, else none."""
+    return float(cfg.gpus_per_unit) if cfg.device == "cuda" else 0.0
+
+
+def check_gpus(ray, per_unit: float, address: str | None) -> None:
+    """One line when the Ray cluster cannot run a unit that asks for ``per_unit`` GPUs."""
+    where = f"the Ray cluster at {address}" if address else "the local Ray runtime"
+    per_node = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    if not any(per_node):
+        raise UsageError(f"device=cuda on Ray: {where} has no GPU (start its nodes with GPUs, or use device=cpu)")
+    if per_unit > max(per_node):
+        raise UsageError(f"gpus_per_unit={per_unit:g}: no node of {where} has that many GPUs (the most on one "
+                         f"node is {max(per_node):g}); ask for at most {max(per_node):g}")
+
+
+def _connect(ray, cfg: Config, address: str | None) -> bool:
+    """Start or join the Ray runtime (True when this call started it)."""
+    if ray.is_initialized():
+        return False
+    threads = (cfg.threads or 1) if address else threads_per_worker(cfg.workers, cfg.threads)
+    options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                                   runtime_env={"env_vars": {name: str(threads) for name in THREAD_ENV}})
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(address="local", num_cpus=cfg.workers, **options)
+    except ConnectionError as e:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    return True
 
 
 def executor(cfg: Config, ray_address: str | None = None):
@@ -133,19 +178,11 @@ class RayExecutor:
             self.threads = cfg.threads or 1
         else:
             self.threads = threads_per_worker(cfg.workers, cfg.threads)
-        env = {name: str(self.threads) for name in THREAD_ENV}
-        self.started = not ray.is_initialized()
-        if self.started:
-            options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                           runtime_env={"env_vars": env})
-            try:
-                if address:
-                    ray.init(address=address, **options)
-                else:
-                    ray.init(address="local", num_cpus=cfg.workers, **options)
-            except ConnectionError as e:
-                raise UsageError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-        self.task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_remote_unit)
+        self.started = _connect(ray, cfg, address)
+        self.gpus = gpus_requested(cfg)
+        if self.gpus:
+            check_gpus(ray, self.gpus, address)
+        self.task = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=MAX_RETRIES)(_remote_unit)
 
     def map(self, specs: dict, inputs: dict, todo: list[Unit], bar) -> Iterator[tuple]:
         ray = self.ray

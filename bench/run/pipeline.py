@@ -31,21 +31,24 @@ from dpmem.models import resolve_engine
 from dpmem.privacy.errors import ConfigError, UsageError
 
 
-def check_inputs(cfg: Config) -> tuple[Dataset, str]:
+def check_inputs(cfg: Config, *, on_ray: bool = False) -> tuple[Dataset, str]:
     """Load the data and try the model, engine and trainer once, before anything is written.
 
     Every problem is a ConfigError naming its field: a bad data file, a factory that does not
     import, raises or returns no Module, a module Opacus refuses (BatchNorm), a module that does not
     map the data's inputs to one logit per class, an engine that cannot train it, a trainer that
-    does not import. Returns the dataset and the engine that will train it, so the run neither loads
+    does not import (``on_ray``: the device is the Ray workers', checked by the executor). Returns the
+    dataset and the engine that will train it, so the run neither loads
     the data nor resolves the engine again."""
     import torch
 
     from dpmem.models.nets import build_model
     from dpmem.models.plugins import load_callable, one_line
     from dpmem.models.runtime import resolve_device
+    # on Ray the workers train, so a driver without a GPU may ask them for one (execution.check_gpus)
     try:
-        resolve_device(cfg.device)
+        if not on_ray:
+            resolve_device(cfg.device)
     except ValueError as e:
         raise ConfigError("device", str(e)) from None
     ds = load_dataset(cfg)
