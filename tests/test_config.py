@@ -59,7 +59,7 @@ def test_hash_tracks_every_field():
 
 def test_execution_settings_are_no_part_of_the_identity():
     base = Config()
-    for change in ({"unit_size": 7}, {"threads": 3}, {"workers": 4}, {"device": "cuda"}):
+    for change in ({"unit_size": 7}, {"threads": 3}, {"workers": 4}, {"device": "cuda"}, {"gpus_per_unit": 0.5}):
         assert base.replace(**change).hash() == base.hash(), change
-    assert set(config_mod.EXECUTION) == {"unit_size", "threads", "workers", "device"}
+    assert set(config_mod.EXECUTION) == {"unit_size", "threads", "workers", "device", "gpus_per_unit"}
     assert not set(config_mod.EXECUTION) & set(base.identity())
