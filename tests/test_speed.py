@@ -1,12 +1,14 @@
 """The speed benchmark's aggregation of repeated measurements (the timings themselves are not tested)."""
 import pandas as pd
 
-from dpmem.bench.tools.speed import interleaved_median_seconds, median_of_runs
+import pytest
+
+from dpmem.bench.tools.speed import ARCHS, interleaved_median_seconds, median_of_runs, training_flops, with_peak
 
 
 def _run(ms: float, ratio: float, gflops: float):
     times = pd.DataFrame([dict(arch="cnn", method="engine DP (K=16)", models_per_step=16, batch=64, threads=1,
-                               step_ms=ms * 16, per_model_step_ms=ms, reps=5)])
+                               step_ms=ms * 16, per_model_step_ms=ms, reps=5, model_step_gflop=0.4)])
     ratios = pd.DataFrame([dict(arch="cnn", ratio="engine DP time / engine non-private time", value=ratio,
                                 target="<= 1.3")])
     return times, ratios, {"matmul 2048x2048": gflops}
@@ -31,3 +33,19 @@ def test_interleaved_timing_takes_one_step_of_each_method_per_round():
                                          warmup=1, reps=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3      # warm-up of each, then rounds of one step each
     assert set(seconds) == {"a", "b"} and all(v >= 0 for v in seconds.values())
+
+
+def test_training_flops_count_six_multiply_adds_per_example_from_the_layer_shapes():
+    name, shape, hidden, classes, _ = ARCHS["784-256-10"]
+    assert training_flops((name, shape, hidden, classes), 64) == 6 * 64 * (784 * 256 + 256 * 10)
+    # the built-in CNN: 3x3 same-padded convolutions 1->16 on 28x28 and 16->32 on 14x14, then a Linear head
+    name, shape, hidden, classes, _ = ARCHS["cnn 1x28x28 16-32"]
+    per_example = training_flops((name, shape, hidden, classes), 1)
+    assert per_example >= 6 * (28 * 28 * 16 * 9 + 14 * 14 * 32 * 16 * 9)
+    assert per_example == pytest.approx(6.1e6, rel=0.05)
+
+
+def test_each_row_gets_its_rate_and_its_share_of_the_matmul_peak():
+    times, _, _ = _run(10.0, 1.2, 90.0)
+    row = with_peak(times, 80.0).iloc[0]
+    assert row["gflops"] == pytest.approx(0.4 / 0.010) and row["pct_of_peak"] == pytest.approx(100 * 40 / 80)

@@ -172,6 +172,33 @@ def dp_step_flops(d, hidden, classes, K, batch) -> float:
     return float(K * (forward + backward + norms + clipped))
 
 
+def training_flops(arch, batch: int) -> float:
+    """Floating-point operations of one model's training step, counted from the layers' shapes: each
+    Linear and convolution costs 2 x its multiply-adds forward and twice that backward (the input's and
+    the weights' gradients), so 6 x multiply-adds per example; element-wise work (activations,
+    GroupNorm, the per-example norms and clipping) is left out. The same count for every method, so
+    FLOP/s compare as times do, and against the matmul peak."""
+    model = build_model(_spec(*arch, None))
+    macs = [0]
+
+    def count(module, inputs, output) -> None:
+        if isinstance(module, nn.Linear):
+            macs[0] += output.numel() * module.in_features
+        elif isinstance(module, nn.Conv1d | nn.Conv2d):
+            kernel = 1
+            for k in module.kernel_size:
+                kernel *= k
+            macs[0] += output.numel() * (module.in_channels // module.groups) * kernel
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, *arch[1]))
+    for h in hooks:
+        h.remove()
+    return 6.0 * macs[0] * batch
+
+
 def matmul_gflops(size: int = 2048) -> float:
     a, b = torch.randn(size, size, device=DEVICE), torch.randn(size, size, device=DEVICE)
     out = torch.empty(size, size, device=DEVICE)
@@ -198,6 +225,7 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
         x = torch.randn(batch, *shape, generator=g).to(DEVICE)
         y = torch.randint(0, classes, (batch,), generator=g).to(DEVICE)
         per_model = {}
+        model_flops = training_flops(arch, batch)
         single = [("plain SGD (1 model)", plain_sgd_step), ("Opacus hooks (1 model)", opacus_hooks_step),
                   ("Opacus ghost (1 model)", opacus_ghost_step)]
         engines = [(f"engine non-private (K={K})", False), (f"engine DP (K={K})", True)]
@@ -213,7 +241,8 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
             seconds = timed[method] if interleave else median_seconds(make(arch, x, y), warmup=3, reps=reps)
             per_model[method] = seconds
             rows.append(dict(arch=name, method=method, models_per_step=1, batch=batch, threads=threads,
-                             step_ms=seconds * 1e3, per_model_step_ms=seconds * 1e3, reps=reps))
+                             step_ms=seconds * 1e3, per_model_step_ms=seconds * 1e3, reps=reps,
+                             model_step_gflop=model_flops / 1e9))
         for method, private in engines:
             if interleave:
                 seconds = timed[method]
@@ -223,7 +252,8 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
                 trainer.close()
             per_model[method] = seconds / K
             rows.append(dict(arch=name, method=method, models_per_step=K, batch=batch, threads=threads,
-                             step_ms=seconds * 1e3, per_model_step_ms=seconds / K * 1e3, reps=reps))
+                             step_ms=seconds * 1e3, per_model_step_ms=seconds / K * 1e3, reps=reps,
+                             model_step_gflop=model_flops / 1e9))
             if private and kind == "mlp":
                 flops[name] = dp_step_flops(shape[0], hidden, classes, K, batch) / seconds / 1e9
         dp_time = per_model[f"engine DP (K={K})"]
@@ -251,7 +281,7 @@ def median_of_runs(runs: list[tuple[pd.DataFrame, pd.DataFrame, dict]]) -> tuple
     if len(runs) == 1:
         return runs[0]
     times = pd.concat([t for t, _, _ in runs])
-    keys = ["arch", "method", "models_per_step", "batch", "threads", "reps"]
+    keys = ["arch", "method", "models_per_step", "batch", "threads", "reps", "model_step_gflop"]
     times = times.groupby(keys, sort=False, as_index=False)[["step_ms", "per_model_step_ms"]].median()
     ratios = pd.concat([r for _, r, _ in runs])
     grouped = ratios.groupby(["arch", "ratio", "target"], sort=False)["value"]
@@ -261,6 +291,14 @@ def median_of_runs(runs: list[tuple[pd.DataFrame, pd.DataFrame, dict]]) -> tuple
     ratios = ratios[["arch", "ratio", "value", "min", "max", "target"]]
     flops = {k: statistics.median(f[k] for _, _, f in runs) for k in runs[0][2]}
     return times, ratios, flops
+
+
+def with_peak(times: pd.DataFrame, peak_gflops: float) -> pd.DataFrame:
+    """Each row's FLOP/s (counted from the layers' shapes) and its percentage of the matmul peak."""
+    times = times.copy()
+    times["gflops"] = times["model_step_gflop"] / (times["per_model_step_ms"] / 1e3)
+    times["pct_of_peak"] = 100.0 * times["gflops"] / peak_gflops
+    return times
 
 
 def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
@@ -302,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
     runs = [run(args.threads, sizes, args.reps, only, args.interleave) for _ in range(args.repeat)]
     times, ratios, flops = median_of_runs(runs)
+    times = with_peak(times, flops["matmul 2048x2048"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times.to_csv(out / "speed.csv", index=False)
@@ -320,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Time per model-step (ms)",
         "",
-        _markdown_table(times[["arch", "method", "step_ms", "per_model_step_ms"]], ".3f"),
+        _markdown_table(times[["arch", "method", "step_ms", "per_model_step_ms", "gflops", "pct_of_peak"]], ".3f"),
+        "",
+        f"gflops: the layers' training FLOPs per model-step (6 x multiply-adds per example, counted from their "
+        f"shapes) over the time per model-step; pct_of_peak: that rate as a percentage of the matmul row "
+        f"({flops['matmul 2048x2048']:.1f} GFLOP/s).",
         "",
         "## Ratios against the targets",
         "",
