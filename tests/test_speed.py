@@ -1,6 +1,5 @@
 """The speed benchmark's aggregation of repeated measurements (the timings themselves are not tested)."""
 import pandas as pd
-
 import pytest
 
 from dpmem.bench.tools.speed import ARCHS, interleaved_median_seconds, median_of_runs, training_flops, with_peak

@@ -178,7 +178,8 @@ def training_flops(arch, batch: int) -> float:
     the weights' gradients), so 6 x multiply-adds per example; element-wise work (activations,
     GroupNorm, the per-example norms and clipping) is left out. The same count for every method, so
     FLOP/s compare as times do, and against the matmul peak."""
-    model = build_model(_spec(*arch, None))
+    name, shape, hidden, classes = arch
+    model = build_model(_spec(name, shape, hidden, classes, None))
     macs = [0]
 
     def count(module, inputs, output) -> None:
@@ -193,7 +194,7 @@ def training_flops(arch, batch: int) -> float:
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
     with torch.no_grad():
-        model(torch.zeros(1, *arch[1]))
+        model(torch.zeros(1, *shape))
     for h in hooks:
         h.remove()
     return 6.0 * macs[0] * batch
