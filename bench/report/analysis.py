@@ -53,7 +53,7 @@ def audit_family(cfg, has_canaries: bool, *, parametric: bool = True, has_margin
     --margin-audit` on a run with stored margins) and with at least ``privacy.margin_audit.MIN_MODELS``
     models, the margin audit (a per-example threshold on the margin, rigorous;
     privacy/margin_audit.py). It is off by default: each test added shrinks every test's share of
-    alpha, and on the default run the margin audit gained only at epsilon 1 (results/mia.md). With
+    alpha, and on the default run the margin audit gained at epsilon 1 and 4 only (results/mia.md). With
     gradient canaries, each also gets one canary
     audit: the multi-model threshold test, or, with at most ONE_RUN_MAX_MODELS models, the
     one-run guessing game; and each DP variant gets the parametric bound (unless ``parametric``
