@@ -175,6 +175,13 @@ def synthetic(args) -> int:
     return 0
 
 
+def _campaign_table(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.groupby(["fault", "variant"], sort=False).agg(
+        runs=("seed", "size"), region_flags=("region_flag", "sum"), correctness_refutes=("correctness_refutes", "sum"),
+        margin_refutes=("margin_refutes", "sum"), median_correctness_eps_lb=("correctness_eps_lb", "median"),
+        median_margin_eps_lb=("margin_eps_lb", "median")).reset_index()
+
+
 def campaign(args) -> int:
     """20 seeds of a config (false flags) or the planted faults (refutations); see the module docstring."""
     from dpmem.bench.run import pipeline
@@ -210,16 +217,12 @@ def campaign(args) -> int:
                              "correctness_eps_lb": a.eps_lb, "margin_refutes": None if m is None else not m.consistent,
                              "margin_eps_lb": None if m is None else m.eps_lb})
             print(f"{fault or 'honest'} seed {seed}: done", file=sys.stderr)
-    runs = pd.DataFrame(rows)
-    table = runs.groupby(["fault", "variant"], sort=False).agg(
-        runs=("seed", "size"), region_flags=("region_flag", "sum"), correctness_refutes=("correctness_refutes", "sum"),
-        margin_refutes=("margin_refutes", "sum"), median_correctness_eps_lb=("correctness_eps_lb", "median"),
-        median_margin_eps_lb=("margin_eps_lb", "median")).reset_index()
+            table = _campaign_table(pd.DataFrame(rows))
+            if args.out:      # after every run, so that an interrupted campaign keeps what it measured
+                out = Path(args.out)
+                atomic_write_bytes(out / f"mia_campaign_{args.campaign}.csv", pd.DataFrame(rows).to_csv(index=False).encode())
+                atomic_write_bytes(out / f"mia_campaign_{args.campaign}.md", tables.markdown(table).encode())
     print(tables.markdown(table))
-    if args.out:
-        out = Path(args.out)
-        atomic_write_bytes(out / f"mia_campaign_{args.campaign}.csv", runs.to_csv(index=False).encode())
-        atomic_write_bytes(out / f"mia_campaign_{args.campaign}.md", tables.markdown(table).encode())
     return 0
 
 
