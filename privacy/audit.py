@@ -75,6 +75,16 @@ def per_example_counts(masks: np.ndarray, correct: np.ndarray) -> dict[str, np.n
     return {"k_in": k_in, "n_in": n_in, "k_out": k_out, "n_out": n_out}
 
 
+def check_claim(epsilon: float | None, delta: float | None) -> None:
+    """A ValueError naming what is wrong with a claimed (epsilon, delta); None means no claim."""
+    if epsilon is not None and not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise ValueError(f"claimed epsilon must be finite and >= 0, got {epsilon}")
+    if epsilon is not None and delta is None:
+        raise ValueError("a claimed epsilon needs a delta")
+    if delta is not None and not (0.0 <= delta < 1.0):
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+
+
 def adjacency_of(sampling: str) -> str:
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}")
@@ -94,12 +104,7 @@ def audit_variant(*, variant: str, masks: np.ndarray, correct: np.ndarray, epsil
     -inf where the example refutes no epsilon). ``delta=None`` counts as 0 for eps_lb.
     """
     adjacency = adjacency_of(sampling)
-    if epsilon is not None and not (epsilon >= 0 and math.isfinite(epsilon)):
-        raise ValueError(f"claimed epsilon must be finite and >= 0, got {epsilon}")
-    if epsilon is not None and delta is None:
-        raise ValueError("a claimed epsilon needs a delta")
-    if delta is not None and not (0.0 <= delta < 1.0):
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    check_claim(epsilon, delta)
     counts = per_example_counts(masks, correct)
     k_in, n_in, k_out, n_out = counts["k_in"], counts["n_in"], counts["k_out"], counts["n_out"]
     n = int(k_in.shape[0])

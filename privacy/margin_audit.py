@@ -44,7 +44,7 @@ import pandas as pd
 from scipy import special
 
 from dpmem.privacy import bounds
-from dpmem.privacy.audit import adjacency_of
+from dpmem.privacy.audit import adjacency_of, check_claim
 
 SELECTION_FRACTION = 0.05
 # Candidate thresholds per example: this many points across the fitted range, and margin 0.
@@ -124,12 +124,7 @@ def margin_audit(*, variant: str, masks: np.ndarray, margins: np.ndarray, epsilo
     margins = margins.astype(np.float64)
     if not np.all(np.isfinite(margins)):
         raise ValueError("margins must be finite (found NaN or inf)")
-    if epsilon is not None and not (epsilon >= 0 and math.isfinite(epsilon)):
-        raise ValueError(f"claimed epsilon must be finite and >= 0, got {epsilon}")
-    if epsilon is not None and delta is None:
-        raise ValueError("a claimed epsilon needs a delta")
-    if delta is not None and not (0.0 <= delta < 1.0):
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    check_claim(epsilon, delta)
     k, n = masks.shape
     if k < MIN_MODELS:
         raise ValueError(f"masks: the margin audit needs at least {MIN_MODELS} models, got {k}")
