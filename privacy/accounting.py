@@ -68,6 +68,9 @@ def _describe(*, delta: float, sample_rate: float, steps: int, accountant: str) 
     return f"delta={delta:g}, sample_rate={sample_rate:g}, steps={steps}, accountant={accountant}"
 
 
+# Accounting is pure and, with PRV, takes seconds per calibration: a process that plans the same
+# schedule again (the checks before a run, then the run; a study's cells) asks the cache.
+@functools.lru_cache(maxsize=4096)
 def epsilon_of(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                accountant: str = "prv") -> float:
     """Epsilon that the Opacus accountant reports after ``steps`` DP-SGD steps at (sigma, q)."""
@@ -91,6 +94,7 @@ def epsilon_of(*, noise_multiplier: float, sample_rate: float, steps: int, delta
     return eps
 
 
+@functools.lru_cache(maxsize=4096)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv", tolerance: float = 0.01) -> float:
     """Smallest noise multiplier (up to Opacus's bisection) whose epsilon is <= target_epsilon.
