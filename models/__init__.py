@@ -74,7 +74,8 @@ def train_models(spec: TrainSpec, req: TrainRequest, *, engine: str = "auto", de
     """Train the K models of ``req.masks`` and predict on every split of ``req.evals``.
 
     Returns flat arrays, ``"{split}_correct"`` bool [K, m] and ``"{split}_margin"`` float16 [K, m],
-    plus ``"canary_score"`` float32 [K, m_c] when the spec has gradient canaries.
+    plus ``"canary_score"`` float32 [K, m_c] when the spec has gradient canaries, plus the
+    per-example training statistics (models/example_stats.py; a user's trainer may omit them).
     ``progress``, if given, is called now and then with the running number of model-steps done
     (between 0 and K * spec.steps; K models advancing one step each count K)."""
     chosen = resolve_engine(spec, engine)

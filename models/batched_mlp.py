@@ -81,10 +81,11 @@ def _forward(params: Params, x: Tensor, work: Workspace | None = None) -> list[T
     return acts
 
 
-def _output_error(logits: Tensor, y: Tensor, valid: Tensor | None) -> Tensor:
+def _output_error(logits: Tensor, y: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """d(sum of per-example cross-entropies)/d logits = softmax - onehot; zero on padded rows.
 
-    ``logits`` is the transposed view from ``_forward``; the result is [K, B, C], contiguous. The
+    ``logits`` is [K, B, C] (the transposed view from ``_forward``, or its contiguous copy); the
+    result is [K, B, C], contiguous. The
     softmax runs over each example's contiguous row of C logits, so an example's values do not
     depend on the batch width or the number of models (a softmax over a strided dimension
     vectorises across examples and treats the last ones differently)."""
@@ -95,10 +96,24 @@ def _output_error(logits: Tensor, y: Tensor, valid: Tensor | None) -> Tensor:
     # already rounds the true-class term p - 1 (by up to 6e-8), so the update is unchanged.
     delta.masked_fill_(delta < PROB_FLOOR, 0.0)
     label = y.unsqueeze(2)
-    delta.scatter_(2, label, delta.gather(2, label).sub_(1.0))
+    true_prob = delta.gather(2, label)
+    delta.scatter_(2, label, true_prob - 1.0)
     if valid is not None:
         delta.mul_(valid.unsqueeze(2).to(delta.dtype))
-    return delta
+    return delta, true_prob.squeeze(2)
+
+
+def _example_losses(logits: Tensor, y: Tensor, true_prob: Tensor) -> Tensor:
+    """Per-example cross-entropies [K, B] from the step's softmax: -log p_y (a softmax over C ~ 10
+    classes costs as much as the rest of a small MLP's step, so it is not taken twice). -log p_y
+    is within float32 rounding of log_softmax's value (6e-8 where p_y ~ 1); where p_y fell below
+    PROB_FLOOR (a loss above 23) the loss is computed exactly, logsumexp minus the true logit."""
+    losses = true_prob.log().neg_()
+    tiny = true_prob < PROB_FLOOR
+    if bool(tiny.any()):
+        exact = logits.logsumexp(dim=2) - logits.gather(2, y.unsqueeze(2)).squeeze(2)
+        losses = torch.where(tiny, exact, losses)
+    return losses
 
 
 def _column_sums(d: Tensor) -> Tensor:
@@ -178,14 +193,25 @@ class MLPStack(ModelStack):
             self.dp_noise().begin()
         x = batch.x.reshape(self.K, batch.x.shape[1], -1)
         acts = _forward(self.layers, x, self._work)
-        delta_out = _output_error(acts[-1], batch.y, batch.valid)
+        logits = acts[-1].contiguous()
+        recording = self.stats is not None and batch.index is not None
+        delta_out, true_prob = _output_error(logits, batch.y, batch.valid)
+        if recording:   # the per-example losses the step differentiates (example_stats.py)
+            losses = _example_losses(logits, batch.y, true_prob)
         if dp is None:
             # Normalisation is linear, so it can scale the output error before backprop.
             delta_out.mul_(self.inv_ebs.view(-1, 1, 1))
             deltas = _backward(self.layers, acts, delta_out, self._work)
+            if recording:
+                assert self.stats is not None and batch.index is not None
+                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses)
         else:
             deltas = _backward(self.layers, acts, delta_out, self._work)
-            scale = _clip_factors(_ghost_sq_norms(acts, deltas), dp.max_grad_norm)
+            sq_norms = _ghost_sq_norms(acts, deltas)
+            if recording:
+                assert self.stats is not None and batch.index is not None
+                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, sq_norms.sqrt(), dp.max_grad_norm)
+            scale = _clip_factors(sq_norms, dp.max_grad_norm)
             scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
             for d in deltas:
                 d.mul_(scale)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from dpmem.models.augment import augment_batch
+from dpmem.models.example_stats import ExampleStats
 from dpmem.models.runtime import PROGRESS_EVERY, resolve_device, retain_freed_memory
 from dpmem.models.spec import (
     AUGMENT_STREAM,
@@ -66,17 +67,20 @@ def initial_models(spec: TrainSpec, K: int, seed: int, stream_ids: np.ndarray | 
     return [initial_model(spec, seed, int(s)) for s in streams]
 
 
-def _poisson_batches(x: Tensor, y: Tensor, spec: TrainSpec, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """``spec.steps`` Poisson batches of (x, y) at rate ``spec.sample_rate`` (possibly empty)."""
+def _poisson_batches(x: Tensor, y: Tensor, spec: TrainSpec,
+                     generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``spec.steps`` Poisson batches (x, y, rows of x) at rate ``spec.sample_rate`` (possibly empty)."""
+    rows = torch.arange(len(x))
     if len(x) == 0:  # an empty subset: every batch is empty (DPDataLoader refuses empty datasets)
         for _ in range(spec.steps):
-            yield x, y
+            yield x, y, rows
         return
-    loader = DPDataLoader(TensorDataset(x, y), sample_rate=spec.sample_rate, generator=generator)
+    # the row numbers ride along as a third tensor: the sampler's draws depend on the dataset's length only
+    loader = DPDataLoader(TensorDataset(x, y, rows), sample_rate=spec.sample_rate, generator=generator)
     done = 0
     while done < spec.steps:
-        for xb, yb in loader:
-            yield xb, yb
+        for xb, yb, ib in loader:
+            yield xb, yb, ib
             done += 1
             if done == spec.steps:
                 return
@@ -126,13 +130,16 @@ def _zero_grads(module: nn.Module) -> None:
 def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_seed: int,
               noise_seed: int, device: torch.device = torch.device("cpu"),
               canary_members: np.ndarray | None = None, canary_seeds: tuple[int, int] = (0, 0),
-              augment_seed: int = 0,
+              augment_seed: int = 0, stats: ExampleStats | None = None, stats_row: int = 0,
+              subset: Tensor | None = None,
               progress: Callable[[int], None] | None = None) -> tuple[nn.Module, Tensor | None]:
     """Train one model on (x, y) = its own subset (real examples) for ``spec.steps`` steps.
 
     ``canary_members`` (bool [m_c]) are its gradient canaries, ``canary_seeds`` the seeds of
-    their coins and noise, ``augment_seed`` the seed of its augmentation stream. Returns the model
-    and theta_c (None without canaries)."""
+    their coins and noise, ``augment_seed`` the seed of its augmentation stream. ``stats``, if
+    given, records the per-example statistics (models/example_stats.py) in its row ``stats_row``,
+    ``subset`` mapping the rows of x to training examples. Returns the model and theta_c (None
+    without canaries)."""
     expected_batch_size = expected_batch_sizes(np.ones((1, len(x)), dtype=bool), spec.sample_rate)[0]
     batch_generator = torch.Generator().manual_seed(batch_seed)
     model.to(device).train()
@@ -167,18 +174,26 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
     with warnings.catch_warnings():
         # Opacus's backward hooks make torch note that the input needs no gradient; expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for s, (xb, yb) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
+        for s, (xb, yb, ib) in enumerate(_poisson_batches(x, y, spec, batch_generator)):
             optimizer.zero_grad(set_to_none=False)
             if len(xb):
                 xb, yb = xb.to(device), yb.to(device)
                 if augmenter is not None:
                     xb, yb = augment_batch(xb, spec.augment, copies, augmenter), yb.repeat_interleave(copies)
-                loss = nn.functional.cross_entropy(network(xb), yb, reduction="sum")
+                # the per-row losses, summed: the gradient is that of reduction="sum" (each row's weight is 1)
+                rows = nn.functional.cross_entropy(network(xb), yb, reduction="none")
+                loss = rows.sum()
                 if copies > 1:
                     loss = loss / copies   # an example's gradient: the mean over its copies
                 (loss if dp is not None else loss / expected_batch_size).backward()
                 if dp is not None and copies > 1:
                     _sum_copies(optimizer, copies)
+                if stats is not None:
+                    assert subset is not None, "recording needs the subset's example indices"
+                    losses = rows.detach().view(-1, copies).mean(dim=1) if copies > 1 else rows.detach()
+                    norms = None if dp is None else per_sample_norms(optimizer)
+                    stats.add_rows(stats_row, subset[ib].to(device), losses, norms,
+                                   None if dp is None else dp.max_grad_norm)
             elif dp is not None:
                 _empty_grad_samples(optimizer)
             optimizer.step()
@@ -199,6 +214,12 @@ def train_one(spec: TrainSpec, model: nn.Module, x: Tensor, y: Tensor, *, batch_
             canary_net.remove_hooks()
     theta = None if canaries is None else canaries.theta.weight.detach().reshape(-1).cpu()
     return model, theta
+
+
+def per_sample_norms(optimizer: DPOptimizer) -> Tensor:
+    """Each example's whole gradient norm, as ``DPOptimizer.clip_and_accumulate`` computes it."""
+    per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples]
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
 
 
 def _report(progress: Callable[[int], None] | None, done: int, total: int) -> None:
@@ -279,6 +300,10 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "c
         out[f"{name}_margin"] = np.empty((K, len(y)), dtype=np.float16)
     if spec.canaries:
         out["canary_score"] = np.empty((K, spec.canaries), dtype=np.float32)
+    stats = ExampleStats(K, len(layout.real), dp=spec.dp is not None, device=device)
+    # real example i of the request is row position[i] of layout.real (the "train" split's order)
+    position = torch.full((masks.shape[1],), -1, dtype=torch.long)
+    position[torch.from_numpy(layout.real)] = torch.arange(len(layout.real))
     rows = None
     for k in range(K):
         sid = int(streams[k])
@@ -289,11 +314,13 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str | torch.device = "c
             batch_seed=stream_seeds(req.seed, sid, count=2)[1], noise_seed=stream_seeds(req.noise_seed, sid)[0],
             device=device, canary_members=layout.members[k],
             canary_seeds=(stream_seeds(req.seed, sid, CANARY_STREAM)[0], stream_seeds(req.noise_seed, sid, CANARY_STREAM)[0]),
-            augment_seed=stream_seeds(req.seed, sid, AUGMENT_STREAM)[0], progress=report)
+            augment_seed=stream_seeds(req.seed, sid, AUGMENT_STREAM)[0], stats=stats, stats_row=k,
+            subset=position[subset], progress=report)
         if rows is None:
             rows = max(1, EVAL_BLOCK_FLOATS // widest_activation(model, spec.input_shape))
         for name, (x, y) in req.evals.items():
             out[f"{name}_correct"][k], out[f"{name}_margin"][k] = predict(model, x, y, rows=rows)
         if theta is not None:
             out["canary_score"][k] = theta.numpy()
+    out.update(stats.arrays())
     return out

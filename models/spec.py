@@ -4,7 +4,9 @@ Both engines (the batched many-model engine and the per-model Opacus reference) 
 ``TrainSpec`` and the same arrays, and return the same flat ``dict[str, np.ndarray]``
 (``"{split}_correct"`` bool [K, m], ``"{split}_margin"`` float16 [K, m] for every split of
 ``TrainRequest.evals``, plus ``"canary_score"`` float32 [K, m_c] when the spec has gradient
-canaries); the pipeline never needs to know which one ran.
+canaries, plus the per-example training statistics of models/example_stats.py: ``"train_loss_sum"``
+and ``"train_draws"``, and for DP ``"train_grad_norm_sum"`` and ``"train_clips"``, [K, n real
+examples]); the pipeline never needs to know which one ran.
 
 Semantics shared by every engine (Opacus's; models/README.md, "The semantics every engine shares"):
 - Each model k trains on its own subset ``T_k = {i : masks[k, i]}``.

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
+from dpmem.models.example_stats import ExampleStats
 from dpmem.models.graph import GraphNet, supports, wide_network
 from dpmem.models.nets import build_model
 from dpmem.models.noise import CounterNoise, GaussianNoise, counter_keys
@@ -45,11 +46,20 @@ GROUP_FLOATS = {"cpu": 1 << 20, "cuda": 1 << 28}
 WIDTH_BLOCK = 16
 
 
-def _loss(logits: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """sum over models and rows of weight * cross-entropy (weight 0 on padded rows)."""
+def _loss(logits: Tensor, y: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """sum over models and rows of weight * cross-entropy (weight 0 on padded rows), and the
+    rows' cross-entropies [K, B] (detached)."""
     K, B, C = logits.shape
     ce = F.cross_entropy(logits.reshape(K * B, C), y.reshape(K * B), reduction="none").view(K, B)
-    return (ce * weight).sum()
+    return (ce * weight).sum(), ce.detach()
+
+
+def _example_losses(ce: Tensor, copies: int) -> Tensor:
+    """Per-example losses [K, B] from the rows' [K, B * copies]: the mean over an example's copies."""
+    if copies == 1:
+        return ce
+    K, rows = ce.shape
+    return ce.view(K, rows // copies, copies).mean(dim=2)
 
 
 def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
@@ -64,19 +74,22 @@ def _row_weights(valid: Tensor, copies: int, dtype: torch.dtype) -> Tensor:
 
 
 def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, valid: Tensor,
-                 max_grad_norm: float, copies: int = 1,
-                 trainable: list[bool] | None = None) -> tuple[list[Tensor], Tensor]:
+                 max_grad_norm: float, copies: int = 1, trainable: list[bool] | None = None,
+                 loss_out: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
     """Clipped per-example gradient sums (one per parameter, [K, *shape]) and the per-example
     gradient norms [K, B] (zero on padded rows) of the summed cross-entropy.
 
     With ``copies`` m > 1, ``x`` and ``y`` hold m augmented copies per example ([K, B * m],
     example-major) and an example's gradient is the mean of its copies' gradients.
     ``trainable`` (per parameter; None: all) marks frozen parameters as Opacus treats them: they
-    add nothing to the norms and their sums are zero."""
+    add nothing to the norms and their sums are zero. ``loss_out`` ([K, B]), if given, receives
+    the per-example losses (models/example_stats.py)."""
     frozen = frozen_layers(net.param_slots, trainable)
     records: list[Record] = []
     logits = net.forward([p.detach() for p in params], x, records)
-    loss = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
+    loss, ce = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
+    if loss_out is not None:
+        loss_out.copy_(_example_losses(ce, copies))
     own = {j: frozenset(name for layer, name in net.param_slots if layer == j) for j in frozen}
     records = [r for r in records if r.layer not in frozen or frozen[r.layer] != own[r.layer]]
     if not records:   # every parameter frozen: nothing to clip or sum
@@ -104,15 +117,19 @@ def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Te
 
 
 def sgd_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Tensor, weight: Tensor,
-                  trainable: list[bool] | None = None) -> list[Tensor]:
+                  trainable: list[bool] | None = None, loss_out: Tensor | None = None,
+                  copies: int = 1) -> list[Tensor]:
     """Gradients of sum_k sum_b weight[k, b] * CE by ordinary autograd on the wide network
-    (zero for parameters that ``trainable`` marks frozen)."""
+    (zero for parameters that ``trainable`` marks frozen). ``loss_out`` ([K, B]), if given,
+    receives the per-example losses (the mean over an example's ``copies`` rows)."""
     trainable = [True] * len(params) if trainable is None else trainable
     leaves = [p.detach().requires_grad_(t) for p, t in zip(params, trainable, strict=True)]
     wanted = [leaf for leaf, t in zip(leaves, trainable) if t]
     if not wanted:
         return [torch.zeros_like(p) for p in params]
-    loss = _loss(net.forward(leaves, x), y, weight)
+    loss, ce = _loss(net.forward(leaves, x), y, weight)
+    if loss_out is not None:
+        loss_out.copy_(_example_losses(ce, copies))
     grads = iter(torch.autograd.grad(loss, wanted))
     return [next(grads) if t else torch.zeros_like(p) for p, t in zip(params, trainable)]
 
@@ -124,6 +141,7 @@ class PoissonBatch:
     valid: Tensor   # bool [K, B]: example b of model k is real (its copies are rows b * copies ...)
     copies: int = 1  # augmented copies per example (models/augment.py)
     counts: Tensor | None = None   # int64 [K] on the host: valid.sum(dim=1), known when it was sampled
+    index: Tensor | None = None    # int64 [K, B]: the training example of each row (padding: 0); None: unknown
 
 
 class ModelStack:
@@ -135,7 +153,8 @@ class ModelStack:
 
     def __init__(self, spec: TrainSpec, x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor,
                  masks: np.ndarray | Tensor, *, seed: int, noise_seed: int, stream_ids: np.ndarray | None = None,
-                 canary_members: np.ndarray | None = None, device: str | torch.device = "cpu"):
+                 canary_members: np.ndarray | None = None, device: str | torch.device = "cpu",
+                 record_stats: bool = True):
         self.spec = spec
         self.device = resolve_device(device)
         retain_freed_memory()
@@ -195,6 +214,8 @@ class ModelStack:
                 raise ValueError(f"canary_members must have shape ({self.K}, {spec.canaries}), got {members.shape}")
             self.canaries = GradientCanaries(spec, members, seed=seed, noise_seed=noise_seed, streams=self.streams,
                                              inv_ebs=self.inv_ebs, device=self.device)
+        # per-example training statistics (example_stats.py); off only to measure what they cost
+        self.stats = ExampleStats(self.K, self.n, dp=spec.dp is not None, device=self.device) if record_stats else None
 
     # -- sampling --
     def sample_batch(self) -> PoissonBatch:
@@ -217,15 +238,15 @@ class ModelStack:
         slots = torch.where(draw, draw.cumsum(dim=1) - 1, width)
         index = torch.zeros(self.K, width + 1, dtype=torch.long, device=self.device)
         index.scatter_(1, slots, torch.arange(self.n, device=self.device).expand(self.K, -1))
-        index = index[:, :width].reshape(-1)   # padded rows hold example 0
-        x = self.x_train.index_select(0, index).view(self.K, width, *self.x_train.shape[1:])
-        y = self.y_train.index_select(0, index).view(self.K, width)
+        index = index[:, :width]   # padded rows hold example 0
+        x = self.x_train.index_select(0, index.reshape(-1)).view(self.K, width, *self.x_train.shape[1:])
+        y = self.y_train.index_select(0, index.reshape(-1)).view(self.K, width)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
         if self.augmenters is None:
-            return PoissonBatch(x=x, y=y, valid=valid, counts=host_counts)
-        return self._augmented(x, y, valid, host_counts)
+            return PoissonBatch(x=x, y=y, valid=valid, counts=host_counts, index=index)
+        return self._augmented(x, y, valid, host_counts, index)
 
-    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor) -> PoissonBatch:
+    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor, index: Tensor) -> PoissonBatch:
         """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
         generator (b * m draws for b examples: never for padding, so not depending on other models)."""
         m = self.spec.augment_multiplicity
@@ -247,12 +268,13 @@ class ModelStack:
                          else None, flip.view(-1) if flips(self.spec.augment) else None)
             rows = flat.view_as(rows)
         return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m,
-                            counts=counts)
+                            counts=counts, index=index)
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
-        """Groups of models that a step computes together, as (index, x, y, valid) with ``index``
-        a slice or a tensor of model indices, each batch trimmed to the group's largest Poisson
+        """Groups of models that a step computes together, as (index, x, y, valid, rows) with ``index``
+        a slice or a tensor of model indices, ``rows`` the examples of the batch rows (None when the
+        batch does not know them), each batch trimmed to the group's largest Poisson
         batch. When a step takes several groups, models are grouped by batch size, so that little
         of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
         in index order compute 22% more rows than there are examples, in size order 2%. A
@@ -264,7 +286,8 @@ class ModelStack:
         counts = batch.valid.sum(dim=1).cpu() if batch.counts is None else batch.counts
         if size >= self.K:
             width = max(1, int(counts.max()))
-            yield slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width]
+            yield (slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width],
+                   None if batch.index is None else batch.index[:, :width])
             return
         order = torch.argsort(counts, stable=True)
         for start in range(0, self.K, size):
@@ -272,7 +295,8 @@ class ModelStack:
             width = max(1, int(counts[members].max()))
             index = members.to(self.device)
             yield (index, batch.x.index_select(0, index)[:, :width * m], batch.y.index_select(0, index)[:, :width * m],
-                   batch.valid.index_select(0, index)[:, :width])
+                   batch.valid.index_select(0, index)[:, :width],
+                   None if batch.index is None else batch.index.index_select(0, index)[:, :width])
 
     def _net(self, K: int) -> WideNet | GraphNet:
         if K not in self._nets:
@@ -290,16 +314,23 @@ class ModelStack:
         if dp is not None:
             self.dp_noise().begin()
         grads = [torch.empty_like(p) for p in self.params]
-        for index, x, y, valid in self._groups(batch):
+        for index, x, y, valid, rows in self._groups(batch):
             params = [p[index] for p in self.params]
             net = self._net(len(x))
+            recording = self.stats is not None and rows is not None
+            losses = torch.empty(valid.shape, device=self.device) if recording else None
             if dp is None:
                 weight = valid.float() * self.inv_ebs[index].unsqueeze(1)
                 if batch.copies > 1:  # an example's gradient: the mean over its copies
                     weight = weight.repeat_interleave(batch.copies, dim=1) / batch.copies
-                part = sgd_gradients(net, params, x, y, weight, self.trainable)
+                part = sgd_gradients(net, params, x, y, weight, self.trainable, losses, batch.copies)
+                norms = None
             else:
-                part, _ = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies, self.trainable)
+                part, norms = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies, self.trainable,
+                                           losses)
+            if recording:
+                assert self.stats is not None and rows is not None and losses is not None
+                self.stats.add(index, rows, valid, losses, norms, None if dp is None else dp.max_grad_norm)
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
         if dp is None:
@@ -382,6 +413,8 @@ class ModelStack:
             out[f"{name}_correct"], out[f"{name}_margin"] = self.predict(x, y)
         if self.canaries is not None:
             out["canary_score"] = self.canaries.theta.detach().cpu().numpy().astype(np.float32)
+        if self.stats is not None:
+            out.update(self.stats.arrays())
         return out
 
     def model_state(self, k: int) -> dict[str, Tensor]:

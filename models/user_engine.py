@@ -60,6 +60,18 @@ exactly as above, with no ``canaries`` argument.
 - The audit multiplies model k's scores by ``params.expected_batch_size`` (the 1/(expected batch
   size) every update carried) before its test, so the scores of all models share one scale.
 ``dpmem.canaries`` (models/canaries.py) does all of this inside a plain Opacus loop.
+
+Per-example training statistics (optional; models/example_stats.py). ``fit`` may also return,
+over the whole training set (float or int [n], zero outside ``train_indices``):
+``"train_loss_sum"`` (each example's cross-entropy summed over the steps that sampled it) and
+``"train_draws"`` (how many steps sampled it), and under DP ``"train_grad_norm_sum"`` (its
+pre-clip gradient norm summed over those steps) and ``"train_clips"`` (how many of them clipped
+it). ``ExampleStats(1, n, dp=params.private)`` adds them up: ``add_rows(0, rows, losses, norms,
+params.max_grad_norm)`` after each step's backward pass (the rows of ``x_train`` in the batch, the
+``reduction="none"`` losses, under DP the per-example norms, e.g. ``dpmem.canaries``' Opacus
+loop's ``optimizer.grad_samples``), then ``**stats.model(0)`` in the return. The keys come as a
+set (the loss and draws; with DP also the norms and clips) from every model of a run or from none:
+``dpmem proxies`` then names what is missing instead of showing a zero column.
 """
 from __future__ import annotations
 
@@ -70,6 +82,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from dpmem.models.example_stats import STAT_DTYPES, stat_arrays
 from dpmem.models.plugins import load_callable, one_line
 from dpmem.models.spec import CANARY_STREAM, TrainRequest, TrainSpec, canary_grad_norm, canary_layout
 from dpmem.privacy.errors import UsageError
@@ -163,7 +176,17 @@ def train(spec: TrainSpec, req: TrainRequest, *, device: str = "cpu",
             raise
         except BaseException as e:  # noqa: BLE001 - sys.exit() in user code included: reported, not raised
             raise UsageError(f"trainer {spec.trainer} failed on model {index}: {one_line(e)}") from None
-        checked = checked_result(result, req.evals, index=index, trainer=spec.trainer, canaries=spec.canaries)
+        checked = checked_result(result, req.evals, index=index, trainer=spec.trainer, canaries=spec.canaries,
+                                 n_train=len(layout.real), dp=spec.dp is not None)
+        stats = [key for key in stat_arrays(spec.dp is not None) if key in checked]
+        if k == 0:
+            for key in stats:
+                out[key] = np.zeros((K, len(layout.real)), dtype=STAT_DTYPES[key])
+        elif (stats and stats[0] not in out) or (not stats and "train_loss_sum" in out):
+            which = (f"model {index} but not the models before it" if stats
+                     else f"earlier models but not model {index}")
+            raise UsageError(f"trainer {spec.trainer} returned per-example statistics for {which}; return them "
+                             "from every model or from none")
         for key, value in checked.items():
             out[key][k] = value
         if progress is not None:
@@ -179,7 +202,7 @@ def read_only(array) -> np.ndarray:
 
 
 def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *, index: int,
-                   trainer: str, canaries: int = 0) -> dict[str, np.ndarray]:
+                   trainer: str, canaries: int = 0, n_train: int | None = None, dp: bool = False) -> dict[str, np.ndarray]:
     """The arrays of one ``fit`` return, or a UsageError naming the model index and the problem."""
     def fail(msg: str) -> UsageError:
         return UsageError(f"trainer {trainer} returned a bad result for model {index}: {msg}")
@@ -189,7 +212,7 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
     expected = {f"{split}_{key}" for split in evals for key in ("correct", "margin")}
     if canaries:
         expected.add("canary_score")
-    optional = {"canary_update"} if canaries else set()
+    optional = ({"canary_update"} if canaries else set()) | set(stat_arrays(dp))
     if not expected <= set(result) <= expected | optional:
         missing, extra = sorted(expected - set(result)), sorted(set(result) - expected - optional)
         raise fail(f"keys must be {sorted(expected)}" + (f"; missing {missing}" if missing else "")
@@ -234,4 +257,30 @@ def checked_result(result, evals: Mapping[str, tuple[np.ndarray, np.ndarray]], *
             raise fail(f"canary_update {value.tolist()}: SGD needs lr > 0, momentum >= 0, weight decay >= 0 and a "
                        "whole number of steps >= 1")
         out["canary_update"] = value
+    out |= _checked_stats(result, n_train, dp, fail)
+    return out
+
+
+def _checked_stats(result: Mapping, n_train: int | None, dp: bool, fail: Callable[[str], UsageError]) -> dict:
+    """The optional per-example statistics of a ``fit`` return: all of them or none (module docstring)."""
+    wanted = stat_arrays(dp)
+    given = [key for key in wanted if key in result]
+    if not given:
+        return {}
+    if len(given) < len(wanted):
+        raise fail(f"per-example statistics come together: got {given}, missing {sorted(set(wanted) - set(given))}")
+    out = {}
+    for key in wanted:
+        value = np.asarray(result[key])
+        if n_train is not None and value.shape != (n_train,):
+            raise fail(f"{key} has shape {value.shape}, expected ({n_train},)")
+        if not np.issubdtype(value.dtype, np.number) or not np.isfinite(value).all() or (value < 0).any():
+            raise fail(f"{key} must hold finite numbers >= 0")
+        if key in ("train_draws", "train_clips") and (value != np.round(value)).any():
+            raise fail(f"{key} must hold whole numbers")
+        out[key] = value.astype(STAT_DTYPES[key])
+    if (out["train_loss_sum"][out["train_draws"] == 0] != 0).any():
+        raise fail("train_loss_sum is nonzero for an example that train_draws says was never sampled")
+    if dp and (out["train_clips"] > out["train_draws"]).any():
+        raise fail("train_clips exceeds train_draws for some example")
     return out

@@ -580,7 +580,8 @@ def test_private_and_nonprivate_variants_share_init_and_batches():
 @pytest.mark.parametrize("engine", ["batched", "opacus"])
 def test_outputs_shapes_dtypes_and_margin_consistency(engine):
     out = train_models(_spec(), _request(5, n=120), engine=engine, device="cpu")
-    assert set(out) == {"train_correct", "train_margin", "test_correct", "test_margin"}
+    assert set(out) == {"train_correct", "train_margin", "test_correct", "test_margin",
+                        "train_loss_sum", "train_draws"}   # non-private: no gradient norms recorded
     for split, m in [("train", 120), ("test", 17)]:
         correct, margin = out[f"{split}_correct"], out[f"{split}_margin"]
         assert correct.shape == margin.shape == (5, m)

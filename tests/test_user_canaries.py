@@ -196,7 +196,8 @@ def test_the_canary_example_without_canaries_is_the_readme_trainer(tmp_path):
               noise_seed=4, params=TrainerParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=4,
                                                  expected_batch_size=7, lr=0.3, momentum=0.0, weight_decay=0.0))
     a, b = my_trainer.fit(**kw), opacus_canary_trainer.fit(**kw)
-    assert set(a) == set(b) == {"test_correct", "test_margin"}
+    assert set(b) == {"test_correct", "test_margin"}
+    assert set(a) == set(b) | {"train_loss_sum", "train_draws", "train_grad_norm_sum", "train_clips"}
     # the README trainer's Opacus divides by int(15 * 1/len(loader)) = 7 as well: the same model
     np.testing.assert_allclose(a["test_margin"], b["test_margin"], atol=1e-5)
 

@@ -18,6 +18,9 @@ from dpmem.privacy.errors import ConfigError
 GIB = 1 << 30
 # Bytes per (model, example) that every variant keeps: correct (bool) + margin (float16).
 BYTES_PER_OUTPUT = 3
+# Bytes per (model, training example) of the training statistics (models/example_stats.py): loss sum
+# (float32) + draws (int32), and under DP gradient-norm sum (float32) + clips (int32).
+STAT_BYTES, DP_STAT_BYTES = 8, 8
 # The analysis reads the masks and correctness as float32 for its matrix products.
 ANALYSIS_BYTES = 4
 # Per trained parameter and model in a unit: weights, gradient, noise, momentum buffer (float32).
@@ -53,6 +56,7 @@ def array_bytes(cfg: Config, n_train: int, n_test: int) -> int:
     K, variants = cfg.models, len(cfg.variants)
     masks = K * (n_train + cfg.gradient_canaries)
     outputs = variants * K * (n_train + n_test) * BYTES_PER_OUTPUT
+    outputs += K * n_train * (variants * STAT_BYTES + sum(eps is not None for _, eps in cfg.variants) * DP_STAT_BYTES)
     analysis = K * (n_train + n_test) * ANALYSIS_BYTES
     return masks + outputs + analysis
 

@@ -145,7 +145,9 @@ def opacus_ghost_step(arch, x, y):
     return step
 
 
-def engine_trainer(arch, K, batch, private):
+def engine_trainer(arch, K, batch, private, record=True):
+    """The engine's stack and one step on a fixed batch; ``record``: the per-example training
+    statistics are recorded, as in every run (models/example_stats.py)."""
     dp = DPParams(noise_multiplier=NOISE, max_grad_norm=CLIP) if private else None
     g = torch.Generator().manual_seed(0)
     n = 4 * batch
@@ -154,10 +156,11 @@ def engine_trainer(arch, K, batch, private):
     y_train = torch.randint(0, classes, (n,), generator=g)
     spec = _spec(*arch, dp)
     trainer = stack_class(spec)(spec, x_train, y_train, torch.ones(K, n, dtype=torch.bool).numpy(), seed=0,
-                                  noise_seed=1, device=DEVICE)
-    index = torch.randint(0, n, (K, batch), generator=g)
+                                  noise_seed=1, device=DEVICE, record_stats=record)
+    # distinct examples per model, as a Poisson batch has them
+    index = torch.argsort(torch.rand(K, n, generator=g), dim=1)[:, :batch]
     fixed = PoissonBatch(x=x_train[index].to(DEVICE), y=y_train[index].to(DEVICE),
-                         valid=torch.ones(K, batch, dtype=torch.bool, device=DEVICE))
+                         valid=torch.ones(K, batch, dtype=torch.bool, device=DEVICE), index=index.to(DEVICE))
     return trainer, (lambda: trainer.step_on(fixed))
 
 
@@ -277,6 +280,39 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
     return pd.DataFrame(rows), pd.DataFrame(ratios), flops
 
 
+def stats_cost(threads: int, sizes: dict[str, tuple[int, int]], reps: int, only: tuple[str, ...],
+               repeat: int) -> pd.DataFrame:
+    """What recording the per-example training statistics costs: the engine's step with and without
+    them, timed in turn (one step of each per round) in one process, ``repeat`` times; per row the
+    median step time of each and the overhead's median and range over the repeats."""
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    rows = []
+    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
+        if kind not in only:
+            continue
+        K, batch = sizes[kind]
+        arch = (arch_name, shape, hidden, classes)
+        for private in (False, True):
+            trainers = {record: engine_trainer(arch, K, batch, private, record) for record in (True, False)}
+            runs = []
+            for _ in range(repeat):
+                timed = interleaved_median_seconds({record: step for record, (_, step) in trainers.items()},
+                                                   warmup=3, reps=reps)
+                runs.append(timed)
+            for trainer, _ in trainers.values():
+                trainer.close()
+            overhead = [100 * (t[True] / t[False] - 1) for t in runs]
+            rows.append(dict(arch=name, variant="DP" if private else "non-private", models_per_step=K, batch=batch,
+                             ms_recording=statistics.median(t[True] for t in runs) * 1e3,
+                             ms_not_recording=statistics.median(t[False] for t in runs) * 1e3,
+                             overhead_pct=statistics.median(overhead), overhead_min=min(overhead),
+                             overhead_max=max(overhead), repeats=repeat, reps=reps, threads=threads))
+            print(f"{name} {rows[-1]['variant']}: recording costs {rows[-1]['overhead_pct']:+.1f}% "
+                  f"[{min(overhead):+.1f}, {max(overhead):+.1f}]", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
 def median_of_runs(runs: list[tuple[pd.DataFrame, pd.DataFrame, dict]]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Medians over repeated measurements (times, ratios, GFLOP/s); ratios also get their range."""
     if len(runs) == 1:
@@ -330,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time an architecture's methods in turn, one step each per round (a shared machine)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure everything this many times, interleaved; report medians and the ratios' range")
+    parser.add_argument("--stats-cost", action="store_true",
+                        help="time the engine's step with and without recording the per-example training statistics "
+                             "(writes stats_cost.csv and .md)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -339,6 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch),
              "resnet": (args.resnet_models, args.resnet_batch)}
     only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
+    if args.stats_cost:
+        cost = stats_cost(args.threads, sizes, args.reps, only, args.repeat)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        cost.to_csv(out / "stats_cost.csv", index=False)
+        text = ["# What recording the per-example training statistics costs", "",
+                f"`python -m dpmem.bench.tools.speed --stats-cost --threads {args.threads} --repeat {args.repeat} "
+                f"--reps {args.reps}`: torch {torch.__version__}, device {DEVICE.type}. The engine's step on a fixed "
+                "batch with and without recording (models/example_stats.py), timed in turn, one step of each per "
+                f"round, {args.reps} rounds, in one process; the whole repeated {args.repeat} times. overhead_pct: "
+                "the median over the repeats of (time recording / time not recording - 1), with its range.", "",
+                _markdown_table(cost, ".2f"), ""]
+        (out / "stats_cost.md").write_text("\n".join(text))
+        print("\n".join(text))
+        return 0
     runs = [run(args.threads, sizes, args.reps, only, args.interleave) for _ in range(args.repeat)]
     times, ratios, flops = median_of_runs(runs)
     times = with_peak(times, flops["matmul 2048x2048"])
