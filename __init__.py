@@ -18,6 +18,8 @@ The public Python API (everything else is private by convention)::
     verdict, per_example = dpmem.audit(masks, correct, epsilon=1.0, delta=1e-5, alpha=0.05)
     run.mia, run.mia_examples                               # membership inference: per attack, per example
     table = dpmem.mia(masks, margins, population=test_margins)   # LiRA / RMIA / global on your arrays
+    run.proxies                                             # memorization proxies against mem, per variant
+    table = dpmem.proxies(masks, correct, margins, loss_sum=...)   # the same on your own arrays
 
     from dpmem import canaries    # gradient canaries inside your own Opacus loop (trainer protocol)
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 __version__ = VERSION
 __all__ = ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence", "load_config",
-           "memorization", "mia", "mia_scores", "open_run", "run"]
+           "memorization", "mia", "mia_scores", "open_run", "proxies", "run"]
 
 
 def __getattr__(name: str):
@@ -137,6 +139,17 @@ class Run:
         import pandas as pd
         stored = self.path / "mia_examples.parquet"
         return pd.read_parquet(stored) if stored.is_file() else self._membership.examples
+
+    @cached_property
+    def proxies(self) -> pd.DataFrame:
+        """One row per (variant, memorization proxy): Spearman and Pearson correlation with mem and
+        precision at its top 5%, with 95% bootstrap intervals over examples (bench/estimators/proxies.py)."""
+        import pandas as pd
+        stored = self.path / "proxies.parquet"
+        if stored.is_file():
+            return pd.read_parquet(stored)
+        from dpmem.bench.report import proxies
+        return proxies.analyse_proxies(self._store).table
 
     @cached_property
     def audit(self) -> pd.DataFrame:
@@ -287,3 +300,30 @@ def mia(masks: np.ndarray, scores: np.ndarray, *, population: np.ndarray | None 
             row |= {"dp_region_flag": check.flagged, "dp_region_fpr": check.worst_fpr if check.flagged else None}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def proxies(masks: np.ndarray, correct: np.ndarray, margins: np.ndarray, *, loss_sum: np.ndarray | None = None,
+            draws: np.ndarray | None = None, grad_norm_sum: np.ndarray | None = None, clips: np.ndarray | None = None,
+            private: bool = False, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Memorization proxies on your own [K, n] arrays (K >= 4): mem from the first half of the models,
+    every proxy from the second, one row per proxy (bench/estimators/proxies.py). The training
+    statistics are optional; a proxy whose statistics are not given gets a note, not a number."""
+    import numpy as np
+
+    from dpmem.bench.estimators import memorization as mem_mod
+    from dpmem.bench.estimators import proxies as px
+    masks, correct = mem_mod.checked_pair(masks, correct, "correct", same_n=True)
+    given = {"train_loss_sum": loss_sum, "train_draws": draws, "train_grad_norm_sum": grad_norm_sum,
+             "train_clips": clips}
+    stats = {}
+    for key, value in [("margins", margins), *given.items()]:
+        if value is None:
+            continue
+        value = np.asarray(value)
+        if value.shape != masks.shape or not np.issubdtype(value.dtype, np.number) or not np.isfinite(value).all():
+            raise ValueError(f"{key} must be a finite numeric array of the masks' shape {masks.shape}, got "
+                             f"{value.dtype} {value.shape}")
+        if key != "margins":
+            stats[key] = value
+    return px.proxy_table(px.ProxyInputs(masks=masks, correct=correct, margin=np.asarray(margins), stats=stats),
+                          private=private, bootstrap=bootstrap, seed=seed)

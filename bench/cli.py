@@ -85,7 +85,7 @@ def cmd_run(args) -> int:
                   file=sys.stderr)
             return 130
         train_wall = time.perf_counter() - t0
-        result = analysis.analyse(store, membership=True)
+        result = analysis.analyse(store, membership=True, proxies=True)
         report.write_all(result, out)
         page_path = page.write_report_page(result, store, out, ds=ds)
     _print_summary(result.summary)
@@ -99,6 +99,8 @@ def cmd_run(args) -> int:
 def _print_membership_note(result) -> None:
     if result.membership_note:
         print(f"dpmem: note: {result.membership_note}", file=sys.stderr)
+    for line in [] if result.proxies is None else result.proxies.notes:
+        print(f"dpmem: note: {line}", file=sys.stderr)
 
 
 def _print_summary(summary: dict) -> None:
@@ -114,7 +116,7 @@ def cmd_report(args) -> int:
     from dpmem.bench.store.run_store import RunStore
     store = RunStore.open(args.run_dir)
     out = _output_dir(Path(args.out) if args.out else store.root, "--out")
-    result = analysis.analyse(store, membership=True)
+    result = analysis.analyse(store, membership=True, proxies=True)
     if out.resolve() == store.root.resolve():
         with store.acquire():          # the run's one writer writes its reports too
             report.write_all(result, out)
@@ -464,7 +466,34 @@ def cmd_mia(args) -> int:
     return EXIT_OK
 
 
+def cmd_proxies(args) -> int:
+    from dpmem.bench.report import figures, proxies, tables
+    from dpmem.bench.store.run_store import RunStore
+    store = RunStore.open(args.run_dir)
+    for flag, value, least in (("--single-models", args.single_models, 1), ("--bootstrap", args.bootstrap, 10)):
+        if value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
+    out = _output_dir(Path(args.out) if args.out else store.root, "--out")
+    result = proxies.analyse_proxies(store, single_models=args.single_models, bootstrap=args.bootstrap)
+    with store.acquire() if out.resolve() == store.root.resolve() else contextlib.nullcontext():
+        tables.write_proxy_tables(result, out)
+        figures.write_proxy_figures(result, out)
+    print(tables.markdown(result.table[tables.PROXIES_SHOWN]))
+    for line in result.notes:
+        print(f"dpmem: note: {line}", file=sys.stderr)
+    print(f"dpmem: memorization proxies in {result.seconds:.1f} s; proxies.csv, proxies_examples.parquet and "
+          f"figures/proxies_vs_mem.png written to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _add_studies(sub) -> None:
+    pr = sub.add_parser("proxies", help="memorization proxies (loss, gradient norm, margin, LiRA) against the "
+                                        "subset-sampling estimate, on a finished run")
+    pr.add_argument("run_dir")
+    pr.add_argument("--out", help="write outputs here instead of the run directory")
+    pr.add_argument("--single-models", type=int, default=20, help="models over which one-model proxies are summarised")
+    pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over examples")
+    pr.set_defaults(func=cmd_proxies)
     mi = sub.add_parser("mia", help="membership inference (LiRA, RMIA, global threshold) on a finished run's margins")
     mi.add_argument("run_dir")
     mi.add_argument("--out", help="write outputs here instead of the run directory")

@@ -130,7 +130,7 @@ def test_the_install_maps_every_package_under_dpmem():
                            for folder in folders for init in folder.rglob("__init__.py")}
     assert packages == on_disk
     assert dpmem.__all__ == ["Config", "ConfigError", "Run", "UsageError", "audit", "canaries", "influence",
-                             "load_config", "memorization", "mia", "mia_scores", "open_run", "run"]
+                             "load_config", "memorization", "mia", "mia_scores", "open_run", "proxies", "run"]
     from dpmem import canaries  # a module attribute, imported on first use
     assert canaries.__name__ == "dpmem.models.canaries" and dpmem.canaries is canaries
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

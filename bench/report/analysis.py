@@ -9,6 +9,7 @@ import pandas as pd
 
 from dpmem.bench.estimators import findings, memorization, subgroups
 from dpmem.bench.report import membership as membership_mod
+from dpmem.bench.report import proxies as proxies_mod
 from dpmem.bench.store.files import read_json
 from dpmem.bench.store.run_store import CANARY_MASKS_FILE, RunStore
 from dpmem.models.spec import expected_batch_sizes
@@ -43,6 +44,7 @@ class Analysis:
     margin_audits: dict[str, MarginAudit] = field(default_factory=dict)   # with margin=True: runs with margins
     membership: membership_mod.MembershipAnalysis | None = None          # LiRA, RMIA, ... (runs with margins)
     membership_note: str | None = None                                    # why membership inference was skipped
+    proxies: proxies_mod.ProxyAnalysis | None = None                      # memorization proxies (report/proxies.py)
 
 
 def audit_family(cfg, has_canaries: bool, *, parametric: bool = True, has_margins: bool = False,
@@ -82,7 +84,7 @@ def has_margins(store: RunStore) -> bool:
 
 def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: float | None = None,
             with_pairs: bool = True, parametric: bool = True, membership: bool = False,
-            margin: bool = False) -> Analysis:
+            margin: bool = False, proxies: bool = False) -> Analysis:
     """Estimators, DP-bound audit and subgroup tables for every finished variant of a run.
 
     ``claims`` audits a variant against a budget it was not trained for (variant -> epsilon).
@@ -92,6 +94,8 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
     ``membership``: also run the membership inference attacks (report/membership.py); a run
     without margins gets a note instead.
     ``margin``: also compute (and count) the margin audit (``audit_family``).
+    ``proxies``: also compare the memorization proxies with mem (report/proxies.py; runs with margins
+    and at least 4 models, else skipped).
     """
     cfg = store.config()
     alpha = cfg.alpha if alpha is None else alpha
@@ -258,10 +262,15 @@ def analyse(store: RunStore, *, claims: dict[str, float] | None = None, alpha: f
         summary["run"]["membership_trend"] = membership_mod.TREND
     if note is not None:
         summary["run"]["membership_note"] = note
+    proxy_analysis = None
+    if proxies and has_margins(store) and masks.shape[0] >= 4:
+        proxy_analysis = proxies_mod.analyse_proxies(store)
+        if proxy_analysis.notes:
+            summary["run"]["proxies_notes"] = proxy_analysis.notes
     return Analysis(memorization=mem_table, subgroups=sub, bins=bins, pairs=pairs, audits=audits,
                     summary=summary, canary_audits=canary_audits, one_run_audits=one_run_audits,
                     parametric=parametric_bounds, parametric_refusals=parametric_refusals,
-                    margin_audits=margin_audits, membership=mia, membership_note=note)
+                    margin_audits=margin_audits, membership=mia, membership_note=note, proxies=proxy_analysis)
 
 
 def _oracle(audit: CanaryAudit | None, claimed: float | None, delta: float,

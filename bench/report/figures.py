@@ -193,6 +193,50 @@ def write_membership_figures(mia, out: Path) -> list[Path]:
     return paths
 
 
+PROXY_LABELS = {"csl_mean": "cumulative sample loss", "csg_mean": "cumulative gradient norm",
+                "in_margin_mean": "minus the in-model margin", "confidence_mem": "confidence memorization",
+                "lira_separation": "LiRA separation", "mem_other_half": "mem, other half of the models"}
+
+
+def figure_proxies(proxies):
+    """Each averaged proxy (rows) against mem (x), one column per variant, as percentile ranks (the
+    proxies' scales differ), with Spearman's correlation and its interval in each panel."""
+    ex, table = proxies.examples, proxies.table
+    variants = list(dict.fromkeys(ex["variant"]))
+    shown = [p for p in PROXY_LABELS if p in ex.columns]
+    fig, axes = plt.subplots(len(shown), len(variants), figsize=(2.6 * len(variants), 2.3 * len(shown)),
+                             sharex=True, sharey=True, squeeze=False)
+    for j, name in enumerate(variants):
+        rows = ex.loc[ex["variant"] == name]
+        mem_rank = rows["mem"].rank(pct=True)
+        for i, proxy in enumerate(shown):
+            ax = axes[i][j]
+            stats = table.loc[(table["variant"] == name) & (table["proxy"] == proxy)].iloc[0]
+            if proxy in rows and rows[proxy].notna().any():
+                ax.scatter(mem_rank, rows[proxy].rank(pct=True), s=5, alpha=0.35, color="C1" if j else "C0", lw=0)
+                ax.text(0.03, 0.97, f"rho {stats['spearman']:.2f} [{stats['spearman_lo']:.2f}, {stats['spearman_hi']:.2f}]",
+                        transform=ax.transAxes, va="top", fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+            else:
+                ax.text(0.5, 0.5, "not recorded" if stats["note"] is None else str(stats["note"]).split(":")[0],
+                        transform=ax.transAxes, ha="center", va="center", fontsize=7, wrap=True)
+            if i == 0:
+                ax.set_title(name)
+            if j == 0:
+                ax.set_ylabel(PROXY_LABELS[proxy] + "\n(rank)", fontsize=7)
+            if i == len(shown) - 1:
+                ax.set_xlabel("mem (rank)")
+    fig.suptitle("Memorization proxies against the subset-sampling estimate (proxies from the second half of the "
+                 "models, mem from the first)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def write_proxy_figures(proxies, out: Path) -> list[Path]:
+    sns.set_theme(style="whitegrid", context="paper")
+    return save_figure(figure_proxies(proxies), Path(out) / "figures", "proxies_vs_mem")
+
+
 FIGURES = {"memorization_hist": figure_memorization_hist,
            "acc_loss_vs_frequency": figure_loss_vs_frequency,
            "mem_vs_bound": figure_mem_vs_bound}
@@ -205,4 +249,6 @@ def write_figures(analysis: Analysis, out: Path) -> list[Path]:
         paths += save_figure(make(analysis), Path(out) / "figures", stem)
     if analysis.membership is not None:
         paths += write_membership_figures(analysis.membership, out)
+    if analysis.proxies is not None:
+        paths += write_proxy_figures(analysis.proxies, out)
     return paths

@@ -112,6 +112,8 @@ def write_tables(analysis: Analysis, out: Path) -> None:
     atomic_write_json(out / "summary.json", analysis.summary)
     if analysis.membership is not None:
         write_membership_tables(analysis.membership, out)
+    if analysis.proxies is not None:
+        write_proxy_tables(analysis.proxies, out)
     summ = summary_frame(analysis.summary)
     bins = analysis.bins[BIN_COLUMNS]
     for stem, df, caption in (("summary", summ, "Per-variant accuracy, memorization and DP audit."),
@@ -143,6 +145,23 @@ def write_membership_tables(mia, out: Path) -> None:
                  "(95% bootstrap intervals over target models).", out, "mia")
     write_md_tex(mia.trends, "TPR at 1% FPR (lira-online) per doubling of subgroup training frequency.", out,
                  "mia_trends")
+
+
+PROXIES_SHOWN = ["variant", "proxy", "kind", "models", "spearman", "spearman_lo", "spearman_hi", "pearson", "ceiling",
+                 "precision@5%", "precision@5%_lo", "precision@5%_hi", "spread_lo", "spread_hi", "note"]
+
+
+def write_proxy_tables(proxies, out: Path) -> None:
+    """proxies.csv/.parquet (variant x proxy), proxies_examples.parquet and tables/proxies.md, .tex."""
+    out = Path(out)
+    write_frame(proxies.table, out / "proxies")
+    import io
+    buf = io.BytesIO()
+    proxies.examples.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "proxies_examples.parquet", buf.getvalue())
+    write_md_tex(proxies.table[PROXIES_SHOWN], "Memorization proxies against the subset-sampling estimate: Spearman "
+                 "and Pearson correlation and precision at the top 5% of mem (95% bootstrap intervals over "
+                 "examples; one-model proxies: median over models, spread = 10th-90th percentile).", out, "proxies")
 
 
 def write_md_tex(df: pd.DataFrame, caption: str, out: Path, stem: str) -> None:
