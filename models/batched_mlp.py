@@ -159,8 +159,9 @@ def _ghost_sq_norms(acts: list[Tensor], deltas: list[Tensor], input_sq: Tensor |
 
 
 
-def _clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
-    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
+def _clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
+    """Opacus's min(1, C / (||g|| + 1e-6)) from the per-example norms."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
 class MLPStack(ModelStack):
@@ -198,20 +199,24 @@ class MLPStack(ModelStack):
         delta_out, true_prob = _output_error(logits, batch.y, batch.valid)
         if recording:   # the per-example losses the step differentiates (example_stats.py)
             losses = _example_losses(logits, batch.y, true_prob)
+            if batch.drawn is not None:
+                assert self.stats is not None
+                self.stats.add_draws(batch.drawn)
         if dp is None:
             # Normalisation is linear, so it can scale the output error before backprop.
             delta_out.mul_(self.inv_ebs.view(-1, 1, 1))
             deltas = _backward(self.layers, acts, delta_out, self._work)
             if recording:
                 assert self.stats is not None and batch.index is not None
-                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses)
+                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, draws=batch.drawn is None)
         else:
             deltas = _backward(self.layers, acts, delta_out, self._work)
-            sq_norms = _ghost_sq_norms(acts, deltas)
+            norms = _ghost_sq_norms(acts, deltas).sqrt_()
+            scale = _clip_factors(norms, dp.max_grad_norm)
             if recording:
                 assert self.stats is not None and batch.index is not None
-                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, sq_norms.sqrt(), dp.max_grad_norm)
-            scale = _clip_factors(sq_norms, dp.max_grad_norm)
+                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, norms, clipped=scale < 1.0,
+                               draws=batch.drawn is None)
             scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
             for d in deltas:
                 d.mul_(scale)

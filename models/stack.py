@@ -142,6 +142,7 @@ class PoissonBatch:
     copies: int = 1  # augmented copies per example (models/augment.py)
     counts: Tensor | None = None   # int64 [K] on the host: valid.sum(dim=1), known when it was sampled
     index: Tensor | None = None    # int64 [K, B]: the training example of each row (padding: 0); None: unknown
+    drawn: Tensor | None = None    # bool [K, n]: the Poisson draws the batch holds (the same examples as index)
 
 
 class ModelStack:
@@ -243,10 +244,11 @@ class ModelStack:
         y = self.y_train.index_select(0, index.reshape(-1)).view(self.K, width)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
         if self.augmenters is None:
-            return PoissonBatch(x=x, y=y, valid=valid, counts=host_counts, index=index)
-        return self._augmented(x, y, valid, host_counts, index)
+            return PoissonBatch(x=x, y=y, valid=valid, counts=host_counts, index=index, drawn=draw)
+        return self._augmented(x, y, valid, host_counts, index, draw)
 
-    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor, index: Tensor) -> PoissonBatch:
+    def _augmented(self, x: Tensor, y: Tensor, valid: Tensor, counts: Tensor, index: Tensor,
+                   drawn: Tensor) -> PoissonBatch:
         """Each model's real examples as ``augment_multiplicity`` augmented copies, drawn by its own
         generator (b * m draws for b examples: never for padding, so not depending on other models)."""
         m = self.spec.augment_multiplicity
@@ -268,7 +270,7 @@ class ModelStack:
                          else None, flip.view(-1) if flips(self.spec.augment) else None)
             rows = flat.view_as(rows)
         return PoissonBatch(x=rows, y=y.repeat_interleave(m, dim=1) if m > 1 else y, valid=valid, copies=m,
-                            counts=counts, index=index)
+                            counts=counts, index=index, drawn=drawn)
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
@@ -314,10 +316,13 @@ class ModelStack:
         if dp is not None:
             self.dp_noise().begin()
         grads = [torch.empty_like(p) for p in self.params]
-        for index, x, y, valid, rows in self._groups(batch):
+        recording = self.stats is not None and batch.index is not None
+        if recording:   # the groups' per-example values, gathered for one scatter per step (example_stats.py)
+            step_losses = torch.zeros(batch.valid.shape, device=self.device)
+            step_norms = torch.zeros(batch.valid.shape, device=self.device) if dp is not None else None
+        for index, x, y, valid, _ in self._groups(batch):
             params = [p[index] for p in self.params]
             net = self._net(len(x))
-            recording = self.stats is not None and rows is not None
             losses = torch.empty(valid.shape, device=self.device) if recording else None
             if dp is None:
                 weight = valid.float() * self.inv_ebs[index].unsqueeze(1)
@@ -329,10 +334,18 @@ class ModelStack:
                 part, norms = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies, self.trainable,
                                            losses)
             if recording:
-                assert self.stats is not None and rows is not None and losses is not None
-                self.stats.add(index, rows, valid, losses, norms, None if dp is None else dp.max_grad_norm)
+                width = valid.shape[1]
+                step_losses[index, :width] = losses
+                if step_norms is not None:
+                    step_norms[index, :width] = norms
             for g, q in zip(grads, part, strict=True):
                 g[index] = q
+        if recording:
+            assert self.stats is not None and batch.index is not None
+            if batch.drawn is not None:
+                self.stats.add_draws(batch.drawn)
+            self.stats.add(slice(0, self.K), batch.index, batch.valid, step_losses, step_norms,
+                           None if dp is None else dp.max_grad_norm, draws=batch.drawn is None)
         if dp is None:
             return grads
         noise = self.dp_noise().take()

@@ -2,9 +2,9 @@
 
 - Opacus engine: bit for bit against a plain Opacus loop (same seeds, per-example losses by
   ``reduction="none"``, norms from ``grad_sample``), private and not.
-- Batched engine: draws exactly; the sums bit for bit against the same step's losses and norms
-  accumulated here (the bookkeeping), and to float32 rounding against one plain torch model per
-  stacked model (its matrix products round differently from the wide network's).
+- Batched engine: draws exactly; the loss sums bit for bit against the same step's losses
+  accumulated here in float32 in step order (the bookkeeping), and to float32 rounding against one
+  plain torch model per stacked model (its matrix products round differently from the wide network's).
 """
 import numpy as np
 import pytest
@@ -42,9 +42,9 @@ def _spec(arch, hidden, shape, dp, steps=12):
 
 def _opacus_loop(spec, x, y, masks, seed, noise_seed):
     """One model at a time: Opacus's DPDataLoader over the subset's positions, the summed loss, and
-    the statistics added up in float64 in step order."""
+    the statistics added up in float32 in step order."""
     K, n = masks.shape
-    out = {key: np.zeros((K, n)) for key in stat_arrays(spec.dp is not None)}
+    out = {key: np.zeros((K, n), np.float32) for key in stat_arrays(spec.dp is not None)}
     for k in range(K):
         subset = np.flatnonzero(masks[k])
         ebs = expected_batch_sizes(masks[k:k + 1], spec.sample_rate)[0]
@@ -70,12 +70,12 @@ def _opacus_loop(spec, x, y, masks, seed, noise_seed):
                     rows = torch.from_numpy(subset)[pos]
                     losses = F.cross_entropy(net(torch.from_numpy(x)[rows]), torch.from_numpy(y)[rows], reduction="none")
                     (losses.sum() if spec.dp is not None else losses.sum() / ebs).backward()
-                    np.add.at(out["train_loss_sum"][k], rows.numpy(), losses.detach().double().numpy())
+                    np.add.at(out["train_loss_sum"][k], rows.numpy(), losses.detach().numpy())
                     np.add.at(out["train_draws"][k], rows.numpy(), 1)
                     if spec.dp is not None:
                         grads = [p.grad_sample.reshape(len(pos), -1) for p in net.parameters()]
                         norms = torch.stack([g.norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
-                        np.add.at(out["train_grad_norm_sum"][k], rows.numpy(), norms.double().numpy())
+                        np.add.at(out["train_grad_norm_sum"][k], rows.numpy(), norms.numpy())
                         clipped = (spec.dp.max_grad_norm / (norms + 1e-6)) < 1
                         np.add.at(out["train_clips"][k], rows.numpy(), clipped.numpy().astype(int))
                 else:
@@ -114,7 +114,7 @@ def test_batched_engine_statistics_equal_the_steps_values_and_plain_models(arch,
     x, y, masks = _data(shape)
     K, n = masks.shape
     stack = stack_class(spec)(spec, x, y, masks, seed=1, noise_seed=2)
-    same = {key: np.zeros((K, n)) for key in stat_arrays(dp is not None)}    # the wide network's values
+    same = {key: np.zeros((K, n), np.float32) for key in stat_arrays(dp is not None)}   # the wide network's values
     plain = {key: np.zeros((K, n)) for key in stat_arrays(dp is not None)}   # one torch model per row
     for _ in range(spec.steps):
         states = [stack.model_state(k) for k in range(K)]
@@ -132,12 +132,12 @@ def test_batched_engine_statistics_equal_the_steps_values_and_plain_models(arch,
         for k in range(K):
             valid = batch.valid[k]
             rows = batch.index[k][valid].numpy()
-            np.add.at(same["train_loss_sum"][k], rows, ce[k][valid].double().numpy())
+            np.add.at(same["train_loss_sum"][k], rows, ce[k][valid].numpy())
             model = build_model(spec)
             model.load_state_dict(states[k])
             xb, yb = batch.x[k][valid], batch.y[k][valid]
             losses = F.cross_entropy(model(xb), yb, reduction="none")
-            np.add.at(plain["train_loss_sum"][k], rows, losses.detach().double().numpy())
+            np.add.at(plain["train_loss_sum"][k], rows, losses.detach().numpy())
             np.add.at(plain["train_draws"][k], rows, 1)
             if dp is not None:
                 for j, i in enumerate(rows):
@@ -248,3 +248,21 @@ def test_the_example_trainer_records_its_own_statistics(monkeypatch):
     assert out["train_draws"].sum() > 0 and not out["train_draws"][outside].any()
     assert (out["train_loss_sum"][out["train_draws"] > 0] > 0).all()
     assert (out["train_clips"] <= out["train_draws"]).all() and out["train_grad_norm_sum"].sum() > 0
+
+
+def test_models_computed_in_several_groups_record_what_one_group_records(monkeypatch):
+    from dpmem.models import stack as stack_mod
+    spec = _spec("cnn", (4, 8), (1, 8, 8), DP)
+    x, y, masks = _data((1, 8, 8), K=5)
+    arrays = []
+    for budget in (1 << 20, 1):          # one group of 5 models; then one model per group
+        monkeypatch.setitem(stack_mod.GROUP_FLOATS, "cpu", budget)
+        stack = stack_class(spec)(spec, x, y, masks, seed=1, noise_seed=2)
+        stack.train(spec.steps)
+        arrays.append(stack.evaluate({}))
+        stack.close()
+    # the wide convolution's width moves the losses in their last bits, never the draws or clips
+    for key in stat_arrays(True):
+        np.testing.assert_allclose(arrays[0][key], arrays[1][key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(arrays[0]["train_draws"], arrays[1]["train_draws"])
+    assert arrays[0]["train_draws"].sum() > 0

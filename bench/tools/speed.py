@@ -159,8 +159,10 @@ def engine_trainer(arch, K, batch, private, record=True):
                                   noise_seed=1, device=DEVICE, record_stats=record)
     # distinct examples per model, as a Poisson batch has them
     index = torch.argsort(torch.rand(K, n, generator=g), dim=1)[:, :batch]
+    drawn = torch.zeros(K, n, dtype=torch.bool).scatter_(1, index, True)
     fixed = PoissonBatch(x=x_train[index].to(DEVICE), y=y_train[index].to(DEVICE),
-                         valid=torch.ones(K, batch, dtype=torch.bool, device=DEVICE), index=index.to(DEVICE))
+                         valid=torch.ones(K, batch, dtype=torch.bool, device=DEVICE), index=index.to(DEVICE),
+                         drawn=drawn.to(DEVICE))
     return trainer, (lambda: trainer.step_on(fixed))
 
 
