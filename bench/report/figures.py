@@ -1,6 +1,7 @@
 """Figures from an analysed run (PNG and PDF, byte-identical for the same arrays)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -218,8 +219,8 @@ def figure_proxies(proxies):
                         transform=ax.transAxes, va="top", fontsize=7,
                         bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
             else:
-                ax.text(0.5, 0.5, "not recorded" if stats["note"] is None else str(stats["note"]).split(":")[0],
-                        transform=ax.transAxes, ha="center", va="center", fontsize=7, wrap=True)
+                ax.text(0.5, 0.5, textwrap.fill(str(stats["note"]).split(":")[0] or "not recorded", 24),
+                        transform=ax.transAxes, ha="center", va="center", fontsize=7)
             if i == 0:
                 ax.set_title(name)
             if j == 0:
