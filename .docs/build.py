@@ -46,7 +46,7 @@ PAGES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("Getting started", "start/commands.md", "Commands and the Python API", [
         ("README.md", "Commands"), ("README.md", "Python API")]),
     ("Getting started", "start/default-result.md", "The default benchmark", [
-        ("README.md", "Result: the default benchmark")]),
+        ("README.md", "Result: the default benchmark"), ("README.md", "Membership inference and memorization")]),
     ("Concepts", "concepts/estimator.md", "The estimator and its findings", [
         ("bench/README.md", "Reading the outputs")]),
     ("Concepts", "concepts/bound.md", "Accounting and the DP bound", [
@@ -78,8 +78,9 @@ PAGES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
         ("results/README.md", "The MNIST-1D CNN benchmark")]),
     ("Results", "results/engine.md", "Speed, residual nets, reliability", [
         ("results/README.md", "Speed"), ("results/README.md", "Residual nets"), ("results/README.md", "Reliability")]),
-    ("Results", "results/audits.md", "Audits and membership inference", [
-        ("results/README.md", "Audits"), ("results/README.md", "Membership inference on the default run")]),
+    ("Results", "results/audits.md", "Audits, membership inference and proxies", [
+        ("results/README.md", "Audits"), ("results/README.md", "Membership inference on the default run"),
+        ("results/README.md", "Memorization proxies")]),
     ("Results", "results/provenance.md", "What moved, and regenerating", [
         ("results/README.md", "What moved with the PRV default"), ("results/README.md", "Regenerating")]),
     ("Reference", "reference/config.md", "Config keys", [("bench/README.md", "Config keys")]),
