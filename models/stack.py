@@ -334,9 +334,10 @@ class ModelStack:
                 part, norms = dp_gradients(net, params, x, y, valid, dp.max_grad_norm, batch.copies, self.trainable,
                                            losses)
             if recording:
+                assert losses is not None
                 width = valid.shape[1]
                 step_losses[index, :width] = losses
-                if step_norms is not None:
+                if step_norms is not None and norms is not None:
                     step_norms[index, :width] = norms
             for g, q in zip(grads, part, strict=True):
                 g[index] = q

@@ -48,3 +48,21 @@ def test_each_row_gets_its_rate_and_its_share_of_the_matmul_peak():
     times, _, _ = _run(10.0, 1.2, 90.0)
     row = with_peak(times, 80.0).iloc[0]
     assert row["gflops"] == pytest.approx(0.4 / 0.010) and row["pct_of_peak"] == pytest.approx(100 * 40 / 80)
+
+
+def test_stats_cost_times_each_engine_step_with_and_without_the_statistics(monkeypatch):
+    from dpmem.bench.tools import speed
+    made = []
+    real = speed.engine_trainer
+
+    def spy(arch, K, batch, private, record=True):
+        trainer, step = real(arch, K, batch, private, record)
+        made.append((arch[0], private, record, trainer.stats is not None))
+        return trainer, step
+    monkeypatch.setattr(speed, "engine_trainer", spy)
+    table = speed.stats_cost(1, {"mlp": (2, 8)}, reps=2, only=("mlp",), repeat=2)
+    assert list(table["variant"]) == ["non-private", "DP"] * 2 and (table["repeats"] == 2).all()
+    assert (table[["ms_recording", "ms_not_recording"]] > 0).all().all()
+    assert table["overhead_min"].le(table["overhead_pct"]).all() and table["overhead_pct"].le(table["overhead_max"]).all()
+    # each pair: one stack recording, one not, and only the recording one holds the statistics
+    assert all(record == has_stats for _, _, record, has_stats in made) and len(made) == 8

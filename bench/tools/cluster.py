@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown-only", action="store_true", help="rewrite OUT/cluster.md from OUT/cluster.json")
     args = p.parse_args(argv)
     if args.markdown_only:
-        report = json.loads((Path(args.out) / "cluster.json").read_text())
-        return _write_markdown(report, Path(args.out), report.get("command", ""))
+        stored = json.loads((Path(args.out) / "cluster.json").read_text())
+        return _write_markdown(stored, Path(args.out), stored.get("command", ""))
     config = ([args.config] if args.config else []) + ["threads=1", *args.set]
     # Ray's token authentication, as on a real cluster: every node and the driver share one secret
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",

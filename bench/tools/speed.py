@@ -296,18 +296,18 @@ def stats_cost(threads: int, sizes: dict[str, tuple[int, int]], reps: int, only:
         K, batch = sizes[kind]
         arch = (arch_name, shape, hidden, classes)
         for private in (False, True):
-            trainers = {record: engine_trainer(arch, K, batch, private, record) for record in (True, False)}
+            trainers = {label: engine_trainer(arch, K, batch, private, label == "on") for label in ("on", "off")}
             runs = []
             for _ in range(repeat):
-                timed = interleaved_median_seconds({record: step for record, (_, step) in trainers.items()},
+                timed = interleaved_median_seconds({label: step for label, (_, step) in trainers.items()},
                                                    warmup=3, reps=reps)
                 runs.append(timed)
             for trainer, _ in trainers.values():
                 trainer.close()
-            overhead = [100 * (t[True] / t[False] - 1) for t in runs]
+            overhead = [100 * (t["on"] / t["off"] - 1) for t in runs]
             rows.append(dict(arch=name, variant="DP" if private else "non-private", models_per_step=K, batch=batch,
-                             ms_recording=statistics.median(t[True] for t in runs) * 1e3,
-                             ms_not_recording=statistics.median(t[False] for t in runs) * 1e3,
+                             ms_recording=statistics.median(t["on"] for t in runs) * 1e3,
+                             ms_not_recording=statistics.median(t["off"] for t in runs) * 1e3,
                              overhead_pct=statistics.median(overhead), overhead_min=min(overhead),
                              overhead_max=max(overhead), repeats=repeat, reps=reps, threads=threads))
             print(f"{name} {rows[-1]['variant']}: recording costs {rows[-1]['overhead_pct']:+.1f}% "
