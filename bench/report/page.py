@@ -44,6 +44,8 @@ FIGURE_CAPTIONS = {
                                 "memorization estimate.",
     "mia_tpr_vs_frequency": "TPR at 1% FPR (lira-online) by subgroup training frequency, 95% intervals over target "
                             "models and the bin's examples, with the slope per doubling.",
+    "proxies_vs_mem": "Each memorization proxy (from the second half of the models) against mem (from the first), "
+                      "as ranks, one column per variant, with Spearman's correlation and its 95% interval.",
 }
 GALLERY_TITLES = {"memorized": "Most memorized training examples", "pairs": "High-influence pairs",
                   "hardest_dp": "Hardest test examples for DP"}
@@ -153,6 +155,9 @@ def render(analysis, store, out: Path, galleries: gallery_mod.Galleries) -> str:
         "table": _table(mia.table[tables.MIA_SHOWN]), "trends": _table(mia.trends),
         "bins": _table(mia.bins), "seconds": mia.seconds,
         "flagged": sorted({v for (v, _), c in mia.regions.items() if c.flagged})}
+    proxy_analysis = getattr(analysis, "proxies", None)
+    proxies = None if proxy_analysis is None else {
+        "table": _table(proxy_analysis.table[tables.PROXIES_SHOWN]), "notes": proxy_analysis.notes}
     provenance = {
         "engines": {n: v.get("engine") for n, v in variants.items()},
         "accountants": {n: v.get("accountant") for n, v in variants.items()},
@@ -172,7 +177,7 @@ def render(analysis, store, out: Path, galleries: gallery_mod.Galleries) -> str:
         warnings=tables.fdr_warnings(summary), findings=_table(findings), trends=_table(trends), bins=_table(bins),
         intervals=run.get("intervals"), trend_method=run.get("trend"), figures=figures,
         galleries=_gallery_entries(galleries), gallery_note=galleries.note, provenance=provenance, fmt=fmt,
-        membership=membership, membership_note=run.get("membership_note"))
+        membership=membership, membership_note=run.get("membership_note"), proxies=proxies)
 
 
 def write_report_page(analysis, store, out: Path, *, ds=None) -> Path:
