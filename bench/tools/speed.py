@@ -315,6 +315,34 @@ def stats_cost(threads: int, sizes: dict[str, tuple[int, int]], reps: int, only:
     return pd.DataFrame(rows)
 
 
+def profile_steps(threads: int, sizes: dict[str, tuple[int, int]], reps: int, only: tuple[str, ...]) -> pd.DataFrame:
+    """Where the engine's steps spend their time: torch's profiler over ``reps`` steps of each
+    architecture's non-private and DP step, self CPU time per operator (ms per step, share of the step)."""
+    from torch.profiler import profile
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    rows = []
+    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
+        if kind not in only:
+            continue
+        K, batch = sizes[kind]
+        for private in (False, True):
+            trainer, step = engine_trainer((arch_name, shape, hidden, classes), K, batch, private)
+            for _ in range(3):
+                step()
+            with profile() as prof:
+                for _ in range(reps):
+                    step()
+            trainer.close()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+                rows.append(dict(arch=name, variant="DP" if private else "non-private", op=e.key,
+                                 ms_per_step=e.self_cpu_time_total / reps / 1e3,
+                                 share_pct=100 * e.self_cpu_time_total / total, calls_per_step=e.count / reps))
+    return pd.DataFrame(rows)
+
+
 def median_of_runs(runs: list[tuple[pd.DataFrame, pd.DataFrame, dict]]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Medians over repeated measurements (times, ratios, GFLOP/s); ratios also get their range."""
     if len(runs) == 1:
@@ -368,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time an architecture's methods in turn, one step each per round (a shared machine)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure everything this many times, interleaved; report medians and the ratios' range")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the engine's steps by operator (writes profile.md)")
     parser.add_argument("--stats-cost", action="store_true",
                         help="time the engine's step with and without recording the per-example training statistics "
                              "(writes stats_cost.csv and .md)")
@@ -380,6 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"mlp": (args.models, args.batch), "cnn": (args.cnn_models, args.cnn_batch),
              "resnet": (args.resnet_models, args.resnet_batch)}
     only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
+    if args.profile:
+        table = profile_steps(args.threads, sizes, args.reps, only)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = ["# Where the engine's steps spend their time", "",
+                f"`python -m dpmem.bench.tools.speed --profile --threads {args.threads} --reps {args.reps}"
+                + (f" --only {args.only}" if args.only else "") + f"`: torch {torch.__version__}, device "
+                f"{DEVICE.type}; torch's profiler over {args.reps} steps on a fixed batch, the 12 operators with the "
+                "most self CPU time per architecture and variant (share_pct: of all operators' self time).", "",
+                _markdown_table(table, ".3f"), ""]
+        (out / "profile.md").write_text("\n".join(text))
+        print("\n".join(text))
+        return 0
     if args.stats_cost:
         cost = stats_cost(args.threads, sizes, args.reps, only, args.repeat)
         out = Path(args.out)
