@@ -83,10 +83,10 @@ class ExampleStats:
         the batch rows (the sampling already makes several passes over [K, n] per step)."""
         self.draws.add_(drawn)
 
-    def add(self, models: slice | Tensor, index: Tensor, valid: Tensor, loss: Tensor,
+    def add(self, models: slice, index: Tensor, valid: Tensor, loss: Tensor,
             norms: Tensor | None = None, max_grad_norm: float | None = None, *, clipped: Tensor | None = None,
             draws: bool = True) -> None:
-        """One step of the models ``models`` (a slice or model indices, k of them): ``index`` int64
+        """One step of the models ``models`` (a slice of the K, k of them): ``index`` int64
         [k, B] the examples in each batch row, ``valid`` bool [k, B] (padding rows False), ``loss``
         [k, B] per-example losses; under DP ``norms`` [k, B] pre-clip gradient norms and the clip norm.
         ``clipped`` (bool [k, B]), if the step has it, replaces the clip test on ``norms``;
@@ -106,7 +106,7 @@ class ExampleStats:
                     clipped = clipped_by(norms, max_grad_norm)
                 values["train_grad_norm_sum"] = torch.where(valid, norms.detach().float(), zero)
                 values["train_clips"] = (clipped & valid).to(torch.int32)
-            if isinstance(models, slice) and models.indices(self.K) == (0, self.K, 1):
+            if models.indices(self.K) == (0, self.K, 1):
                 if self._pending and set(self._pending[-1][1]) != set(values):
                     self._flush()
                 self._pending.append((index, values))
@@ -115,13 +115,8 @@ class ExampleStats:
                 return
             self._flush()
             sums = self._sums()
-            if isinstance(models, slice):
-                for key, value in values.items():
-                    sums[key][models].scatter_add_(1, index, value)
-                return
-            rows = torch.arange(self.K, device=index.device)[models].view(-1, 1).expand_as(index)
-            for key, value in values.items():
-                sums[key].index_put_((rows, index), value, accumulate=True)
+            for key, value in values.items():   # the rows of a slice are a view: one scatter each
+                sums[key][models].scatter_add_(1, index, value)
 
     def _flush(self) -> None:
         """The pending steps, one scatter per sum: columns in step order."""

@@ -274,9 +274,8 @@ class ModelStack:
 
     # -- one step --
     def _groups(self, batch: PoissonBatch):
-        """Groups of models that a step computes together, as (index, x, y, valid, rows) with ``index``
-        a slice or a tensor of model indices, ``rows`` the examples of the batch rows (None when the
-        batch does not know them), each batch trimmed to the group's largest Poisson
+        """Groups of models that a step computes together, as (index, x, y, valid) with ``index``
+        a slice or a tensor of model indices, each batch trimmed to the group's largest Poisson
         batch. When a step takes several groups, models are grouped by batch size, so that little
         of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
         in index order compute 22% more rows than there are examples, in size order 2%. A
@@ -288,8 +287,7 @@ class ModelStack:
         counts = batch.valid.sum(dim=1).cpu() if batch.counts is None else batch.counts
         if size >= self.K:
             width = max(1, int(counts.max()))
-            yield (slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width],
-                   None if batch.index is None else batch.index[:, :width])
+            yield slice(0, self.K), batch.x[:, :width * m], batch.y[:, :width * m], batch.valid[:, :width]
             return
         order = torch.argsort(counts, stable=True)
         for start in range(0, self.K, size):
@@ -297,8 +295,7 @@ class ModelStack:
             width = max(1, int(counts[members].max()))
             index = members.to(self.device)
             yield (index, batch.x.index_select(0, index)[:, :width * m], batch.y.index_select(0, index)[:, :width * m],
-                   batch.valid.index_select(0, index)[:, :width],
-                   None if batch.index is None else batch.index.index_select(0, index)[:, :width])
+                   batch.valid.index_select(0, index)[:, :width])
 
     def _net(self, K: int) -> WideNet | GraphNet:
         if K not in self._nets:
@@ -320,7 +317,7 @@ class ModelStack:
         if recording:   # the groups' per-example values, gathered for one scatter per step (example_stats.py)
             step_losses = torch.zeros(batch.valid.shape, device=self.device)
             step_norms = torch.zeros(batch.valid.shape, device=self.device) if dp is not None else None
-        for index, x, y, valid, _ in self._groups(batch):
+        for index, x, y, valid in self._groups(batch):
             params = [p[index] for p in self.params]
             net = self._net(len(x))
             losses = torch.empty(valid.shape, device=self.device) if recording else None

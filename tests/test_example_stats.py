@@ -189,15 +189,35 @@ def test_recording_never_changes_the_trained_models():
 
 def test_padding_rows_add_nothing_and_each_model_keeps_its_own_row():
     stats = ExampleStats(3, 4, dp=True)
-    index = torch.tensor([[2, 0, 0], [1, 3, 0]])         # model 2: examples 2 and 0 then padding; model 0: 1, 3
+    index = torch.tensor([[2, 0, 0], [1, 3, 0]])         # model 1: examples 2 and 0 then padding; model 2: 1, 3
     valid = torch.tensor([[True, True, False], [True, True, False]])
-    stats.add(torch.tensor([2, 0]), index, valid, torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 99.0]]),
+    stats.add(slice(1, 3), index, valid, torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 99.0]]),
               torch.tensor([[0.1, 0.9, 99.0], [0.6, 0.2, 99.0]]), 0.5)
     got = stats.arrays()
-    np.testing.assert_array_equal(got["train_loss_sum"], [[0, 3, 0, 4], [0, 0, 0, 0], [2, 0, 1, 0]])
-    np.testing.assert_array_equal(got["train_draws"], [[0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
-    np.testing.assert_array_equal(got["train_clips"], [[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
-    np.testing.assert_allclose(got["train_grad_norm_sum"], [[0, 0.6, 0, 0.2], [0, 0, 0, 0], [0.9, 0, 0.1, 0]])
+    np.testing.assert_array_equal(got["train_loss_sum"], [[0, 0, 0, 0], [2, 0, 1, 0], [0, 3, 0, 4]])
+    np.testing.assert_array_equal(got["train_draws"], [[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]])
+    np.testing.assert_array_equal(got["train_clips"], [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]])
+    np.testing.assert_allclose(got["train_grad_norm_sum"], [[0, 0, 0, 0], [0.9, 0, 0.1, 0], [0, 0.6, 0, 0.2]])
+
+
+def test_steps_held_back_for_one_scatter_add_in_step_order(monkeypatch):
+    """All K models' steps wait and go in together (PENDING_STEPS); the sums are those of a scatter per step."""
+    from dpmem.models import example_stats
+    rng = torch.Generator().manual_seed(0)
+    steps = [(torch.argsort(torch.rand(2, 6, generator=rng), dim=1)[:, :3], torch.rand(2, 3, generator=rng))
+             for _ in range(5)]
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    sums = []
+    for pending in (1, 4):
+        monkeypatch.setitem(example_stats.PENDING_STEPS, "cpu", pending)
+        stats = ExampleStats(2, 6, dp=False)
+        for index, loss in steps:
+            stats.add(slice(0, 2), index, valid, loss)
+        assert len(stats._pending) == (0 if pending == 1 else 1)    # 5 steps: one flush of 4, one left
+        sums.append(stats.arrays())
+    for key in stat_arrays(False):
+        np.testing.assert_array_equal(sums[0][key], sums[1][key])
+    assert sums[0]["train_draws"].sum() == 2 * 3 * 5
 
 
 def _fit_returning(extra):

@@ -2,18 +2,16 @@
 and the margin audit (privacy/margin_audit.py): agreement with the published formulas written as
 plain loops, planted memberships with a known ROC, a Gaussian mechanism against the DP region,
 block-size invariance, and the command line's answers to runs it cannot attack."""
-import contextlib
-import io
 import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_cli
 from scipy import optimize, stats
 
 import dpmem
-from dpmem.bench import cli
 from dpmem.bench.estimators import membership as mb
 from dpmem.privacy.audit import audit_variant
 from dpmem.privacy.canary_audit import gdp_delta
@@ -269,12 +267,6 @@ def test_bad_arrays_are_refused_naming_the_argument():
         dpmem.mia_scores(masks, scores, "lira")
 
 
-def _run(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
 
 def test_a_run_writes_the_membership_outputs(tiny_digits_run):
     run_dir, _ = tiny_digits_run
@@ -304,18 +296,18 @@ def test_mia_on_a_run_without_margins_exits_2_and_report_notes_it(tiny_digits_ru
         record["sha256"].pop(key)
         (old / "variants" / "dp-eps4" / f"{key}.npy").unlink()
     record_path.write_text(json.dumps(record))
-    code, _, err = _run(["mia", str(old)])
+    code, _, err = run_cli(["mia", str(old)])
     assert code == 2 and err.count("\n") == 1 and "train_margin.npy" in err and "'dp-eps4'" in err
-    code, _, err = _run(["report", str(old)])
+    code, _, err = run_cli(["report", str(old)])
     assert code == 0 and "note: membership inference skipped" in err and "train_margin.npy" in err
 
 
 def test_too_few_models_exit_2_in_mia_and_a_note_in_run(tmp_path):
     """Four models cannot give every target 2 in- and 2 out-references: `dpmem run` finishes with a
     note, `dpmem mia` says what is missing in one line and exits 2."""
-    code, _, err = _run(["run", "--out", str(tmp_path / "four"), "--quiet", "dataset=digits", "models=4",
+    code, _, err = run_cli(["run", "--out", str(tmp_path / "four"), "--quiet", "dataset=digits", "models=4",
                          "unit_size=4", "epochs=1", "epsilons=4", "hidden=8", "threads=1"])
     assert code == 0 and "note: membership inference skipped" in err and "needs more models" in err
     assert not (tmp_path / "four" / "mia.csv").exists()
-    code, _, err = _run(["mia", str(tmp_path / "four")])
+    code, _, err = run_cli(["mia", str(tmp_path / "four")])
     assert code == 2 and err.count("\n") == 1 and "3 in- and 3 out-models (4 models)" in err

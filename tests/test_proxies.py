@@ -1,15 +1,13 @@
 """Memorization proxies (bench/estimators/proxies.py, report/proxies.py, `dpmem proxies`)."""
-import contextlib
-import io
 import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_cli
 
 import dpmem
-from dpmem.bench import cli
 from dpmem.bench.estimators import proxies as px
 
 
@@ -85,12 +83,6 @@ def test_the_python_api_checks_its_arrays():
         dpmem.proxies(masks[:3], correct[:3], margin[:3])
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
 
 def test_a_run_records_the_statistics_and_writes_the_proxy_table(tiny_digits_run):
     run_dir, err = tiny_digits_run
@@ -120,10 +112,10 @@ def test_proxies_on_a_run_without_statistics_names_them(tiny_digits_run, tmp_pat
         record["sha256"].pop(key)
         (old / "variants" / "dp-eps4" / f"{key}.npy").unlink()
     record_path.write_text(json.dumps(record))
-    code, out, err = _run(["proxies", str(old), "--bootstrap", "50"])
+    code, out, err = run_cli(["proxies", str(old), "--bootstrap", "50"])
     assert code == 0 and "note: variant dp-eps4: train_loss_sum, train_draws, train_grad_norm_sum, train_clips not " \
                           "recorded" in err
     table = pd.read_parquet(old / "proxies.parquet").set_index(["variant", "proxy"])
     assert np.isnan(table.loc[("dp-eps4", "csl"), "spearman"]) and np.isfinite(table.loc[("nonprivate", "csl"), "spearman"])
-    code, _, err = _run(["proxies", str(old), "--bootstrap", "3"])
+    code, _, err = run_cli(["proxies", str(old), "--bootstrap", "3"])
     assert code == 2 and err.count("\n") == 1 and "--bootstrap must be >= 10" in err

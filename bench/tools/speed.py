@@ -282,19 +282,23 @@ def run(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
     return pd.DataFrame(rows), pd.DataFrame(ratios), flops
 
 
+def _engine_archs(threads: int, sizes: dict[str, tuple[int, int]], only: tuple[str, ...]):
+    """(row name, (arch, shape, hidden, classes), K, batch) of every architecture of ``only``, with the
+    threads and malloc set as the trainers set them."""
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
+        if kind in only:
+            yield name, (arch_name, shape, hidden, classes), *sizes[kind]
+
+
 def stats_cost(threads: int, sizes: dict[str, tuple[int, int]], reps: int, only: tuple[str, ...],
                repeat: int) -> pd.DataFrame:
     """What recording the per-example training statistics costs: the engine's step with and without
     them, timed in turn (one step of each per round) in one process, ``repeat`` times; per row the
     median step time of each and the overhead's median and range over the repeats."""
-    torch.set_num_threads(threads)
-    retain_freed_memory()
     rows = []
-    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
-        if kind not in only:
-            continue
-        K, batch = sizes[kind]
-        arch = (arch_name, shape, hidden, classes)
+    for name, arch, K, batch in _engine_archs(threads, sizes, only):
         for private in (False, True):
             trainers = {label: engine_trainer(arch, K, batch, private, label == "on") for label in ("on", "off")}
             runs = []
@@ -319,15 +323,10 @@ def profile_steps(threads: int, sizes: dict[str, tuple[int, int]], reps: int, on
     """Where the engine's steps spend their time: torch's profiler over ``reps`` steps of each
     architecture's non-private and DP step, self CPU time per operator (ms per step, share of the step)."""
     from torch.profiler import profile
-    torch.set_num_threads(threads)
-    retain_freed_memory()
     rows = []
-    for name, (arch_name, shape, hidden, classes, kind) in ARCHS.items():
-        if kind not in only:
-            continue
-        K, batch = sizes[kind]
+    for name, arch, K, batch in _engine_archs(threads, sizes, only):
         for private in (False, True):
-            trainer, step = engine_trainer((arch_name, shape, hidden, classes), K, batch, private)
+            trainer, step = engine_trainer(arch, K, batch, private)
             for _ in range(3):
                 step()
             with profile() as prof:
