@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus_reference import assert_two_steps_equal_opacus, opacus_clipped, stacked
@@ -50,6 +51,13 @@ def _modules() -> dict[str, tuple[callable, tuple[int, ...]]]:
         "conv1d_dilated": (lambda: nn.Sequential(
             nn.Conv1d(2, 4, 3, padding=2, dilation=2, bias=False), nn.ReLU(),
             nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=3), nn.Flatten(), nn.Linear(42, 5)), (2, 17)),
+        # one input channel per group: the lowered convolutions (wide.lowered), with stride, dilation, groups
+        "lowered_depthwise": (lambda: nn.Sequential(
+            nn.Conv2d(2, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2), nn.ReLU(),
+            nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.Flatten(), nn.Linear(6 * 5 * 10, 5)), (2, 9, 9)),
+        "lowered_conv1d": (lambda: nn.Sequential(
+            nn.Conv1d(1, 4, 3, stride=2, padding=3, dilation=3), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool1d(3),
+            nn.Flatten(), nn.Linear(4 * 3, 5)), (1, 19)),
         "cnn": (lambda: build_model(TrainSpec(arch="cnn", input_shape=(1, 28, 28), n_classes=5, hidden=(16, 32),
                                               steps=1, sample_rate=0.1, lr=0.1)), (1, 28, 28)),
         "cnn1d": (lambda: build_model(TrainSpec(arch="cnn1d", input_shape=(1, 40), n_classes=5, hidden=(16, 32),
@@ -104,10 +112,46 @@ def test_norms_and_clipped_sums_equal_opacus(name, rule, device, monkeypatch, ex
 
 
 @pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(1, 4, 3, padding=1), (3, 1, 7, 8)),
+    (nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=3, bias=False), (2, 3, 9, 7)),
+    (nn.Conv1d(1, 5, 5, padding=2), (4, 1, 12)),
+    (nn.Conv1d(2, 4, 3, stride=2, padding=3, dilation=3, groups=2), (2, 2, 17)),
+])
+@pytest.mark.parametrize("K", [1, 3])
+def test_lowered_convolutions_equal_the_grouped_convolution(layer, shape, K):
+    """A convolution with one input channel per group runs lowered on the CPU (unfolded input times
+    the weights): its output and input gradient equal the K models' grouped convolution, and the
+    unfolded input it leaves for the DP step is F.unfold's."""
+    assert wide.lowered(layer, torch.device("cpu")) and not wide.lowered(nn.Conv2d(2, 4, 3), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    B = shape[0]
+    x = torch.randn(B, K * shape[1], *shape[2:], generator=g)
+    p = {"weight": torch.randn(K, *layer.weight.shape, generator=g)}
+    if layer.bias is not None:
+        p["bias"] = torch.randn(K, *layer.bias.shape, generator=g)
+    mine, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    saved, out = wide.parametrised_layer(layer, p, mine, False, K, True)
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    expected = conv(ref, p["weight"].reshape(-1, *layer.weight.shape[1:]),
+                    None if layer.bias is None else p["bias"].reshape(-1), layer.stride, layer.padding, layer.dilation,
+                    K * layer.groups)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    image = x.unsqueeze(2) if isinstance(layer, nn.Conv1d) else x
+    kernel = (1, *layer.kernel_size) if isinstance(layer, nn.Conv1d) else layer.kernel_size
+    unfold = F.unfold(image, kernel, dilation=(1, *layer.dilation)[-2:], padding=(0, *layer.padding)[-2:],
+                      stride=(1, *layer.stride)[-2:])
+    assert torch.equal(saved.reshape(unfold.shape), unfold)
+    weights = torch.randn(expected.shape, generator=g)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, shape", [
     (nn.AdaptiveAvgPool1d(3), (2, 3, 10)), (nn.AdaptiveAvgPool1d(4), (2, 3, 3)),
     (nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 8)), (nn.AdaptiveAvgPool2d(5), (1, 2, 4, 9)),
     (nn.AdaptiveAvgPool2d((None, 2)), (1, 2, 3, 7)),
-    (nn.MaxPool1d(2), (2, 3, 9)), (nn.MaxPool1d(3), (2, 3, 12)),
+    (nn.MaxPool1d(2), (2, 3, 9)), (nn.MaxPool1d(3), (2, 3, 12)), (nn.MaxPool1d(2), (3, 4, 16)),
     (nn.MaxPool2d(2), (2, 3, 8, 9)), (nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), (2, 3, 9, 7)),
     (nn.MaxPool2d((2, 3), dilation=(1, 2)), (1, 4, 8, 12)),
 ])

@@ -2,7 +2,8 @@
 norm <u u^T, g g^T> over output positions, whichever costs fewer multiply-adds (``_direct_is_cheaper``;
 T output positions, d = C_in/groups * kernel size, p = C_out/groups). Ghost norms take the padded
 input's own Gram matrix, never the unfolded input; their clipped sum is a grouped-convolution weight
-gradient of the clip-scaled output gradient."""
+gradient of the clip-scaled output gradient. A lowered convolution (``wide.lowered``) leaves its
+unfolded input, and its per-example gradients are one batched matmul with it."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from dpmem.models.samplers.registry import register, sq_sum
+from dpmem.models.wide import lowered
 
 
 @register(nn.Conv1d, nn.Conv2d)
@@ -41,9 +43,12 @@ class ConvSampler:
         self.d = layer.in_channels // G * math.prod(layer.kernel_size)
         self.T = math.prod(grad.shape[2:])
         self.gk = grad.reshape(B, K, G, self.p, self.T)
+        # saved: [B, K * G, d, T], the unfolded input, which only per-example gradients use
+        self.unfolded = lowered(layer, saved.device)
         # augmentation copies (rows = copies x examples) take per-example gradients, summed over
         # each example's copies (a ghost norm would need the Gram matrices across copies)
-        self.direct = copies > 1 or self.rule == "per_example" or self.rule == "mixed" and self._direct_is_cheaper()
+        self.direct = (self.unfolded or copies > 1 or self.rule == "per_example"
+                       or self.rule == "mixed" and self._direct_is_cheaper())
         self.per_example: Tensor | None = None
         self.bias_grads: Tensor | None = None
         if self.bias:
@@ -117,10 +122,14 @@ class ConvSampler:
             # one convolution whose groups are the B * K * G (example, model, group) triples, which
             # the convolution kernels compute 2.5-4x faster than unfold + batched matmul.
             layer = self.layer
-            self.per_example = self._weight_grad(
-                self.a.reshape(1, -1, *self.a.shape[2:]),
-                (B * K * layer.out_channels, layer.in_channels // G, *layer.kernel_size),
-                self.g.reshape(1, -1, *self.g.shape[2:]), B * K * G).view(B, K, G, self.p, self.d)
+            if self.unfolded:
+                self.per_example = torch.matmul(self.gk.view(B, K * G, self.p, self.T),
+                                                self.a.transpose(2, 3)).view(B, K, G, self.p, self.d)
+            else:
+                self.per_example = self._weight_grad(
+                    self.a.reshape(1, -1, *self.a.shape[2:]),
+                    (B * K * layer.out_channels, layer.in_channels // G, *layer.kernel_size),
+                    self.g.reshape(1, -1, *self.g.shape[2:]), B * K * G).view(B, K, G, self.p, self.d)
             if self.copies > 1:
                 B //= self.copies
                 self.per_example = self.per_example.view(B, self.copies, K, G, self.p, self.d).sum(dim=1)
