@@ -36,12 +36,14 @@ from torch import Tensor, nn
 from dpmem.models.wide import (
     CHANNELWISE,
     ELEMENTWISE,
+    Footprint,
     Record,
     WideNet,
     _layer_problem,
     _out_of_place,
     channels_to_vectors,
     channelwise_layer,
+    kept_floats,
     parametrised_layer,
 )
 from dpmem.models.wide import supports as sequence_supports
@@ -330,16 +332,17 @@ class GraphNet:
             return Wide(out, CHANNELS)
         return Wide(channels_to_vectors(out, self.K), VECTORS)
 
-    def trace(self, input_shape: tuple[int, ...]) -> int:
-        """Largest number of floats per example and model held by one value (see WideNet.trace)."""
+    def trace(self, input_shape: tuple[int, ...]) -> Footprint:
+        """One example through K=1 copies with dummy parameters: its ``Footprint`` (see WideNet.trace)."""
         if self.K != 1:
             raise ValueError("trace runs a single copy")
         params = [p.detach().unsqueeze(0) for layer in self.layers for p in layer.parameters(recurse=False)]
         x = torch.zeros(1, 1, *input_shape)
         self.widest = math.prod(input_shape)
+        records: list[Record] = []
         with torch.no_grad():
-            self.forward(params, x, [])
-        return self.widest
+            self.forward(params, x, records)
+        return Footprint(widest=self.widest, kept=kept_floats(records))
 
 
 def wide_network(module: nn.Module, K: int) -> WideNet | GraphNet:

@@ -9,8 +9,8 @@ output gradient into per-example squared norms and then, once the clip factors a
 the clipped gradient sum (book-keeping; no second backward pass). Clipping, noise and
 normalisation follow Opacus exactly (see ``models/spec.py``), then a ``torch.optim.SGD`` step
 (weight decay added to the noisy gradient, momentum buffer ``buf = m * buf + grad``, dampening 0).
-A step computes the K models in *groups* that fit the cache (``GROUP_FLOATS``); a model's numbers
-do not depend on its group.
+A step computes the K models in *groups* (``STEP_KEPT_FLOATS`` on a CPU, ``GROUP_FLOATS`` on a GPU);
+a model's numbers do not depend on its group.
 """
 from __future__ import annotations
 
@@ -38,12 +38,17 @@ from dpmem.models.wide import Record, WideNet, frozen_layers
 
 # Evaluation runs at least this many rows per forward pass when the budget allows.
 EVAL_ROWS = 256
-# A step runs the K models in groups whose largest activation holds about this many floats. On a
-# CPU, 32 MiB groups ran the CNNs' steps fastest (speed tool, budgets of 4 to 64 MiB interleaved):
-# wider groups give the convolution kernels more work per call (the built-in CNN's DP step ran
-# 25% faster than in 4 MiB groups of one model each), still wider ones stream through memory;
-# ResNet-20 measured alike at 4 and 32 MiB. A GPU wants them as wide as memory allows.
-GROUP_FLOATS = {"cpu": 1 << 23, "cuda": 1 << 28}
+# Evaluation runs blocks of models and rows whose largest activation holds about this many floats:
+# on a CPU, tensors that stay in cache (4 MiB) run several times faster than tensors that stream
+# through memory; a GPU wants them as wide as memory allows.
+GROUP_FLOATS = {"cpu": 1 << 20, "cuda": 1 << 28}
+# A step runs the K models in groups. On a CPU a group holds about STEP_KEPT_FLOATS floats of what the
+# step keeps for its per-layer rules (Footprint.kept: every parametrised layer's input and output),
+# measured in one process, interleaved: the built-in CNN's DP step ran 15% faster in groups of about 10
+# models than one at a time, while ResNet-20's, which keeps 9x as much per model, ran 25% slower in
+# groups of 8 than one at a time; this budget gives the CNN 9 models per group at batch 64, ResNet-8 4,
+# ResNet-20 1. On a GPU a group's widest activation holds up to GROUP_FLOATS["cuda"] floats.
+STEP_KEPT_FLOATS = 5 << 23
 # Batches are padded to a multiple of this many rows (see sample_batch).
 WIDTH_BLOCK = 16
 
@@ -180,7 +185,8 @@ class ModelStack:
         self.module = module
         self._nets: dict[int, WideNet | GraphNet] = {}
         self.net = self._net(self.K)
-        self.widest = wide_network(module, 1).trace(spec.input_shape)
+        self.footprint = wide_network(module, 1).trace(spec.input_shape)
+        self.widest = self.footprint.widest
         self.params = [p.to(self.device) for p in initial_params(spec, self.streams, seed)]
         # requires_grad=False, as Opacus: no gradient, no share of the clipping norm, no noise, no update
         self.trainable = [p.requires_grad for p in module.parameters()]
@@ -284,8 +290,11 @@ class ModelStack:
         model's numbers do not depend on its group (tested), so the grouping changes only time."""
         B = batch.valid.shape[1]
         m = batch.copies
-        budget = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"])
-        size = max(1, min(self.K, budget // max(1, B * m * self.widest)))
+        if self.device.type == "cpu":
+            size = STEP_KEPT_FLOATS // max(1, B * m * self.footprint.kept)
+        else:
+            size = GROUP_FLOATS.get(self.device.type, GROUP_FLOATS["cuda"]) // max(1, B * m * self.widest)
+        size = max(1, min(self.K, size))
         counts = batch.valid.sum(dim=1).cpu() if batch.counts is None else batch.counts
         if size >= self.K:
             width = max(1, int(counts.max()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,19 @@ class Record:
     layer: int
     saved: Tensor
     output: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Footprint:
+    """Floats per example and model of a wide network's pass: ``widest``, the largest single
+    activation (what sizes evaluation blocks); ``kept``, what a DP step holds until its rules have
+    run, every parametrised layer's saved input and output (what sizes a CPU step's groups)."""
+    widest: int
+    kept: int
+
+
+def kept_floats(records: list[Record]) -> int:
+    return sum(r.saved.numel() + r.output.numel() for r in records)
 
 
 def _tiled_max_pool_window(layer: nn.Module) -> int | None:
@@ -262,8 +275,9 @@ def _lowered_conv(layer: nn.Conv1d | nn.Conv2d, w: Tensor, b: Tensor | None, a: 
     out = torch.matmul(w.reshape(groups, -1, u.shape[2]), u)   # [B, K * groups, C_out / groups, T]
     if b is not None:
         out = out.add_(b.reshape(groups, -1, 1))
+    padding = cast(tuple[int, ...], layer.padding)   # numbers: the engine runs copies with numeric padding
     spatial = [(s + 2 * pad - dil * (k - 1) - 1) // stride + 1 for s, pad, dil, k, stride in
-               zip(a.shape[2:], layer.padding, layer.dilation, layer.kernel_size, layer.stride, strict=True)]
+               zip(a.shape[2:], padding, layer.dilation, layer.kernel_size, layer.stride, strict=True)]
     return u, out.view(a.shape[0], -1, *spatial)
 
 
@@ -390,9 +404,8 @@ class WideNet:
             raise ValueError("the module must end in a vector of logits per example (Flatten + Linear)")
         return a
 
-    def trace(self, input_shape: tuple[int, ...]) -> int:
-        """Run one example through K=1 copies with dummy parameters; returns the largest number
-        of floats per example and model held by one activation (for evaluation block sizes)."""
+    def trace(self, input_shape: tuple[int, ...]) -> Footprint:
+        """Run one example through K=1 copies with dummy parameters: its ``Footprint``."""
         if self.K != 1:
             raise ValueError("trace runs a single copy")
         params = [p.detach().unsqueeze(0) for layer in self.layers for p in layer.parameters(recurse=False)]
@@ -402,7 +415,7 @@ class WideNet:
         with torch.no_grad():
             logits = self.forward(params, x, records)
         widest += [r.output.numel() for r in records]
-        return max(widest + [logits.numel()])
+        return Footprint(widest=max(widest + [logits.numel()]), kept=kept_floats(records))
 
 
 def frozen_layers(param_slots: list[tuple[int, str]], trainable: list[bool] | None) -> dict[int, frozenset]:

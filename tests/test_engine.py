@@ -349,7 +349,7 @@ def test_models_grouped_by_batch_size_get_the_gradients_of_one_group(arch, shape
             seen.append(int(part[0]))
             yield part
     monkeypatch.setattr(stack.ModelStack, "_groups", spy)
-    monkeypatch.setitem(stack.GROUP_FLOATS, "cpu", 1)   # one model per group
+    monkeypatch.setattr(stack, "STEP_KEPT_FLOATS", 1)   # one model per group
     grouped = trainers[1].gradients(batch)
     assert sorted(seen) == list(range(9)) and seen != list(range(9))
     for a, b in zip(whole, grouped, strict=True):

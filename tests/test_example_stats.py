@@ -275,8 +275,8 @@ def test_models_computed_in_several_groups_record_what_one_group_records(monkeyp
     spec = _spec("cnn", (4, 8), (1, 8, 8), DP)
     x, y, masks = _data((1, 8, 8), K=5)
     arrays = []
-    for budget in (1 << 20, 1):          # one group of 5 models; then one model per group
-        monkeypatch.setitem(stack_mod.GROUP_FLOATS, "cpu", budget)
+    for budget in (1 << 24, 1):          # one group of 5 models; then one model per group
+        monkeypatch.setattr(stack_mod, "STEP_KEPT_FLOATS", budget)
         stack = stack_class(spec)(spec, x, y, masks, seed=1, noise_seed=2)
         stack.train(spec.steps)
         arrays.append(stack.evaluate({}))
