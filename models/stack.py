@@ -10,7 +10,8 @@ the clipped gradient sum (book-keeping; no second backward pass). Clipping, nois
 normalisation follow Opacus exactly (see ``models/spec.py``), then a ``torch.optim.SGD`` step
 (weight decay added to the noisy gradient, momentum buffer ``buf = m * buf + grad``, dampening 0).
 A step computes the K models in *groups* (``STEP_KEPT_FLOATS`` on a CPU, ``GROUP_FLOATS`` on a GPU);
-a model's numbers do not depend on its group.
+a model's numbers depend on its group only in float rounding (the convolution kernels may round
+differently for another number of groups).
 """
 from __future__ import annotations
 
@@ -287,7 +288,8 @@ class ModelStack:
         batch. When a step takes several groups, models are grouped by batch size, so that little
         of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
         in index order compute 22% more rows than there are examples, in size order 2%. A
-        model's numbers do not depend on its group (tested), so the grouping changes only time."""
+        model's numbers depend on its group only in float rounding (tested), so the grouping changes time,
+not results beyond their last bits."""
         B = batch.valid.shape[1]
         m = batch.copies
         if self.device.type == "cpu":

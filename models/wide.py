@@ -138,8 +138,8 @@ def kept_floats(records: list[Record]) -> int:
 
 def _tiled_max_pool_window(layer: nn.Module) -> int | None:
     """The window of a 1-D max pool whose windows tile the sequence (kernel = stride, no padding
-    or dilation): it runs as a reshape and a max over the window, 1.5x faster than PyTorch's
-    pooling kernel on the CPU with the same gradient (to the window's first maximum)."""
+    or dilation): it runs as ``_TiledMaxPool1d``, elementwise maxima over the window's positions,
+    with the same values and gradient (to the window's first maximum) as PyTorch's pooling kernel."""
     if not isinstance(layer, nn.MaxPool1d) or layer.ceil_mode:
         return None
     k, stride = (v[0] if isinstance(v, tuple) else v for v in (layer.kernel_size, layer.stride or layer.kernel_size))
