@@ -289,7 +289,7 @@ class ModelStack:
         of each group is padding: for Poisson batches of 56 rows on average, groups of 16 models
         in index order compute 22% more rows than there are examples, in size order 2%. A
         model's numbers depend on its group only in float rounding (tested), so the grouping changes time,
-not results beyond their last bits."""
+        not results beyond their last bits."""
         B = batch.valid.shape[1]
         m = batch.copies
         if self.device.type == "cpu":
