@@ -260,11 +260,13 @@ def lowered(layer: nn.Module, device: torch.device) -> bool:
 def unfold(layer: nn.Conv1d | nn.Conv2d, a: Tensor, K: int) -> Tensor:
     """The input's patches [B, K * groups, d, T] (d = C_in / groups * kernel size in PyTorch's weight
     order, T output positions); a 1-D convolution is unfolded as a 2-D one of height 1."""
-    def pair(v, one):
-        return (one, v[0]) if isinstance(layer, nn.Conv1d) else tuple(v)
-    image = a.unsqueeze(2) if isinstance(layer, nn.Conv1d) else a
-    patches = F.unfold(image, pair(layer.kernel_size, 1), pair(layer.dilation, 1), pair(layer.padding, 0),
-                       pair(layer.stride, 1))
+    one_d = isinstance(layer, nn.Conv1d)
+
+    def as_2d(v, height_value):   # a 1-D setting as (height axis, length axis)
+        return (height_value, v[0]) if one_d else tuple(v)
+    image = a.unsqueeze(2) if one_d else a
+    patches = F.unfold(image, as_2d(layer.kernel_size, 1), as_2d(layer.dilation, 1), as_2d(layer.padding, 0),
+                       as_2d(layer.stride, 1))
     return patches.view(a.shape[0], K * layer.groups, -1, patches.shape[-1])
 
 

@@ -380,6 +380,13 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> str:
     return "\n".join(lines)
 
 
+def _write_report(out: Path, name: str, lines: list[str]) -> None:
+    """Write a Markdown report into ``out`` (created if missing) and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmem.bench.tools.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -414,22 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
     if args.profile:
         table = profile_steps(args.threads, sizes, args.reps, only)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         text = ["# Where the engine's steps spend their time", "",
                 f"`python -m dpmem.bench.tools.speed --profile --threads {args.threads} --reps {args.reps}"
                 + (f" --only {args.only}" if args.only else "") + f"`: torch {torch.__version__}, device "
                 f"{DEVICE.type}; torch's profiler over {args.reps} steps on a fixed batch, the 12 operators with the "
                 "most self CPU time per architecture and variant (share_pct: of all operators' self time).", "",
                 _markdown_table(table, ".3f"), ""]
-        (out / "profile.md").write_text("\n".join(text))
-        print("\n".join(text))
+        _write_report(Path(args.out), "profile.md", text)
         return 0
     if args.stats_cost:
         cost = stats_cost(args.threads, sizes, args.reps, only, args.repeat)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        cost.to_csv(out / "stats_cost.csv", index=False)
         text = ["# What recording the per-example training statistics costs", "",
                 f"`python -m dpmem.bench.tools.speed --stats-cost --threads {args.threads} --repeat {args.repeat} "
                 f"--reps {args.reps}`: torch {torch.__version__}, device {DEVICE.type}. The engine's step on a fixed "
@@ -437,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"round, {args.reps} rounds, in one process; the whole repeated {args.repeat} times. overhead_pct: "
                 "the median over the repeats of (time recording / time not recording - 1), with its range.", "",
                 _markdown_table(cost, ".2f"), ""]
-        (out / "stats_cost.md").write_text("\n".join(text))
-        print("\n".join(text))
+        _write_report(Path(args.out), "stats_cost.md", text)
+        cost.to_csv(Path(args.out) / "stats_cost.csv", index=False)
         return 0
     runs = [run(args.threads, sizes, args.reps, only, args.interleave) for _ in range(args.repeat)]
     times, ratios, flops = median_of_runs(runs)
@@ -476,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         _markdown_table(gflops, ".1f"),
         "",
     ]
-    (out / "speed.md").write_text("\n".join(text))
-    print("\n".join(text))
+    _write_report(out, "speed.md", text)
     return 0
 
 
