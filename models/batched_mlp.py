@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dpmem.models.spec import CLIP_EPS
-from dpmem.models.stack import ModelStack, PoissonBatch
+from dpmem.models.stack import ModelStack, PoissonBatch, phase
 from dpmem.models.wide import leaf_layers
 
 # Probabilities below this are treated as zero in the output error (see _output_error).
@@ -193,34 +193,54 @@ class MLPStack(ModelStack):
         if dp is not None:
             self.dp_noise().begin()
         x = batch.x.reshape(self.K, batch.x.shape[1], -1)
-        acts = _forward(self.layers, x, self._work)
-        logits = acts[-1].contiguous()
         recording = self.stats is not None and batch.index is not None
-        delta_out, true_prob = _output_error(logits, batch.y, batch.valid)
-        if recording:   # the per-example losses the step differentiates (example_stats.py)
-            losses = _example_losses(logits, batch.y, true_prob)
-            if batch.drawn is not None:
-                assert self.stats is not None
+        with phase("forward"):
+            acts = _forward(self.layers, x, self._work)
+            logits = acts[-1].contiguous()
+            delta_out, true_prob = _output_error(logits, batch.y, batch.valid)
+            if recording:   # the per-example losses the step differentiates (example_stats.py)
+                losses = _example_losses(logits, batch.y, true_prob)
+        if recording and batch.drawn is not None:
+            assert self.stats is not None
+            with phase("example_stats"):
                 self.stats.add_draws(batch.drawn)
         if dp is None:
-            # Normalisation is linear, so it can scale the output error before backprop.
-            delta_out.mul_(self.inv_ebs.view(-1, 1, 1))
-            deltas = _backward(self.layers, acts, delta_out, self._work)
+            with phase("backward"):
+                # Normalisation is linear, so it can scale the output error before backprop.
+                delta_out.mul_(self.inv_ebs.view(-1, 1, 1))
+                deltas = _backward(self.layers, acts, delta_out, self._work)
             if recording:
                 assert self.stats is not None and batch.index is not None
-                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, draws=batch.drawn is None)
+                with phase("example_stats"):
+                    self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, draws=batch.drawn is None)
         else:
-            deltas = _backward(self.layers, acts, delta_out, self._work)
-            norms = _ghost_sq_norms(acts, deltas).sqrt_()
-            scale = _clip_factors(norms, dp.max_grad_norm)
+            with phase("backward"):
+                deltas = _backward(self.layers, acts, delta_out, self._work)
+            with phase("norms"):
+                norms = _ghost_sq_norms(acts, deltas).sqrt_()
+                scale = _clip_factors(norms, dp.max_grad_norm)
             if recording:
                 assert self.stats is not None and batch.index is not None
-                self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, norms, clipped=scale < 1.0,
-                               draws=batch.drawn is None)
-            scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
-            for d in deltas:
-                d.mul_(scale)
-            noise_views = self._noise_views(self.dp_noise().take())
+                with phase("example_stats"):
+                    self.stats.add(slice(0, self.K), batch.index, batch.valid, losses, norms, clipped=scale < 1.0,
+                                   draws=batch.drawn is None)
+            # the clipped sums are formed inside the update's products (one per layer)
+            with phase("clipped_sums"):
+                scale.mul_(self.inv_ebs.view(-1, 1)).unsqueeze_(2)
+                for d in deltas:
+                    d.mul_(scale)
+            with phase("noise"):
+                noise_views = self._noise_views(self.dp_noise().take())
+        with phase("update"):
+            self._update(acts, deltas, None if dp is None else noise_views)
+        if self.canaries is not None:
+            self.canaries.step(self)
+        self.steps_done += 1
+
+    def _update(self, acts: list[Tensor], deltas: list[Tensor], noise_views: list[tuple[Tensor, Tensor]] | None) -> None:
+        """torch.optim.SGD's update from each layer's product of (clip-scaled) output errors and inputs,
+        plus the noise (DP), written straight into the weights and momentum buffers."""
+        spec = self.spec
         wd = spec.weight_decay
         for j, ((weight, bias), a, d) in enumerate(zip(self.layers, acts[:-1], deltas)):
             if self.momentum_bufs is None:
@@ -229,7 +249,7 @@ class MLPStack(ModelStack):
                     bias.mul_(1 - spec.lr * wd)
                 weight.baddbmm_(d.transpose(1, 2), a, alpha=-spec.lr)
                 bias.add_(_column_sums(d), alpha=-spec.lr)
-                if dp is not None:
+                if noise_views is not None:
                     noise_w, noise_b = noise_views[j]
                     weight.addcmul_(noise_w, self._noise_std.view(-1, 1, 1), value=-spec.lr)
                     bias.addcmul_(noise_b, self._noise_std.view(-1, 1), value=-spec.lr)
@@ -240,15 +260,12 @@ class MLPStack(ModelStack):
                 if wd:
                     buf_w.add_(weight, alpha=wd)
                     buf_b.add_(bias, alpha=wd)
-                if dp is not None:
+                if noise_views is not None:
                     noise_w, noise_b = noise_views[j]
                     buf_w.addcmul_(noise_w, self._noise_std.view(-1, 1, 1))
                     buf_b.addcmul_(noise_b, self._noise_std.view(-1, 1))
                 weight.add_(buf_w, alpha=-spec.lr)
                 bias.add_(buf_b, alpha=-spec.lr)
-        if self.canaries is not None:
-            self.canaries.step(self)
-        self.steps_done += 1
 
     @torch.no_grad()
     def predict(self, x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:

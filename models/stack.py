@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from dpmem.models.augment import CROP_PADDING, apply, crops, draw, flips
 from dpmem.models.canary_stack import GradientCanaries
@@ -52,6 +53,16 @@ GROUP_FLOATS = {"cpu": 1 << 20, "cuda": 1 << 28}
 STEP_KEPT_FLOATS = 5 << 23
 # Batches are padded to a multiple of this many rows (see sample_batch).
 WIDTH_BLOCK = 16
+# The named spans of a step that torch's profiler shows (``phase``; the speed tool's phase table).
+PHASES = ("sample", "forward", "backward", "norms", "clipped_sums", "noise", "example_stats", "update")
+
+
+def phase(name: str) -> record_function:
+    """A span of the step under ``step.<name>`` in torch's profiler, so that a profile says how the
+    step's time divides between the forward pass, the backward pass, the per-example rules, the
+    noise and the update (a few microseconds per span when no profiler is running)."""
+    assert name in PHASES, name
+    return record_function(f"step.{name}")
 
 
 def _loss(logits: Tensor, y: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,27 +105,31 @@ def dp_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: Te
     the per-example losses (models/example_stats.py)."""
     frozen = frozen_layers(net.param_slots, trainable)
     records: list[Record] = []
-    logits = net.forward([p.detach() for p in params], x, records)
-    loss, ce = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
-    if loss_out is not None:
-        loss_out.copy_(_example_losses(ce, copies))
+    with phase("forward"):
+        logits = net.forward([p.detach() for p in params], x, records)
+        loss, ce = _loss(logits, y, _row_weights(valid, copies, logits.dtype))
+        if loss_out is not None:
+            loss_out.copy_(_example_losses(ce, copies))
     own = {j: frozenset(name for layer, name in net.param_slots if layer == j) for j in frozen}
     records = [r for r in records if r.layer not in frozen or frozen[r.layer] != own[r.layer]]
     if not records:   # every parameter frozen: nothing to clip or sum
         return [torch.zeros_like(p) for p in params], torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
-    grads = torch.autograd.grad(loss, [r.output for r in records])
+    with phase("backward"):
+        grads = torch.autograd.grad(loss, [r.output for r in records])
     with torch.no_grad():
-        samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, copies=copies,
-                                         frozen=frozen.get(r.layer, frozenset()))
-                    for r, g in zip(records, grads)}
-        del records, grads, logits, loss
-        sq: Tensor | None = None
-        for s in samplers.values():
-            term = s.sq_norms()
-            sq = term if sq is None else sq + term
-        assert sq is not None, "a network has at least one trainable layer"
-        factors = clip_factors(sq, max_grad_norm) * valid
-        sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
+        with phase("norms"):
+            samplers = {r.layer: sampler_for(net.layers[r.layer], net.K, r.saved, g, copies=copies,
+                                             frozen=frozen.get(r.layer, frozenset()))
+                        for r, g in zip(records, grads)}
+            del records, grads, logits, loss
+            sq: Tensor | None = None
+            for s in samplers.values():
+                term = s.sq_norms()
+                sq = term if sq is None else sq + term
+            assert sq is not None, "a network has at least one trainable layer"
+            factors = clip_factors(sq, max_grad_norm) * valid
+        with phase("clipped_sums"):
+            sums: dict[int, list[Tensor]] = {j: s.clipped(factors) for j, s in samplers.items()}
     out = []
     position: dict[int, int] = {}
     for (j, name), p in zip(net.param_slots, params, strict=True):
@@ -135,10 +150,12 @@ def sgd_gradients(net: WideNet | GraphNet, params: list[Tensor], x: Tensor, y: T
     wanted = [leaf for leaf, t in zip(leaves, trainable) if t]
     if not wanted:
         return [torch.zeros_like(p) for p in params]
-    loss, ce = _loss(net.forward(leaves, x), y, weight)
-    if loss_out is not None:
-        loss_out.copy_(_example_losses(ce, copies))
-    grads = iter(torch.autograd.grad(loss, wanted))
+    with phase("forward"):
+        loss, ce = _loss(net.forward(leaves, x), y, weight)
+        if loss_out is not None:
+            loss_out.copy_(_example_losses(ce, copies))
+    with phase("backward"):
+        grads = iter(torch.autograd.grad(loss, wanted))
     return [next(grads) if t else torch.zeros_like(p) for p, t in zip(params, trainable)]
 
 
@@ -353,22 +370,24 @@ class ModelStack:
                 g[index] = q
         if recording:
             assert self.stats is not None and batch.index is not None
-            if batch.drawn is not None:
-                self.stats.add_draws(batch.drawn)
-            self.stats.add(slice(0, self.K), batch.index, batch.valid, step_losses, step_norms,
-                           None if dp is None else dp.max_grad_norm, draws=batch.drawn is None)
+            with phase("example_stats"):
+                if batch.drawn is not None:
+                    self.stats.add_draws(batch.drawn)
+                self.stats.add(slice(0, self.K), batch.index, batch.valid, step_losses, step_norms,
+                               None if dp is None else dp.max_grad_norm, draws=batch.drawn is None)
         if dp is None:
             return grads
-        noise = self.dp_noise().take()
-        std = dp.noise_multiplier * dp.max_grad_norm
-        offset = 0
-        for g, t in zip(grads, self.trainable, strict=True):
-            if not t:
-                continue
-            size = g[0].numel()
-            z = noise[:, offset:offset + size].view_as(g)
-            offset += size
-            g.add_(z, alpha=std).mul_(self.inv_ebs.view(-1, *(1,) * (g.dim() - 1)))
+        with phase("noise"):
+            noise = self.dp_noise().take()
+            std = dp.noise_multiplier * dp.max_grad_norm
+            offset = 0
+            for g, t in zip(grads, self.trainable, strict=True):
+                if not t:
+                    continue
+                size = g[0].numel()
+                z = noise[:, offset:offset + size].view_as(g)
+                offset += size
+                g.add_(z, alpha=std).mul_(self.inv_ebs.view(-1, *(1,) * (g.dim() - 1)))
         return grads
 
     @torch.no_grad()
@@ -388,13 +407,16 @@ class ModelStack:
 
     def step_on(self, batch: PoissonBatch) -> None:
         grads = self.gradients(batch)
-        self.apply(self.params, grads, self.momentum_bufs, self.trainable)
+        with phase("update"):
+            self.apply(self.params, grads, self.momentum_bufs, self.trainable)
         if self.canaries is not None:
             self.canaries.step(self)
         self.steps_done += 1
 
     def step(self) -> None:
-        self.step_on(self.sample_batch())
+        with phase("sample"):
+            batch = self.sample_batch()
+        self.step_on(batch)
 
     def train(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
         """``steps`` steps; ``progress(model_steps_done)`` gets the running count of model-steps
