@@ -66,3 +66,20 @@ def test_stats_cost_times_each_engine_step_with_and_without_the_statistics(monke
     assert table["overhead_min"].le(table["overhead_pct"]).all() and table["overhead_pct"].le(table["overhead_max"]).all()
     # each pair: one stack recording, one not, and only the recording one holds the statistics
     assert all(record == has_stats for _, _, record, has_stats in made) and len(made) == 8
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_the_profile_divides_each_step_into_the_engines_phases(kind):
+    """The phase table comes from the engine's own spans: a DP step has norms, clipped sums and noise, a
+    non-private step none of them, and the phases with "other" add up to the step's wall time."""
+    from dpmem.bench.tools import speed
+    phases, ops = speed.profile_steps(1, {"mlp": (2, 8), "cnn": (2, 8)}, reps=2, only=(kind,))
+    for (_arch, variant), rows in phases.groupby(["arch", "variant"]):
+        found = set(rows["phase"])
+        assert {"forward", "backward", "update", "example_stats", "other"} <= found
+        assert found <= set(speed.PHASES) | {"other"}
+        dp_only = {"norms", "clipped_sums", "noise"}
+        assert dp_only <= found if variant == "DP" else not dp_only & found
+        assert rows["share_pct"].sum() == pytest.approx(100.0)
+        assert (rows.loc[rows["phase"] != "other", "ms_per_step"] > 0).all()
+    assert not ops["op"].str.startswith("step.").any() and (ops["share_pct"] > 0).all()
