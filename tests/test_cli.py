@@ -1,5 +1,8 @@
 """The command line end to end on a small configuration: run, report, check, resume, bad input."""
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 
@@ -22,7 +25,10 @@ def run(*argv) -> int:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "small"
-    assert run("run", "--out", str(out), "--quiet", *SMALL) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run("run", "--out", str(out), "--quiet", *SMALL) == 0
+    (out.parent / "run.stderr").write_text(err.getvalue())   # what the command printed (test_run_says_where_its_time_went)
     return out
 
 
@@ -52,6 +58,19 @@ def test_run_writes_the_output_contract(small_run):
     arrays = store.variant_arrays("dp-eps2")
     assert arrays["train_correct"].shape == (24, 120) and arrays["train_margin"].dtype == np.float16
     assert arrays["test_correct"].shape == (24, 300)
+
+
+def test_run_says_where_its_time_went(small_run):
+    """The last lines say how long each stage took, and the stages add up to the total."""
+    err = (small_run.parent / "run.stderr").read_text()
+    line = next(x for x in err.splitlines() if x.startswith("dpmem: time: "))
+    body, total = line.removeprefix("dpmem: time: ").rsplit(" (", 1)
+    stages = {name: float(t) for name, t, _ in (item.rsplit(" ", 2) for item in body.split(", "))}
+    assert list(stages) == ["data and calibration", "training", "analysis", "tables and figures", "report page"]
+    assert all(t > 0 for t in stages.values())
+    assert sum(stages.values()) == pytest.approx(float(total.removesuffix(" s in all)")), abs=0.3)
+    trained = float(re.search(r"trained in ([0-9.]+) s this session", err).group(1))
+    assert stages["training"] == pytest.approx(trained, abs=0.1)
 
 
 def test_interrupted_run_resumes_to_identical_arrays(small_run, tmp_path, monkeypatch):
