@@ -67,7 +67,8 @@ def test_run_says_where_its_time_went(small_run):
     body, total = line.removeprefix("dpmem: time: ").rsplit(" (", 1)
     stages = {name: float(t) for name, t, _ in (item.rsplit(" ", 2) for item in body.split(", "))}
     assert list(stages) == ["data and calibration", "training", "analysis", "tables and figures", "report page"]
-    assert all(t > 0 for t in stages.values())
+    # a stage may round to 0.0 s (the calibration is cached within a process), training never does here
+    assert all(t >= 0 for t in stages.values()) and stages["training"] > 0
     assert sum(stages.values()) == pytest.approx(float(total.removesuffix(" s in all)")), abs=0.3)
     trained = float(re.search(r"trained in ([0-9.]+) s this session", err).group(1))
     assert stages["training"] == pytest.approx(trained, abs=0.1)
