@@ -96,7 +96,7 @@ TUTORIALS = [("tutorials/audit-opacus.md", "Audit your own Opacus training"),
 HANDWRITTEN = [("Reference", "reference/api.md", "Python API", None),
                ("About", "about/site.md", "This site", None),
                ("About", "about/citing.md", "Citing dpmem", None),
-               ("About", "about/changelog.md", "Changelog", "CHANGELOG.md")]
+               ("About", "about/changelog.md", "Changelog", ".docs/CHANGELOG.md")]
 NAV_ORDER = ["Getting started", "Tutorials", "Concepts", "How-to guides", "Results", "Reference", "About"]
 
 

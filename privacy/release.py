@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-# The package's version; pyproject.toml and CHANGELOG.md agree with it (tests/test_public_contracts.py).
+# The package's version; pyproject.toml and .docs/CHANGELOG.md agree with it (tests/test_public_contracts.py).
 VERSION = "0.2.0"
 
 

@@ -79,7 +79,7 @@ def test_out_on_a_dangling_symlink_is_one_line(tmp_path, capsys, monkeypatch):
 # -- the release ---------------------------------------------------------------------------
 
 def _changelog_versions() -> list[str]:
-    text = (ROOT / "CHANGELOG.md").read_text()
+    text = (ROOT / ".docs" / "CHANGELOG.md").read_text()
     return re.findall(r"^## \[(\d+\.\d+\.\d+)\]", text, flags=re.M)
 
 
@@ -88,13 +88,13 @@ def test_pyproject_package_and_changelog_agree_on_the_version():
     released = _changelog_versions()
     assert released, "CHANGELOG.md has no '## [X.Y.Z]' section"
     assert pyproject == dpmem.__version__ == released[0]
-    citation = (ROOT / "CITATION.cff").read_text()
+    citation = (ROOT / ".docs" / "CITATION.cff").read_text()
     assert re.search(rf"^version: \"?{re.escape(pyproject)}\"?$", citation, flags=re.M)
 
 
 def test_citation_file_is_cff_1_2():
     import yaml
-    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    cff = yaml.safe_load((ROOT / ".docs" / "CITATION.cff").read_text())
     assert cff["cff-version"] == "1.2.0"
     assert {"message", "title", "authors", "version"} <= set(cff)
     assert cff["authors"] == [{"name": "The dpmem developers"}]
@@ -116,3 +116,19 @@ def test_every_run_records_the_version_and_commit(tmp_path):
 
 def test_no_commit_outside_a_checkout(tmp_path):
     assert source_commit(tmp_path) is None
+
+
+# -- the repository ------------------------------------------------------------------------
+
+TOP_LEVEL = {"pyproject.toml", "README.md", "__init__.py", "bench", "models", "privacy", "results", "tests"}
+
+
+def test_the_repository_top_level_holds_only_the_package_entries():
+    """What git tracks at the top level: the listed entries and dot-folders, nothing else (the
+    changelog and citation live in .docs/, py.typed is made by the build backend)."""
+    import subprocess
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an installed or copied tree)")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    top = {path.split("/", 1)[0] for path in tracked.splitlines()}
+    assert {name for name in top if not name.startswith(".")} == TOP_LEVEL
