@@ -56,6 +56,16 @@ def _output_file(path: Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _timed(stages: dict[str, float], name: str):
+    """Records in ``stages[name]`` the seconds the block took (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = time.perf_counter() - start
+
+
 def cmd_run(args) -> int:
     from dpmem.bench import report
     from dpmem.bench.report import analysis, page
@@ -67,38 +77,32 @@ def cmd_run(args) -> int:
     cfg = config_mod.load(path, overrides)
     out = _output_dir(Path(args.out) if args.out else default_out(cfg), "--out")
     stages: dict[str, float] = {}   # where the command's time went, printed at the end
-    clock = time.perf_counter()
     # What user code (factories, trainers) prints goes to stderr: stdout carries dpmem's table alone.
-    with contextlib.redirect_stdout(sys.stderr):
+    with _timed(stages, "data and calibration"), contextlib.redirect_stdout(sys.stderr):
         # Everything that can be wrong with the config or the data is found before anything is written.
         on_ray = bool(cfg.workers or args.ray_address or os.environ.get("RAY_ADDRESS"))
         ds, engine = pipeline.check_inputs(cfg, on_ray=on_ray)   # data, model, engine, trainer, calibration, memory
         execution.check_available(cfg, args.ray_address)
-    stages["data and calibration"] = time.perf_counter() - clock
     with RunStore.create_or_resume(out, cfg, fingerprint=data_fingerprint(ds)) as store:
         pipeline.check_resume(store, cfg)
         print(f"dpmem: run directory {out} (config {cfg.hash()})", file=sys.stderr)
-        t0 = time.perf_counter()
         try:
-            with contextlib.redirect_stdout(sys.stderr):
+            with _timed(stages, "training"), contextlib.redirect_stdout(sys.stderr):
                 seconds = pipeline.run(store, cfg, progress=not args.quiet, ds=ds, engine=engine,
                                        ray_address=args.ray_address)
         except KeyboardInterrupt:
             print(f"\ndpmem: interrupted; finished units are stored in {out}. Run the same command to resume.",
                   file=sys.stderr)
             return 130
-        train_wall = time.perf_counter() - t0
-        stages["training"] = train_wall
-        clock = time.perf_counter()
-        result = analysis.analyse(store, membership=True, proxies=True)
-        stages["analysis"], clock = time.perf_counter() - clock, time.perf_counter()
-        report.write_all(result, out)
-        stages["tables and figures"], clock = time.perf_counter() - clock, time.perf_counter()
-        page_path = page.write_report_page(result, store, out, ds=ds)
-        stages["report page"] = time.perf_counter() - clock
+        with _timed(stages, "analysis"):
+            result = analysis.analyse(store, membership=True, proxies=True)
+        with _timed(stages, "tables and figures"):
+            report.write_all(result, out)
+        with _timed(stages, "report page"):
+            page_path = page.write_report_page(result, store, out, ds=ds)
     _print_summary(result.summary)
     _print_membership_note(result)
-    print(f"dpmem: trained in {train_wall:.1f} s this session "
+    print(f"dpmem: trained in {stages['training']:.1f} s this session "
           f"({sum(seconds.values()):.1f} s of model training in all); outputs in {out}", file=sys.stderr)
     print("dpmem: time: " + ", ".join(f"{name} {t:.1f} s" for name, t in stages.items())
           + f" ({sum(stages.values()):.1f} s in all)", file=sys.stderr)

@@ -55,6 +55,7 @@ STEP_KEPT_FLOATS = 5 << 23
 WIDTH_BLOCK = 16
 # The named spans of a step that torch's profiler shows (``phase``; the speed tool's phase table).
 PHASES = ("sample", "forward", "backward", "norms", "clipped_sums", "noise", "example_stats", "update")
+SPAN_PREFIX = "step."
 
 
 def phase(name: str) -> record_function:
@@ -62,7 +63,7 @@ def phase(name: str) -> record_function:
     step's time divides between the forward pass, the backward pass, the per-example rules, the
     noise and the update (a few microseconds per span when no profiler is running)."""
     assert name in PHASES, name
-    return record_function(f"step.{name}")
+    return record_function(SPAN_PREFIX + name)
 
 
 def _loss(logits: Tensor, y: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ the output folder.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +40,7 @@ from dpmem.models.batched import stack_class
 from dpmem.models.nets import build_model
 from dpmem.models.runtime import resolve_device, retain_freed_memory
 from dpmem.models.spec import DPParams, TrainSpec
-from dpmem.models.stack import PHASES, PoissonBatch
+from dpmem.models.stack import PHASES, SPAN_PREFIX, PoissonBatch
 
 # name -> (architecture, input shape, hidden widths, classes, kind); kind picks K and the batch size
 ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", (64,), (128,), 10, "mlp"),
@@ -48,8 +49,6 @@ ARCHS = {"784-256-10": ("mlp", (784,), (256,), 10, "mlp"), "64-128-10": ("mlp", 
          "resnet20 1x28x28 16-32-64": ("resnet20", (1, 28, 28), (16, 32, 64), 10, "resnet"),
          "resnet8 1x28x28 8-16-32": ("resnet8", (1, 28, 28), (8, 16, 32), 10, "resnet")}
 NOISE, CLIP, LR = 1.0, 1.0, 0.05
-# K, the models per engine step, by kind (--models, --cnn-models, --resnet-models)
-DEFAULT_MODELS = {"mlp": 64, "cnn": 16, "resnet": 8}
 TARGETS = {  # kind -> ratio name -> (description, target as text); the CPU targets
     "mlp": {
         "dp_vs_opacus_hooks": ("Opacus hooks time / engine DP time", ">= 25"),
@@ -345,15 +344,16 @@ def profile_steps(threads: int, sizes: dict[str, tuple[int, int]], reps: int,
                 wall_ms = (time.perf_counter() - start) * 1e3 / reps
             trainer.close()
             events = prof.key_averages()
-            spans = {e.key.removeprefix("step."): e.cpu_time_total / reps / 1e3 for e in events
-                     if e.key.removeprefix("step.") in PHASES and e.key.startswith("step.")}
+            spans = {e.key.removeprefix(SPAN_PREFIX): e.cpu_time_total / reps / 1e3 for e in events
+                     if e.key.startswith(SPAN_PREFIX)}
+            assert set(spans) <= set(PHASES), spans
             spans["other"] = wall_ms - sum(spans.values())
             for phase_name, ms in spans.items():
                 phases.append(dict(arch=name, variant=variant, models_per_step=K, phase=phase_name,
                                    ms_per_step=ms, ms_per_model_step=ms / K, share_pct=100 * ms / wall_ms))
-            total = sum(e.self_cpu_time_total for e in events if not e.key.startswith("step."))
-            for e in sorted((e for e in events if not e.key.startswith("step.")),
-                            key=lambda e: -e.self_cpu_time_total)[:12]:
+            operators = [e for e in events if not e.key.startswith(SPAN_PREFIX)]
+            total = sum(e.self_cpu_time_total for e in operators)
+            for e in sorted(operators, key=lambda e: -e.self_cpu_time_total)[:12]:
                 ops.append(dict(arch=name, variant=variant, op=e.key,
                                 ms_per_step=e.self_cpu_time_total / reps / 1e3,
                                 share_pct=100 * e.self_cpu_time_total / total, calls_per_step=e.count / reps))
@@ -406,12 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmem.bench.tools.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
-    parser.add_argument("--models", type=int, default=DEFAULT_MODELS["mlp"], help="K MLPs per engine step (default 64)")
+    parser.add_argument("--models", type=int, default=64, help="K MLPs per engine step (default 64)")
     parser.add_argument("--batch", type=int, default=256, help="examples per MLP batch (default 256)")
-    parser.add_argument("--cnn-models", type=int, default=DEFAULT_MODELS["cnn"], help="K CNNs per engine step (default 16)")
+    parser.add_argument("--cnn-models", type=int, default=16, help="K CNNs per engine step (default 16)")
     parser.add_argument("--cnn-batch", type=int, default=64, help="examples per CNN batch (default 64)")
-    parser.add_argument("--resnet-models", type=int, default=DEFAULT_MODELS["resnet"],
-                        help="K residual nets per engine step (default 8)")
+    parser.add_argument("--resnet-models", type=int, default=8, help="K residual nets per engine step (default 8)")
     parser.add_argument("--resnet-batch", type=int, default=64, help="examples per residual-net batch (default 64)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method (default 20)")
     parser.add_argument("--only", choices=["mlp", "cnn", "resnet"],
@@ -437,10 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     only = (args.only,) if args.only else ("mlp", "cnn")   # ResNet-20 rows take minutes: only with --only resnet
     if args.profile:
         phases, ops = profile_steps(args.threads, sizes, args.reps, only)
-        command = (f"python -m dpmem.bench.tools.speed --profile --threads {args.threads} --reps {args.reps}"
-                   + (f" --only {args.only}" if args.only else "")
-                   + "".join(f" --{kind}-models {K}" for kind, (K, _) in sizes.items()
-                             if kind in only and kind != "mlp" and K != DEFAULT_MODELS[kind]))
+        command = "python -m dpmem.bench.tools.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
         text = ["# Where the engine's steps spend their time", "",
                 f"`{command}`: torch {torch.__version__}, device {DEVICE.type}; torch's profiler over "
                 f"{args.reps} steps on a fixed batch.", "",
